@@ -1,0 +1,189 @@
+r"""Linear solves with A = K(theta): pivoted-Cholesky-preconditioned CG and its implicit VJP.
+
+Stage 4b (lanczos -> logdet / **solve** -> mll). Like :mod:`gpadjoint.lanczos` this module only
+sees an operator ``mv(V, *args) = A V``; kernel specifics come in as plain functions.
+
+* :func:`pivoted_cholesky` builds a rank-r factor L of the noise-free kernel matrix from r rows
+  (O(n r) memory, r row evaluations); P = L L^T + sigma2 I is the preconditioner, applied by
+  the Woodbury identity in O(n r).
+* :func:`cg` runs preconditioned conjugate gradients on a block of right-hand sides, each column
+  with its own step sizes, until every column's relative residual |r|/|b| <= tol (at least
+  ``min_iter``, at most ``max_iter`` iterations).
+* :func:`inv_quad` returns b^T A^{-1} b with the *implicit* backward pass
+  d(b^T A^{-1} b) = 2 x^T db - x^T dA x, x = A^{-1} b: no differentiation through CG iterations
+  and no second solve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class Preconditioner(NamedTuple):
+    """P = L L^T + shift * I (L: (n, r)), with the Cholesky factor of I*shift + L^T L."""
+
+    L: jax.Array
+    shift: jax.Array
+    chol_small: jax.Array
+
+    def solve(self, V):
+        """P^{-1} V for V (n,) or (n, m), by Woodbury."""
+        LtV = self.L.T @ V
+        z = jax.scipy.linalg.cho_solve((self.chol_small, True), LtV)
+        return (V - self.L @ z) / self.shift
+
+
+def pivoted_cholesky(row_fn: Callable, diag: jax.Array, rank: int) -> jax.Array:
+    """Partial pivoted Cholesky of a PSD matrix known through its rows and diagonal.
+
+    Args:
+        row_fn: ``row_fn(i) -> (n,)`` row i of the matrix (traced index).
+        diag: (n,) its diagonal.
+        rank: number of pivots r (0 gives an (n, 0) factor).
+
+    Returns:
+        L (n, r) with L L^T approximating the matrix; exact on the pivoted rows/columns.
+        Pivoting stops (later columns are 0) once the remaining diagonal is ~0.
+
+    """
+    n = diag.shape[0]
+    dtype = diag.dtype
+    L = jnp.zeros((n, rank), dtype)
+    if rank == 0:
+        return L
+    tiny = 100 * jnp.finfo(dtype).eps * jnp.max(diag)
+
+    def body(k, state):
+        L, d = state
+        i = jnp.argmax(d)
+        piv = d[i]
+        ok = piv > tiny
+        row = row_fn(i) - L @ L[i]
+        col = jnp.where(ok, row / jnp.sqrt(jnp.where(ok, piv, 1.0)), 0.0)
+        L = L.at[:, k].set(col)
+        d = jnp.maximum(d - col * col, 0.0)
+        d = d.at[i].set(0.0)
+        return L, d
+
+    L, _ = lax.fori_loop(0, rank, body, (L, diag))
+    return L
+
+
+def make_preconditioner(L: jax.Array, shift) -> Preconditioner:
+    """Preconditioner P = L L^T + shift I; everything here is excluded from differentiation."""
+    L = lax.stop_gradient(L)
+    shift = lax.stop_gradient(jnp.asarray(shift, L.dtype))
+    r = L.shape[1]
+    small = shift * jnp.eye(r, dtype=L.dtype) + L.T @ L
+    return Preconditioner(L, shift, jnp.linalg.cholesky(small))
+
+
+class CGInfo(NamedTuple):
+    """Diagnostics of one CG run: iterations taken and final relative residual per column."""
+
+    iterations: jax.Array
+    residual: jax.Array
+
+
+def cg(
+    mv: Callable,
+    B: jax.Array,
+    *args,
+    precond: Preconditioner | None = None,
+    tol: float = 1e-2,
+    min_iter: int = 0,
+    max_iter: int = 1000,
+    x0: jax.Array | None = None,
+) -> tuple[jax.Array, CGInfo]:
+    """Solve A X = B by preconditioned CG, one independent recursion per column of B.
+
+    Stops when every column has |B - A X| / |B| <= tol and at least ``min_iter`` iterations
+    ran, or after ``max_iter``. Not differentiable (use :func:`inv_quad` for gradients).
+    """
+    squeeze = B.ndim == 1
+    if squeeze:
+        B = B[:, None]
+        x0 = None if x0 is None else x0[:, None]
+    Pinv = (lambda V: V) if precond is None else precond.solve
+    bnorm = jnp.linalg.norm(B, axis=0)
+    bsafe = jnp.where(bnorm > 0, bnorm, 1.0)
+    X = jnp.zeros_like(B) if x0 is None else x0
+    R = B - mv(X, *args) if x0 is not None else B
+    Z = Pinv(R)
+    P = Z
+    rz = jnp.sum(R * Z, axis=0)
+    tiny = jnp.finfo(B.dtype).tiny
+
+    def relres(R):
+        return jnp.linalg.norm(R, axis=0) / bsafe
+
+    def cond(state):
+        it, X, R, P, rz, res = state
+        return (it < max_iter) & ((it < min_iter) | jnp.any(res > tol))
+
+    def body(state):
+        it, X, R, P, rz, res = state
+        AP = mv(P, *args)
+        pap = jnp.sum(P * AP, axis=0)
+        active = res > tol if min_iter == 0 else jnp.ones_like(res, bool)
+        active = active | (it < min_iter)
+        step = jnp.where(active & (pap > tiny), rz / jnp.where(pap > tiny, pap, 1.0), 0.0)
+        X = X + step * P
+        R = R - step * AP
+        Z = Pinv(R)
+        rz_new = jnp.sum(R * Z, axis=0)
+        beta = jnp.where(rz > tiny, rz_new / jnp.where(rz > tiny, rz, 1.0), 0.0)
+        P = Z + beta * P
+        return it + 1, X, R, P, rz_new, relres(R)
+
+    state = (jnp.asarray(0), X, R, P, rz, relres(R))
+    it, X, R, _, _, res = lax.while_loop(cond, body, state)
+    if squeeze:
+        X = X[:, 0]
+    return X, CGInfo(it, res)
+
+
+def inv_quad(
+    mv: Callable, b: jax.Array, *args, solver: Callable, solver_args=()
+) -> tuple[jax.Array, jax.Array, CGInfo]:
+    """b^T A(args)^{-1} b for b (n,), with an implicit (solve-free) backward pass.
+
+    Args:
+        mv: operator ``mv(V, *args) = A V``.
+        b: right-hand side (n,).
+        *args: operator arguments (receive gradients).
+        solver: ``solver(mv, b, args, solver_args) -> (x, CGInfo)`` returning x ~= A^{-1} b.
+        solver_args: arrays the solver needs (preconditioner, warm start); not differentiated.
+            They are explicit arguments, not closures, because a custom VJP may not close over
+            traced values.
+
+    Returns:
+        (value, x, info). ``x`` is returned without gradient (``stop_gradient``).
+
+    """
+
+    @jax.custom_vjp
+    def quad(b, solver_args, *args):
+        x, info = solver(mv, b, args, solver_args)
+        return jnp.dot(b, x), (x, info)
+
+    def fwd(b, solver_args, *args):
+        x, info = solver(mv, b, args, solver_args)
+        return (jnp.dot(b, x), (x, info)), (x, solver_args, args)
+
+    def bwd(res, cot):
+        x, solver_args, args = res
+        g = cot[0]
+        # d(b^T A^-1 b) = 2 x^T db - x^T dA x
+        _, vjp = jax.vjp(lambda *a: mv(x, *a), *args)
+        zeros = jax.tree.map(jnp.zeros_like, solver_args)
+        return (2.0 * g * x, zeros, *vjp(-g * x))
+
+    quad.defvjp(fwd, bwd)
+    value, (x, info) = quad(b, solver_args, *args)
+    return value, lax.stop_gradient(x), jax.tree.map(lax.stop_gradient, info)
