@@ -88,7 +88,7 @@ def unconstrain(
 
 
 def init_params(d: int, dtype=None, key=None) -> Params:
-    """Initial parameters: raw values 0 (softplus(0) = 0.693) or N(0, 1) draws when a key is given.
+    """Return initial parameters: raw 0 (softplus(0) = 0.693), or N(0, 1) draws given a key.
 
     The paper initialises every raw parameter from N(0, 1); pass ``key`` to reproduce that.
     """

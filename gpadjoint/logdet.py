@@ -35,7 +35,7 @@ def _divided_differences(lam, f, fprime):
 
 
 def make_quadform(f: Callable, fprime: Callable) -> Callable:
-    """Return ``g(alpha, beta, lower) = e_1^T f(T) e_1`` for one tridiagonal (alpha (k,), beta (k-1,)).
+    """Return ``g(alpha, beta, lower) = e_1^T f(T) e_1``; alpha (k,), beta (k-1,) define T.
 
     Ritz values below ``lower`` (round-off can push them there in float32) are clamped to it
     before f is applied; the gradient treats the clamp as the identity and gives ``lower`` none.
@@ -88,6 +88,7 @@ def slq_logdet(
     Args:
         mv: operator ``mv(V, *args) = A V`` (symmetric positive definite A).
         probes: (n, p) probe block, e.g. Rademacher; each column gives one quadrature.
+        *args: the operator's arguments (receive gradients).
         depth: Lanczos depth k per probe.
         lower: clamp for Ritz values (a known lower bound on A's spectrum, e.g. the noise).
 

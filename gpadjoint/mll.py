@@ -89,7 +89,8 @@ def neg_mll(
 
     Args:
         params: unconstrained :class:`~gpadjoint.kernels.Params` (dtype of X).
-        X: (n, d) inputs; y: (n,) targets.
+        X: (n, d) inputs.
+        y: (n,) targets.
         key: PRNG key for the probes (fixed within one evaluation).
         backend: matvec engine (:func:`gpadjoint.matvec.make_backend`).
         config: :class:`MLLConfig`.

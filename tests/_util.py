@@ -1,0 +1,25 @@
+"""Shared helpers for the tests: dtype-aware tolerances and small random problems."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from gpadjoint.kernels import unconstrain
+
+# relative-error tolerances keyed on dtype (float32 accumulates round-off over n-term sums)
+RTOL = {jnp.float64: 1e-8, jnp.float32: 1e-4}
+
+
+def rel_err(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def problem(n=120, d=3, seed=0, dtype=jnp.float64):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d))
+    y = np.sin(X[:, 0]) + 0.5 * np.cos(2 * X[:, 1 % d]) + 0.1 * rng.standard_normal(n)
+    params = unconstrain(
+        np.linspace(0.7, 1.6, d), 1.3, 0.05, 0.1, dtype=dtype
+    )
+    return jnp.asarray(X, dtype), jnp.asarray(y, dtype), params
