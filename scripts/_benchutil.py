@@ -1,0 +1,111 @@
+"""Helpers shared by the benchmark scripts: provenance, resumable CSV, isolated child runs.
+
+Each configuration runs in a fresh child process so that its peak resident memory
+(``ru_maxrss``) belongs to that configuration alone, and so a crash or an out-of-memory kill
+loses one row, not the batch. Rows already in the CSV are skipped: a stopped batch resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}; {os.cpu_count()} cores; {platform.system()} {platform.release()}"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("jax", "jaxlib", "pykeops", "numpy", "optax", "torch", "gpytorch"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional peers may be missing or broken
+            pass
+    return out
+
+
+def done_keys(path: Path, key_fields: list[str]) -> set[tuple]:
+    """Keys of rows that finished (ok or deliberately skipped); failed rows are retried."""
+    if not path.exists():
+        return set()
+    with open(path) as fh:
+        return {
+            tuple(row[k] for k in key_fields)
+            for row in csv.DictReader(fh)
+            if row.get("status") == "ok" or str(row.get("status", "")).startswith("skipped")
+        }
+
+
+def append_row(path: Path, row: dict, fields: list[str]) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def run_child(script: Path, spec: dict, timeout: float) -> dict:
+    """Run ``script --child JSON`` in a fresh process; return its last JSON line plus peak RSS."""
+    t0 = time.time()
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), "--child", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout>{timeout:.0f}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["?"]
+        return {"status": f"failed rc={proc.returncode}: {tail[0][:160]}"}
+    out = json.loads(lines[-1])
+    out.setdefault("status", "ok")
+    out["child_wall_s"] = round(time.time() - t0, 2)
+    return out
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
