@@ -1,0 +1,385 @@
+"""Run configuration: TOML files -> frozen dataclasses (config is data).
+
+A run is described by one :class:`RunConfig` with five sections, each a frozen dataclass:
+
+``model``    kernel, matvec backend, working dtype, noise floor, blocked tile size
+``mll``      the estimator's settings, exactly the fields of :class:`gpadjoint.mll.MLLConfig`
+             (except ``noise_floor``, which belongs to the model)
+``optim``    optax optimiser, learning rate and schedule
+``train``    epochs, seed, early stopping, checkpoints, initialisation, logging
+``predict``  CG settings and the variance method for prediction
+
+:func:`load_config` reads a TOML file (stdlib ``tomllib``); missing keys take the defaults below,
+unknown keys and wrong types raise :class:`ValueError` naming the section and key.
+``configs/default.toml`` documents every key; ``configs/paper.toml`` is the paper's setup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+from .kernels import KERNEL_NAMES, NOISE_FLOOR
+from .matvec import BACKENDS
+from .mll import MLLConfig
+
+DTYPES = ("float32", "float64")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "exponential")
+INITS = ("softplus0", "normal")
+VARIANCES = ("exact", "love", "auto")
+
+
+def _type_name(t) -> str:
+    return t.__name__ if isinstance(t, type) else str(t)
+
+
+class _Section:
+    """Shared checks of a config section: exact types, then the section's own ``_validate``."""
+
+    SECTION: ClassVar[str] = ""
+    # per-field value types; an int is accepted (and converted) where a float is expected
+    _TYPES: ClassVar[dict[str, type]] = {}
+
+    def __post_init__(self):
+        for f in fields(self):
+            want = self._TYPES[f.name]
+            v = getattr(self, f.name)
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                object.__setattr__(self, f.name, float(v))
+                continue
+            ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
+            if not ok:
+                raise ValueError(
+                    f"[{self.SECTION}] {f.name}: expected {_type_name(want)}, "
+                    f"got {type(v).__name__} ({v!r})"
+                )
+        self._validate()
+
+    def _validate(self):
+        pass
+
+    def _fail(self, name: str, msg: str):
+        raise ValueError(f"[{self.SECTION}] {name} = {getattr(self, name)!r}: {msg}")
+
+    def _positive(self, *names: str):
+        for name in names:
+            if not getattr(self, name) > 0:
+                self._fail(name, "must be positive")
+
+    def _non_negative(self, *names: str):
+        for name in names:
+            if not getattr(self, name) >= 0:
+                self._fail(name, "must be >= 0")
+
+    def _choice(self, name: str, choices):
+        if getattr(self, name) not in choices:
+            self._fail(name, f"choose one of {', '.join(map(repr, choices))}")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Names of this section's keys."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Build the section from a TOML table, rejecting unknown keys."""
+        if not isinstance(d, dict):
+            raise ValueError(f"[{cls.SECTION}] must be a table, got {type(d).__name__}")
+        valid = cls.keys()
+        for k in d:
+            if k not in valid:
+                close = difflib.get_close_matches(k, valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"unknown key {k!r} in section [{cls.SECTION}]{hint}; "
+                    f"valid keys: {', '.join(valid)}"
+                )
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """The GP model and how its matvecs run.
+
+    kernel: profile name (:data:`gpadjoint.kernels.KERNEL_NAMES`); backend: "auto" or one of
+    :data:`gpadjoint.matvec.BACKENDS`; dtype: working precision of X, y and the parameters;
+    noise_floor: lower bound of the noise variance (normalised target units squared);
+    tile: rows per tile of the blocked backend.
+    """
+
+    SECTION: ClassVar[str] = "model"
+    _TYPES: ClassVar[dict[str, type]] = {
+        "kernel": str, "backend": str, "dtype": str, "noise_floor": float, "tile": int,
+    }
+
+    kernel: str = "matern32"
+    backend: str = "auto"
+    dtype: str = "float32"
+    noise_floor: float = NOISE_FLOOR
+    tile: int = 1024
+
+    def _validate(self):
+        self._choice("kernel", KERNEL_NAMES)
+        self._choice("backend", ("auto",) + BACKENDS)
+        self._choice("dtype", DTYPES)
+        self._non_negative("noise_floor")
+        self._positive("tile")
+
+
+@dataclass(frozen=True)
+class MLLSection(_Section):
+    """Estimator settings; field for field those of :class:`gpadjoint.mll.MLLConfig`."""
+
+    SECTION: ClassVar[str] = "mll"
+    _TYPES: ClassVar[dict[str, type]] = {
+        "num_probes": int, "lanczos_depth": int, "precond_rank": int, "cg_tol": float,
+        "cg_min_iter": int, "cg_max_iter": int,
+    }
+
+    num_probes: int = 10
+    lanczos_depth: int = 10
+    precond_rank: int = 15
+    cg_tol: float = 1e-2
+    cg_min_iter: int = 10
+    cg_max_iter: int = 1000
+
+    def _validate(self):
+        self._positive("num_probes", "lanczos_depth", "cg_tol", "cg_max_iter")
+        self._non_negative("precond_rank", "cg_min_iter")
+        if self.cg_min_iter > self.cg_max_iter:
+            self._fail("cg_min_iter", f"must not exceed cg_max_iter = {self.cg_max_iter}")
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    """The optax optimiser (see :func:`make_optimizer`); one step per epoch (full batch)."""
+
+    SECTION: ClassVar[str] = "optim"
+    _TYPES: ClassVar[dict[str, type]] = {
+        "optimizer": str, "lr": float, "schedule": str, "decay_epochs": int,
+        "final_lr_fraction": float, "decay_rate": float, "warmup_epochs": int, "b1": float,
+        "b2": float, "eps": float, "momentum": float, "weight_decay": float, "clip_norm": float,
+    }
+
+    optimizer: str = "adam"
+    lr: float = 0.05
+    schedule: str = "constant"
+    decay_epochs: int = 0
+    final_lr_fraction: float = 0.1
+    decay_rate: float = 0.97
+    warmup_epochs: int = 0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0
+
+    def _validate(self):
+        self._choice("optimizer", OPTIMIZERS)
+        self._choice("schedule", SCHEDULES)
+        self._positive("lr", "eps")
+        self._non_negative(
+            "decay_epochs", "final_lr_fraction", "warmup_epochs", "momentum", "weight_decay",
+            "clip_norm",
+        )
+        for name in ("b1", "b2", "momentum"):
+            if not getattr(self, name) < 1:
+                self._fail(name, "must be < 1")
+        self._non_negative("b1", "b2")
+        if not 0 < self.decay_rate <= 1:
+            self._fail("decay_rate", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """The training loop (:func:`gpadjoint.train.fit`)."""
+
+    SECTION: ClassVar[str] = "train"
+    _TYPES: ClassVar[dict[str, type]] = {
+        "epochs": int, "seed": int, "early_stopping": bool, "patience": int, "min_delta": float,
+        "checkpoint_every": int, "init": str, "log_every": int,
+    }
+
+    epochs: int = 75
+    seed: int = 0
+    early_stopping: bool = False
+    patience: int = 10
+    min_delta: float = 1e-4
+    checkpoint_every: int = 10
+    init: str = "softplus0"
+    log_every: int = 1
+
+    def _validate(self):
+        self._positive("epochs", "patience", "log_every")
+        self._non_negative("seed", "min_delta", "checkpoint_every")
+        self._choice("init", INITS)
+
+
+@dataclass(frozen=True)
+class PredictConfig(_Section):
+    """Prediction: CG for the posterior mean, method for the predictive variance."""
+
+    SECTION: ClassVar[str] = "predict"
+    _TYPES: ClassVar[dict[str, type]] = {
+        "cg_tol": float, "max_cg_iter": int, "variance": str, "love_rank": int,
+        "batch_size": int,
+    }
+
+    cg_tol: float = 1e-2
+    max_cg_iter: int = 1000
+    variance: str = "auto"
+    love_rank: int = 100
+    batch_size: int = 1024
+
+    def _validate(self):
+        self._positive("cg_tol", "max_cg_iter", "love_rank", "batch_size")
+        self._choice("variance", VARIANCES)
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "mll": MLLSection,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "predict": PredictConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: one frozen dataclass per TOML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mll: MLLSection = field(default_factory=MLLSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Build from nested tables ``{section: {key: value}}``; missing keys take defaults."""
+        for s in d:
+            if s not in _SECTIONS:
+                raise ValueError(
+                    f"unknown section [{s}]; valid sections: {', '.join(_SECTIONS)}"
+                )
+        return cls(**{s: c.from_dict(d.get(s, {})) for s, c in _SECTIONS.items()})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict ``{section: {key: value}}`` (round-trips through from_dict)."""
+        return dataclasses.asdict(self)
+
+    def mll_config(self) -> MLLConfig:
+        """Return this run's :class:`gpadjoint.mll.MLLConfig` (mll section + model.noise_floor)."""
+        return MLLConfig(
+            **dataclasses.asdict(self.mll), noise_floor=self.model.noise_floor
+        )
+
+    def with_overrides(self, **kw) -> RunConfig:
+        """Return a copy with some keys replaced, e.g. from command-line flags.
+
+        Keys are ``section__key`` (``mll__cg_tol=1e-3``) or a bare key when only one section has
+        it (``lr=0.1``, ``epochs=20``); ``section={...}`` replaces several keys of a section.
+        ``None`` values are skipped (unset CLI flags). Values are validated as in a TOML file.
+        """
+        d = self.to_dict()
+        for k, v in kw.items():
+            if v is None:
+                continue
+            if k in _SECTIONS:
+                if not isinstance(v, dict):
+                    raise ValueError(f"override {k}= must be a dict of [{k}] keys")
+                for kk, vv in v.items():
+                    _set(d, k, kk, vv)
+                continue
+            if "__" in k:
+                section, key = k.split("__", 1)
+                if section not in _SECTIONS:
+                    raise ValueError(
+                        f"override {k!r}: unknown section {section!r}; "
+                        f"valid sections: {', '.join(_SECTIONS)}"
+                    )
+                _set(d, section, key, v)
+                continue
+            owners = [s for s, c in _SECTIONS.items() if k in c.keys()]
+            if not owners:
+                valid = sorted({key for c in _SECTIONS.values() for key in c.keys()})
+                raise ValueError(f"override: unknown key {k!r}; valid keys: {', '.join(valid)}")
+            if len(owners) > 1:
+                raise ValueError(
+                    f"override: key {k!r} is in several sections; write "
+                    + " or ".join(f"{s}__{k}" for s in owners)
+                )
+            _set(d, owners[0], k, v)
+        return RunConfig.from_dict(d)
+
+
+def _set(d: dict, section: str, key: str, value):
+    valid = _SECTIONS[section].keys()
+    if key not in valid:
+        raise ValueError(
+            f"unknown key {key!r} in section [{section}]; valid keys: {', '.join(valid)}"
+        )
+    d[section][key] = value
+
+
+def load_config(path) -> RunConfig:
+    """Read a TOML run configuration; errors name the file, section and key."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        try:
+            raw = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return RunConfig.from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def make_optimizer(cfg: OptimConfig, epochs: int | None = None):
+    """Build the ``optax.GradientTransformation`` described by ``cfg`` (one step = one epoch).
+
+    Schedules: ``constant`` (lr); ``cosine`` from lr to ``lr * final_lr_fraction`` over
+    ``decay_epochs`` (0 = ``epochs``, which must then be given); ``exponential`` lr *
+    decay_rate**epoch. ``warmup_epochs`` > 0 prepends a linear warm-up from 0.
+    ``clip_norm`` > 0 clips the gradient's global norm first.
+    """
+    import optax
+
+    if cfg.schedule == "constant":
+        sched = cfg.lr
+    elif cfg.schedule == "cosine":
+        steps = cfg.decay_epochs or epochs
+        if not steps:
+            raise ValueError(
+                "[optim] schedule = 'cosine' needs decay_epochs > 0 or the number of epochs"
+            )
+        sched = optax.cosine_decay_schedule(cfg.lr, steps, alpha=cfg.final_lr_fraction)
+    else:
+        sched = optax.exponential_decay(cfg.lr, transition_steps=1, decay_rate=cfg.decay_rate)
+    if cfg.warmup_epochs > 0:
+        after = sched if callable(sched) else optax.constant_schedule(sched)
+        sched = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_epochs), after], [cfg.warmup_epochs]
+        )
+    if cfg.optimizer == "adam":
+        opt = optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    elif cfg.optimizer == "adamw":
+        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    else:
+        opt = optax.sgd(sched, momentum=cfg.momentum or None)
+    if cfg.clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+    return opt

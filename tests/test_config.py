@@ -1,0 +1,169 @@
+import dataclasses
+import sys
+from pathlib import Path
+
+import optax
+import pytest
+
+from gpadjoint.config import (
+    MLLSection,
+    OptimConfig,
+    RunConfig,
+    load_config,
+    make_optimizer,
+)
+from gpadjoint.mll import MLLConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SECTIONS = ("model", "mll", "optim", "train", "predict")
+
+
+@pytest.mark.parametrize("name", ["default.toml", "paper.toml"])
+def test_shipped_configs_load_and_every_key_is_a_field(name):
+    path = CONFIGS / name
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    raw = tomllib.loads(path.read_text())
+    assert set(raw) <= set(SECTIONS)
+    for section, table in raw.items():
+        fields = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        assert set(table) <= fields, (section, set(table) - fields)
+        for k, v in table.items():
+            assert getattr(getattr(cfg, section), k) == v
+    # the shipped files spell out every key, so nothing silently takes a code default
+    for section in SECTIONS:
+        fields = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        assert set(raw.get(section, {})) == fields, (name, section)
+    assert isinstance(cfg.mll_config(), MLLConfig)
+    assert isinstance(make_optimizer(cfg.optim, epochs=cfg.train.epochs),
+                      optax.GradientTransformation)
+
+
+def test_paper_config_is_the_papers_setup():
+    cfg = load_config(CONFIGS / "paper.toml")
+    assert cfg.model.kernel == "matern32" and cfg.model.dtype == "float32"
+    assert cfg.model.noise_floor == 1e-4
+    assert cfg.mll_config() == MLLConfig(
+        num_probes=10, lanczos_depth=10, precond_rank=15, cg_tol=1.0, cg_min_iter=10,
+        cg_max_iter=1000, noise_floor=1e-4,
+    )
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.schedule) == ("adam", 0.05, "constant")
+    assert cfg.train.epochs == 75 and cfg.train.init == "normal"
+    assert cfg.train.early_stopping is False
+
+
+def test_mll_section_maps_onto_mllconfig():
+    assert set(MLLSection.keys()) | {"noise_floor"} == set(MLLConfig.keys())
+
+
+def test_roundtrip_and_overrides():
+    cfg = RunConfig()
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    new = cfg.with_overrides(lr=0.1, epochs=5, mll__cg_tol=1e-3, predict={"batch_size": 64},
+                             seed=None)
+    assert new.optim.lr == 0.1 and new.train.epochs == 5 and new.mll.cg_tol == 1e-3
+    assert new.predict.batch_size == 64 and new.train.seed == cfg.train.seed
+    with pytest.raises(ValueError, match="mll__cg_tol or predict__cg_tol"):
+        cfg.with_overrides(cg_tol=1.0)
+    with pytest.raises(ValueError, match="'nope'"):
+        cfg.with_overrides(nope=1)
+    with pytest.raises(ValueError, match=r"\[train\] epochs"):
+        cfg.with_overrides(epochs=0)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_key_section_and_valid_keys(tmp_path):
+    with pytest.raises(ValueError) as e:
+        load_config(_write(tmp_path, "[mll]\nnum_probe = 3\n"))
+    msg = str(e.value)
+    assert "'num_probe'" in msg and "[mll]" in msg and "num_probes" in msg
+    assert "lanczos_depth" in msg and "c.toml" in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown section \[optimizer\].*optim"):
+        load_config(_write(tmp_path, "[optimizer]\nlr = 0.1\n"))
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[train]\nepochs = 75.0\n", r"\[train\] epochs: expected int, got float"),
+        ("[train]\nearly_stopping = 1\n", r"early_stopping: expected bool, got int"),
+        ("[optim]\nlr = \"0.1\"\n", r"lr: expected float, got str"),
+        ("[mll]\nnum_probes = true\n", r"num_probes: expected int, got bool"),
+        ("[model]\ndtype = 64\n", r"dtype: expected str, got int"),
+    ],
+)
+def test_wrong_type_names_key_expected_and_got(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(_write(tmp_path, text))
+
+
+def test_int_accepted_for_float(tmp_path):
+    cfg = load_config(_write(tmp_path, "[optim]\nlr = 1\n[mll]\ncg_tol = 1\n"))
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert isinstance(cfg.mll.cg_tol, float)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[train]\nepochs = 0\n", "epochs"),
+        ("[mll]\nnum_probes = 0\n", "num_probes"),
+        ("[mll]\nlanczos_depth = -1\n", "lanczos_depth"),
+        ("[optim]\nlr = 0.0\n", "lr"),
+        ("[mll]\ncg_tol = -1.0\n", "cg_tol"),
+        ("[model]\ndtype = \"float16\"\n", "dtype"),
+        ("[model]\nkernel = \"matern\"\n", "kernel"),
+        ("[model]\nbackend = \"gpu\"\n", "backend"),
+        ("[optim]\nschedule = \"step\"\n", "schedule"),
+        ("[train]\ninit = \"zeros\"\n", "init"),
+        ("[predict]\nvariance = \"none\"\n", "variance"),
+        ("[mll]\ncg_min_iter = 20\ncg_max_iter = 10\n", "cg_min_iter"),
+    ],
+)
+def test_bad_values_are_named(tmp_path, text, key):
+    with pytest.raises(ValueError, match=rf"\] {key} = "):
+        load_config(_write(tmp_path, text))
+
+
+def test_bad_toml_names_file(tmp_path):
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[mll\n"))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"schedule": "cosine"},
+        {"schedule": "exponential", "decay_rate": 0.9},
+        {"schedule": "cosine", "decay_epochs": 7, "warmup_epochs": 2},
+        {"optimizer": "sgd", "momentum": 0.9},
+        {"optimizer": "adamw", "weight_decay": 1e-3, "clip_norm": 1.0},
+    ],
+)
+def test_make_optimizer(kw):
+    import jax.numpy as jnp
+
+    opt = make_optimizer(OptimConfig(**kw), epochs=10)
+    p = {"a": jnp.ones(3)}
+    state = opt.init(p)
+    up, _ = opt.update({"a": jnp.ones(3)}, state, p)
+    assert jnp.all(jnp.isfinite(up["a"]))
+
+
+def test_cosine_without_length_is_an_error():
+    with pytest.raises(ValueError, match="decay_epochs"):
+        make_optimizer(OptimConfig(schedule="cosine"))

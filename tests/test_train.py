@@ -1,0 +1,282 @@
+"""Training loop tests on a small synthetic problem (n = 200, d = 2).
+
+Compiling the value-and-gradient step takes seconds, so the tests share a few (settings,
+shapes) combinations: the trainer reuses one executable per combination.
+"""
+
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _util import problem
+
+from gpadjoint.kernels import Params, constrain, init_params
+from gpadjoint.matvec import make_backend
+from gpadjoint.mll import MLLConfig, neg_mll_exact
+from gpadjoint.train import (
+    CGConvergenceWarning,
+    EarlyStopping,
+    FitResult,
+    fit,
+    initial_params,
+    load_checkpoint,
+    make_trainer,
+)
+
+N, D = 200, 2
+CFG = MLLConfig(num_probes=10, lanczos_depth=15, precond_rank=10, cg_tol=1e-6, cg_min_iter=10,
+                cg_max_iter=200)
+OPT = optax.adam(0.05)  # one object, so every test with it shares the compiled step
+DENSE = make_backend("dense", "matern32")
+
+
+@pytest.fixture(scope="module")
+def data64():
+    X, y, _ = problem(n=N, d=D, seed=3, dtype=jnp.float64)
+    return X, y
+
+
+def _fit(X, y, **kw):
+    kw.setdefault("backend", DENSE)
+    kw.setdefault("mll_config", CFG)
+    kw.setdefault("optimizer", OPT)
+    kw.setdefault("progress", False)
+    return fit(X, y, **kw)
+
+
+def _exact_fit(X, y):
+    """L-BFGS on the dense Cholesky loss from the same start: the reference optimum."""
+    from jax.flatten_util import ravel_pytree
+    from scipy.optimize import minimize
+
+    flat0, unravel = ravel_pytree(init_params(D, jnp.float64))
+    vg = jax.jit(jax.value_and_grad(
+        lambda f: neg_mll_exact(unravel(f), X, y, kernel="matern32")))
+
+    def fun(f):
+        v, g = vg(jnp.asarray(f))
+        return float(v), np.asarray(g, np.float64)
+
+    opt = minimize(fun, np.asarray(flat0), jac=True, method="L-BFGS-B",
+                   options={"gtol": 1e-8, "maxiter": 500})
+    return unravel(jnp.asarray(opt.x)), float(opt.fun)
+
+
+def test_loss_decreases_and_approaches_exact_fit(data64):
+    X, y = data64
+    res = _fit(X, y, epochs=150, backend="auto")
+    assert isinstance(res, FitResult)
+    assert res.stopped_reason == "completed 150 epochs"
+    assert res.info["backend"] == "dense" and res.info["backend_reason"].startswith("auto:")
+    h = res.history
+    assert [r["epoch"] for r in h] == list(range(1, 151))
+    assert h[-1]["loss"] < h[0]["loss"] - 0.5
+    assert all(r["cg_converged"] for r in h)
+    keys = {"epoch", "loss", "grad_norm", "lengthscale", "outputscale", "noise", "mean",
+            "cg_iterations", "cg_residual", "cg_converged", "seconds"}
+    assert keys <= set(h[0])
+    assert len(h[0]["lengthscale"]) == D
+
+    p_ref, best = _exact_fit(X, y)
+    ours = float(neg_mll_exact(res.params, X, y, kernel="matern32"))
+    assert -0.005 < ours - best < 0.02, (ours, best)
+    h_ours, h_ref = constrain(res.params), constrain(p_ref)
+    np.testing.assert_allclose(h_ours.noise, h_ref.noise, rtol=0.1)
+    np.testing.assert_allclose(h_ours.outputscale, h_ref.outputscale, rtol=0.5)
+    np.testing.assert_allclose(h_ours.lengthscale, h_ref.lengthscale, rtol=0.4)
+    # the SLQ estimate of the loss at the end tracks the exact loss
+    assert abs(h[-1]["loss"] - float(neg_mll_exact(res.state.params, X, y,
+                                                   kernel="matern32"))) < 0.1
+
+
+def test_step_traced_once_and_pure(data64):
+    X, y = data64
+    trainer = make_trainer(X, y, backend=DENSE, mll_config=CFG, optimizer=OPT)
+    state = trainer.init(init_params(D, jnp.float64), jax.random.PRNGKey(0))
+    s1, m1 = trainer.step(state)
+    after_first = trainer.trace_count()
+    assert after_first >= 1
+    s2, m2 = trainer.step(state)  # same input state -> identical output
+    assert float(m1["loss"]) == float(m2["loss"])
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), s1, s2))
+    s = s1
+    for _ in range(4):
+        s, m = trainer.step(s)
+    assert int(s.epoch) == 5
+    assert trainer.trace_count() == after_first  # no retracing after the first epoch
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(data64, tmp_path):
+    X, y = data64
+    full = _fit(X, y, epochs=6, seed=7)
+    ck = tmp_path / "run.ckpt"
+    first = _fit(X, y, epochs=3, seed=7, checkpoint_path=ck, checkpoint_every=2)
+    assert len(first.history) == 3
+    state, hist = load_checkpoint(ck, first.state)
+    assert int(state.epoch) == 3 and len(hist) == 3
+    resumed = _fit(X, y, epochs=6, seed=7, checkpoint_path=ck, resume=True)
+    assert resumed.info["resumed_from_epoch"] == 3
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+    assert [f for f in os.listdir(tmp_path) if f != "run.ckpt"] == []  # no temp files left
+
+
+def test_resume_refuses_a_mismatched_checkpoint(data64, tmp_path):
+    X, y = data64
+    ck = tmp_path / "run.ckpt"
+    _fit(X, y, epochs=2, checkpoint_path=ck)
+    with pytest.raises(ValueError, match="data_sha256"):
+        _fit(X, y + 1.0, epochs=4, checkpoint_path=ck, resume=True)
+    with pytest.raises(ValueError, match="seed"):
+        _fit(X, y, epochs=4, seed=1, checkpoint_path=ck, resume=True)
+    with pytest.raises(ValueError, match="mll_config"):
+        _fit(X, y, epochs=4, checkpoint_path=ck, resume=True,
+             mll_config=MLLConfig(num_probes=3))
+    with pytest.raises(FileNotFoundError):
+        _fit(X, y, epochs=4, checkpoint_path=tmp_path / "none.ckpt", resume=True)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable gpadjoint checkpoint"):
+        _fit(X, y, epochs=4, checkpoint_path=bad, resume=True)
+
+
+def test_nan_in_data_keeps_initial_params(data64, tmp_path):
+    X, y = data64
+    y = y.at[5].set(jnp.nan)
+    ck = tmp_path / "nan.ckpt"
+    p0 = init_params(D, jnp.float64)
+    res = _fit(X, y, epochs=5, params0=p0, checkpoint_path=ck)
+    assert res.history == []
+    assert "non-finite loss" in res.stopped_reason and "epoch 1" in res.stopped_reason
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(p0), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert ck.is_file()
+
+
+def _inf_after(k):
+    """A well-behaved descent step for k epochs, then an infinite update."""
+
+    def init(params):
+        return jnp.zeros((), jnp.int32)
+
+    def update(grads, count, params=None):
+        scale = jnp.where(count >= k, jnp.inf, -0.05)
+        return jax.tree.map(lambda g: scale * jnp.ones_like(g), grads), count + 1
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_nonfinite_update_keeps_last_good_params(data64, tmp_path):
+    X, y = data64
+    opt = _inf_after(2)
+    two = _fit(X, y, epochs=2, optimizer=opt)
+    ck = tmp_path / "inf.ckpt"
+    res = _fit(X, y, epochs=10, optimizer=opt, checkpoint_path=ck, checkpoint_every=0)
+    assert len(res.history) == 2
+    assert "epoch 3" in res.stopped_reason and "update" in res.stopped_reason
+    assert int(res.state.epoch) == 2
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(two.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert np.all(np.isfinite(a))
+    state, hist = load_checkpoint(ck, res.state)
+    assert int(state.epoch) == 2 and len(hist) == 2
+
+
+def test_early_stopping_on_plateau(data64):
+    X, y = data64
+    res = _fit(X, y, epochs=50, early_stopping=EarlyStopping(patience=3, min_delta=10.0))
+    # epoch 1 sets the best loss; no later epoch beats it by 10 nats -> stop after epoch 4
+    assert len(res.history) == 4
+    assert res.stopped_reason.startswith("early stopping after epoch 4")
+    off = _fit(X, y, epochs=6)
+    assert len(off.history) == 6
+
+
+def test_resume_after_early_stop_does_not_continue(data64, tmp_path):
+    X, y = data64
+    ck = tmp_path / "es.ckpt"
+    es = EarlyStopping(patience=2, min_delta=10.0)
+    first = _fit(X, y, epochs=20, early_stopping=es, checkpoint_path=ck)
+    assert len(first.history) == 3
+    again = _fit(X, y, epochs=20, early_stopping=es, checkpoint_path=ck, resume=True)
+    assert again.history == first.history and again.stopped_reason == first.stopped_reason
+    done = _fit(X, y, epochs=2, checkpoint_path=ck, resume=True)
+    assert "already at epoch 3" in done.stopped_reason and len(done.history) == 3
+
+
+def test_callback_can_stop(data64):
+    X, y = data64
+    seen = []
+
+    def cb(rec, state):
+        seen.append(rec["epoch"])
+        return rec["epoch"] == 2
+
+    res = _fit(X, y, epochs=10, callback=cb)
+    assert seen == [1, 2] and "callback" in res.stopped_reason
+
+
+def test_progress_lines(data64, capsys):
+    X, y = data64
+    _fit(X, y, epochs=4, progress=True, log_every=2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 3 and "epoch 2/4" in err and "epoch 4/4" in err
+    assert "backend=dense (given)" in err
+    _fit(X, y, epochs=2, progress=None)  # pytest's stderr is not a TTY -> silent
+    assert capsys.readouterr().err == ""
+
+
+def test_cg_cap_warns_once(data64):
+    X, y = data64
+    capped = MLLConfig(num_probes=4, lanczos_depth=5, precond_rank=0, cg_tol=1e-12,
+                       cg_min_iter=0, cg_max_iter=2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = _fit(X, y, epochs=4, mll_config=capped)
+    cg = [x for x in w if issubclass(x.category, CGConvergenceWarning)]
+    assert len(cg) == 1
+    msg = str(cg[0].message)
+    assert "cg_max_iter" in msg and "precond_rank" in msg
+    assert all(not r["cg_converged"] and r["cg_iterations"] == 2 for r in res.history)
+
+
+def test_float32_with_sgd():
+    X, y, _ = problem(n=N, d=D, seed=3, dtype=jnp.float32)
+    cfg = MLLConfig(num_probes=10, lanczos_depth=10, precond_rank=10, cg_tol=1e-2)
+    res = fit(X, y, backend="dense", mll_config=cfg, optimizer=optax.sgd(0.05), epochs=30,
+              progress=False, params0=initial_params("normal", D, jnp.float32, seed=1))
+    assert res.stopped_reason == "completed 30 epochs"
+    assert res.params.raw_lengthscale.dtype == jnp.float32
+    assert res.state.last_alpha.dtype == jnp.float32
+    h = res.history
+    assert all(np.isfinite(r["loss"]) for r in h)
+    assert np.mean([r["loss"] for r in h[-5:]]) < np.mean([r["loss"] for r in h[:5]]) - 0.05
+
+
+def test_initial_params():
+    p = initial_params("softplus0", 3, jnp.float64)
+    assert isinstance(p, Params) and float(jnp.sum(jnp.abs(p.raw_lengthscale))) == 0.0
+    a = initial_params("normal", 3, jnp.float64, seed=4)
+    b = initial_params("normal", 3, jnp.float64, seed=4)
+    assert jnp.all(a.raw_lengthscale == b.raw_lengthscale) and jnp.any(a.raw_lengthscale != 0)
+    with pytest.raises(ValueError, match="unknown init"):
+        initial_params("zeros", 3, jnp.float64)
+
+
+def test_input_validation(data64):
+    X, y = data64
+    with pytest.raises(ValueError, match="epochs"):
+        _fit(X, y, epochs=0)
+    with pytest.raises(ValueError, match="shape"):
+        _fit(X, y[:-1], epochs=1)
+    with pytest.raises(ValueError, match="dtype"):
+        _fit(X, y.astype(jnp.float32), epochs=1)
+    with pytest.raises(ValueError, match="kernel"):
+        _fit(X, y, epochs=1, kernel="rbf")
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        _fit(X, y, epochs=1, resume=True)
