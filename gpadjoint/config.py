@@ -114,12 +114,14 @@ class ModelConfig(_Section):
     kernel: profile name (:data:`gpadjoint.kernels.KERNEL_NAMES`); backend: "auto" or one of
     :data:`gpadjoint.matvec.BACKENDS`; dtype: working precision of X, y and the parameters;
     noise_floor: lower bound of the noise variance (normalised target units squared);
-    tile: rows per tile of the blocked backend.
+    tile: rows per tile of the blocked backend; scale_y: standardise targets to unit variance
+    (training statistics) as well as centring them; results are reported in the target's units.
     """
 
     SECTION: ClassVar[str] = "model"
     _TYPES: ClassVar[dict[str, type]] = {
         "kernel": str, "backend": str, "dtype": str, "noise_floor": float, "tile": int,
+        "scale_y": bool,
     }
 
     kernel: str = "matern32"
@@ -127,6 +129,7 @@ class ModelConfig(_Section):
     dtype: str = "float32"
     noise_floor: float = NOISE_FLOOR
     tile: int = 1024
+    scale_y: bool = True
 
     def _validate(self):
         self._choice("kernel", KERNEL_NAMES)
