@@ -141,6 +141,7 @@ class _StopFlag:
 
 
 def cmd_fit(args) -> int:
+    """`gpadjoint fit`: train, evaluate on the test split, write the run record."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -312,6 +313,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_datasets(args) -> int:
+    """`gpadjoint datasets`: one line per data set."""
     from .data import list_datasets
 
     rows = list_datasets()
@@ -323,6 +325,7 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    """`gpadjoint predict`: mean and std of a saved model on a CSV of inputs."""
     import numpy as np
     import pandas as pd
 
@@ -353,7 +356,7 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (one sub-command per verb)."""
+    """Build the argument parser (one sub-command per verb)."""
     p = argparse.ArgumentParser(
         prog="gpadjoint",
         description="Fit Gaussian-process hyperparameters by the adjoint of the Lanczos "
