@@ -23,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SECTIONS = ("model", "mll", "optim", "train", "predict")
 
 
-@pytest.mark.parametrize("name", ["default.toml", "paper.toml"])
+@pytest.mark.parametrize("name", ["default.toml", "paper.toml", "small.toml"])
 def test_shipped_configs_load_and_every_key_is_a_field(name):
     path = CONFIGS / name
     cfg = load_config(path)
