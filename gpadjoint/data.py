@@ -181,9 +181,11 @@ class Split:
                 f"y_mean={self.y_mean:.4g}, y_std={self.y_std:.4g})")
 
 
-def _standardise(X, y, train, test, name, split, scale_y, dtype) -> Split:
-    """Normalise with training statistics; ``train``/``test`` are row-index arrays into X, y."""
-    X_tr, y_tr = X[train], y[train]
+def normalisation(X_tr, y_tr, scale_y: bool):
+    """Training statistics (x_mean (d,), x_std (d,), y_mean, y_std); constant columns get std 1.
+
+    y_std is 1 unless ``scale_y`` (and y is not constant).
+    """
     x_mean = X_tr.mean(axis=0)
     x_std = X_tr.std(axis=0)
     # Exact constancy test, not std == 0: the std of a constant column can come out as ~1e-21
@@ -194,6 +196,13 @@ def _standardise(X, y, train, test, name, split, scale_y, dtype) -> Split:
     x_std[const] = 1.0
     y_mean = float(y_tr.mean())
     y_std = float(y_tr.std()) if scale_y and np.ptp(y_tr) > 0 else 1.0
+    return x_mean, x_std, y_mean, y_std
+
+
+def _standardise(X, y, train, test, name, split, scale_y, dtype) -> Split:
+    """Normalise with training statistics; ``train``/``test`` are row-index arrays into X, y."""
+    X_tr, y_tr = X[train], y[train]
+    x_mean, x_std, y_mean, y_std = normalisation(X_tr, y_tr, scale_y)
 
     def norm_x(rows):
         return ((X[rows] - x_mean) / x_std).astype(dtype)

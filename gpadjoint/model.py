@@ -20,8 +20,6 @@ predicts the same numbers without refitting.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import __version__
 from . import predict as gpred
+from ._io import atomic_write
 from .kernels import KERNEL_NAMES, NOISE_FLOOR, Params, constrain
 from .matvec import BACKENDS, choose_backend, make_backend
 from .mll import MLLConfig
@@ -250,14 +249,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         n, d = X.shape
         dtype = jnp.dtype(self.dtype)
 
-        x_mean = X.mean(axis=0)
-        x_std = X.std(axis=0)
-        # exact constancy (not std == 0): a constant column's std can round to ~1e-17
-        const = X.max(axis=0) == X.min(axis=0)
-        x_mean[const] = X[0, const]
-        x_std[const] = 1.0
-        y_mean = float(y.mean())
-        y_std = float(y.std()) if self.normalize_y and np.ptp(y) > 0 else 1.0
+        from .data import normalisation
+
+        x_mean, x_std, y_mean, y_std = normalisation(X, y, self.normalize_y)
         self.X_train_, self.y_train_ = X, y
         self.x_mean_, self.x_std_, self.y_mean_, self.y_std_ = x_mean, x_std, y_mean, y_std
         Xn, yn = self._internal_train(dtype)
@@ -430,17 +424,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         cache = getattr(self, "_love_cache", {})
         if "R" in cache:
             arrays["love_R"] = cache["R"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path) -> GPRegressor:

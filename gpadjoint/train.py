@@ -22,9 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -39,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._io import atomic_write
 from .kernels import Params, constrain, init_params
 from .matvec import Backend, choose_backend, make_backend
 from .mll import MLLConfig, neg_mll
@@ -604,25 +603,7 @@ def save_checkpoint(path, state: TrainState, history: list[dict], fingerprint: d
         arrays[f"opt_{i}"] = np.asarray(a)
     if state.last_alpha is not None:
         arrays["last_alpha"] = np.asarray(state.last_alpha)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_checkpoint(path, template: TrainState, fingerprint: dict | None = None):
