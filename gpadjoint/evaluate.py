@@ -39,8 +39,11 @@ def choose_method(n: int, memory_fraction: float = 0.6) -> tuple[str, str]:
     avail = _available_bytes()
     if need <= memory_fraction * avail:
         return "cholesky", f"K needs {need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available"
-    return "slq", f"K would need {need / 2**30:.1f} GiB, more than {memory_fraction:.0%} of " \
-                  f"{avail / 2**30:.1f} GiB available"
+    return (
+        "slq",
+        f"K would need {need / 2**30:.1f} GiB, more than {memory_fraction:.0%} of "
+        f"{avail / 2**30:.1f} GiB available",
+    )
 
 
 def _as_hypers(lengthscale, outputscale, noise) -> Hypers:
@@ -142,11 +145,17 @@ def _slq_loss(X, r, h: Hypers, kernel: str, num_probes: int, depth: int, seed: i
     vals = np.array([float(run(rademacher(k, n, per_group, jnp.float64))) for k in keys])
     L = pivoted_cholesky(
         lambda i: cross_cov(kernel, jax.lax.dynamic_slice_in_dim(Xj, i, 1), Xj, h)[0],
-        jnp.full((n,), h.outputscale), min(100, n))
+        jnp.full((n,), h.outputscale),
+        min(100, n),
+    )
     P = make_preconditioner(L, h.noise)
     rj = jnp.asarray(r)
     x, info = cg(mv, rj[:, None], *args, precond=P, tol=1e-8, min_iter=1, max_iter=5000)
     quad = float(rj @ x[:, 0])
     se_logdet = float(np.std(vals, ddof=1) / math.sqrt(len(vals)))
-    return {"logdet": float(np.mean(vals)), "quad": quad, "loss_se": 0.5 * se_logdet / n,
-            "cg_residual": float(np.max(np.asarray(info.residual)))}
+    return {
+        "logdet": float(np.mean(vals)),
+        "quad": quad,
+        "loss_se": 0.5 * se_logdet / n,
+        "cg_residual": float(np.max(np.asarray(info.residual))),
+    }

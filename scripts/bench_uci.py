@@ -70,7 +70,7 @@ def record_path(out_dir: Path, ds: str, split: int, method: str, backend: str, e
 
 
 def seed_for(split: int) -> int:
-    """The paper averages seeds 1-3; split s uses seed s + 1 for its initial values and probes."""
+    """Return split + 1: the paper averages seeds 1-3 (initial values and probes)."""
     return split + 1
 
 
@@ -111,11 +111,26 @@ def run_gpadjoint(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="gpadj_uci_") as tmp:
         out = Path(tmp) / "run.json"
-        argv = ["fit", "--dataset", spec["dataset"], "--split", str(spec["split"]),
-                "--config", str(bu.ROOT / "configs" / "paper.toml"), "--backend",
-                spec["backend"], "--epochs", str(spec["epochs"]), "--seed",
-                str(seed_for(spec["split"])), "--quiet", "--out", str(out),
-                "--checkpoint", str(Path(tmp) / "ckpt.npz")]
+        argv = [
+            "fit",
+            "--dataset",
+            spec["dataset"],
+            "--split",
+            str(spec["split"]),
+            "--config",
+            str(bu.ROOT / "configs" / "paper.toml"),
+            "--backend",
+            spec["backend"],
+            "--epochs",
+            str(spec["epochs"]),
+            "--seed",
+            str(seed_for(spec["split"])),
+            "--quiet",
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(Path(tmp) / "ckpt.npz"),
+        ]
         t0 = time.perf_counter()
         rc = cli.main(argv)
         wall = time.perf_counter() - t0
@@ -134,13 +149,17 @@ def run_gpadjoint(spec: dict) -> dict:
         "mean": (hp["mean"] - float(s.y_mean)) / float(s.y_std),
     }
     return {
-        "settings": {"config": rec["config"], "config_source": rec["config_source"],
-                     "backend_reason": rec["backend_reason"]},
+        "settings": {
+            "config": rec["config"],
+            "config_source": rec["config_source"],
+            "backend_reason": rec["backend_reason"],
+        },
         "epochs_run": len(hist),
         "loss_curve": [h["loss"] for h in hist],
         "seconds_curve": [h["seconds"] for h in hist],
-        "hyper_curve": [{k: h[k] for k in ("lengthscale", "outputscale", "noise", "mean")}
-                        for h in hist],
+        "hyper_curve": [
+            {k: h[k] for k in ("lengthscale", "outputscale", "noise", "mean")} for h in hist
+        ],
         "cg_iterations_curve": [h["cg_iterations"] for h in hist],
         "final_hyperparameters": final,
         "final_train_loss": rec["final_train_loss"],
@@ -192,15 +211,18 @@ def run_gpytorch(spec: dict) -> dict:
 
         def forward(self, x):
             return gpytorch.distributions.MultivariateNormal(
-                self.mean_module(x), self.covar_module(x))
+                self.mean_module(x), self.covar_module(x)
+            )
 
     lik = gpytorch.likelihoods.GaussianLikelihood(
-        noise_constraint=gpytorch.constraints.GreaterThan(NOISE_FLOOR))
+        noise_constraint=gpytorch.constraints.GreaterThan(NOISE_FLOOR)
+    )
     model = GP(Xtr, ytr, lik)
     raw = _initial_raw(d, seed)
     with torch.no_grad():
         model.covar_module.base_kernel.raw_lengthscale.copy_(
-            torch.tensor(raw["raw_lengthscale"], dtype=dt).reshape(1, d))
+            torch.tensor(raw["raw_lengthscale"], dtype=dt).reshape(1, d)
+        )
         model.covar_module.raw_outputscale.copy_(torch.tensor(raw["raw_outputscale"], dtype=dt))
         lik.noise_covar.raw_noise.copy_(torch.tensor([raw["raw_noise"]], dtype=dt))
         model.mean_module.raw_constant.copy_(torch.tensor(raw["mean"], dtype=dt))
@@ -208,8 +230,10 @@ def run_gpytorch(spec: dict) -> dict:
 
     def hypers() -> dict:
         return {
-            "lengthscale": model.covar_module.base_kernel.lengthscale.detach().reshape(-1)
-            .double().tolist(),
+            "lengthscale": model.covar_module.base_kernel.lengthscale.detach()
+            .reshape(-1)
+            .double()
+            .tolist(),
             "outputscale": float(model.covar_module.outputscale),
             "noise": float(lik.noise),
             "mean": float(model.mean_module.constant),
@@ -256,13 +280,15 @@ def run_gpytorch(spec: dict) -> dict:
     predict_seconds = time.perf_counter() - t0
     rmse, nll = _predictive_scores(np.asarray(s.y_test), mean, var)
     return {
-        "settings": {"gpytorch": GPYTORCH_SETTINGS, "optimizer": f"torch.optim.Adam(lr={LR})",
-                     "kernel": f"ScaleKernel({base_cls.__module__}.MaternKernel(nu=1.5, ard))",
-                     "noise_constraint": f"GreaterThan({NOISE_FLOOR})",
-                     "keops_used_in_training": used_keops,
-                     "predict": "defaults + max_cholesky_size(0)"
-                                + (" + fast_pred_var()" if keops else ""),
-                     "torch_threads": torch.get_num_threads()},
+        "settings": {
+            "gpytorch": GPYTORCH_SETTINGS,
+            "optimizer": f"torch.optim.Adam(lr={LR})",
+            "kernel": f"ScaleKernel({base_cls.__module__}.MaternKernel(nu=1.5, ard))",
+            "noise_constraint": f"GreaterThan({NOISE_FLOOR})",
+            "keops_used_in_training": used_keops,
+            "predict": "defaults + max_cholesky_size(0)" + (" + fast_pred_var()" if keops else ""),
+            "torch_threads": torch.get_num_threads(),
+        },
         "epochs_run": len(losses),
         "loss_curve": losses,
         "seconds_curve": secs,
@@ -286,8 +312,10 @@ def common_loss(spec: dict, final: dict) -> dict:
 
     s = _data(spec["dataset"], spec["split"])
     out = exact_loss(s.X_train, s.y_train, kernel=KERNEL, **final)
-    return {"final_train_loss_common": out["loss"],
-            "common_evaluator": {k: v for k, v in out.items() if k != "loss"}}
+    return {
+        "final_train_loss_common": out["loss"],
+        "common_evaluator": {k: v for k, v in out.items() if k != "loss"},
+    }
 
 
 def child(spec: dict) -> dict:
@@ -320,8 +348,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=75)
     ap.add_argument("--out-dir", default=str(OUT_DIR))
     ap.add_argument("--timeout", type=float, default=2 * 3600, help="seconds per run")
-    ap.add_argument("--no-common", action="store_true",
-                    help="skip the common evaluator (for smoke tests)")
+    ap.add_argument(
+        "--no-common", action="store_true", help="skip the common evaluator (for smoke tests)"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -343,19 +372,32 @@ def main(argv=None) -> int:
                     if path.exists() and json.loads(path.read_text()).get("status") == "ok":
                         print(f"skip (done): {path.name}")
                         continue
-                    spec = {"dataset": ds, "split": split, "method": method,
-                            "backend": backend, "epochs": args.epochs,
-                            "common": not args.no_common}
+                    spec = {
+                        "dataset": ds,
+                        "split": split,
+                        "method": method,
+                        "backend": backend,
+                        "epochs": args.epochs,
+                        "common": not args.no_common,
+                    }
                     print(f"run: {path.name}", flush=True)
                     started = datetime.now(timezone.utc).isoformat()
                     load_before = load_avg()
                     res = bu.run_child(Path(__file__), spec, args.timeout)
                     rec = {
-                        **spec, "seed": seed_for(split), "kernel": KERNEL, "dtype": "float32",
-                        "lr": LR, "started": started, "load_avg_before": load_before,
-                        "load_avg_after": load_avg(), "commit": bu.git_commit(),
-                        "machine": bu.machine(), "versions": bu.versions(),
-                        "script": "scripts/bench_uci.py", **res,
+                        **spec,
+                        "seed": seed_for(split),
+                        "kernel": KERNEL,
+                        "dtype": "float32",
+                        "lr": LR,
+                        "started": started,
+                        "load_avg_before": load_before,
+                        "load_avg_after": load_avg(),
+                        "commit": bu.git_commit(),
+                        "machine": bu.machine(),
+                        "versions": bu.versions(),
+                        "script": "scripts/bench_uci.py",
+                        **res,
                     }
                     rec.setdefault("status", "ok")
                     if rec["status"] != "ok":
@@ -363,10 +405,13 @@ def main(argv=None) -> int:
                     from gpadjoint._io import atomic_write
 
                     text = json.dumps(rec, indent=1, default=float)
-                    atomic_write(path, lambda fh: fh.write(text), binary=False)
-                    print(f"  -> {rec['status']}: rmse {rec.get('test_rmse')}, "
-                          f"s/epoch {rec.get('seconds_per_epoch')}, "
-                          f"common loss {rec.get('final_train_loss_common')}", flush=True)
+                    atomic_write(path, lambda fh, t=text: fh.write(t), binary=False)
+                    print(
+                        f"  -> {rec['status']}: rmse {rec.get('test_rmse')}, "
+                        f"s/epoch {rec.get('seconds_per_epoch')}, "
+                        f"common loss {rec.get('final_train_loss_common')}",
+                        flush=True,
+                    )
     return 1 if failed else 0
 
 
