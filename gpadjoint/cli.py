@@ -182,9 +182,16 @@ def cmd_fit(args) -> int:
     _say(f"backend: {bname} ({reason}); kernel {cfg.model.kernel}, {cfg.model.dtype}, "
          f"config {cfg_source}", q)
 
-    # ---- training
-    from .config import make_optimizer
+    # ---- estimator and optimiser: explicit, or chosen and reported
+    from .config import make_optimizer, resolve_optimizer
+    from .mll import choose_estimator
 
+    mll_cfg = cfg.mll_config()
+    estimator, est_reason = choose_estimator(n, mll_cfg)
+    opt_name, opt_reason = resolve_optimizer(cfg.optim.optimizer, estimator)
+    _say(f"estimator: {estimator} ({est_reason}); optimiser: {opt_name} ({opt_reason})", q)
+
+    # ---- training
     epochs = cfg.train.epochs
     run_id = f"{name}-split{args.split}-seed{cfg.train.seed}"
     ckpt = Path(args.checkpoint) if args.checkpoint else REPO / "results" / "checkpoints" / (
@@ -202,8 +209,9 @@ def cmd_fit(args) -> int:
     t_start = time.time()
     with _StopFlag(q) as stop:
         result = fit(
-            X, y, kernel=cfg.model.kernel, backend=backend, mll_config=cfg.mll_config(),
-            optimizer=make_optimizer(cfg.optim, epochs), epochs=epochs, params0=params0,
+            X, y, kernel=cfg.model.kernel, backend=backend, mll_config=mll_cfg,
+            optimizer=make_optimizer(cfg.optim, epochs, estimator), epochs=epochs,
+            params0=params0, converge_tol=cfg.train.converge_tol,
             seed=cfg.train.seed, early_stopping=es, checkpoint_path=ckpt,
             checkpoint_every=cfg.train.checkpoint_every, resume=args.resume,
             progress=False if q else None, log_every=cfg.train.log_every,
@@ -220,6 +228,10 @@ def cmd_fit(args) -> int:
         "split": args.split,
         "backend": bname,
         "backend_reason": reason,
+        "estimator": estimator,
+        "estimator_reason": est_reason,
+        "optimizer": opt_name,
+        "optimizer_reason": opt_reason,
         "dtype": cfg.model.dtype,
         "kernel": cfg.model.kernel,
         "config": cfg.to_dict(),
@@ -262,17 +274,26 @@ def cmd_fit(args) -> int:
 
     # ---- prediction on the test split, in the target's units
     t0 = time.time()
-    Xt = jnp.asarray(split.X_test, dtype)
     pc = cfg.predict
+    pred_tol = pc.cg_tol
+    Xp, yp, pp = X, y, params
+    if estimator == "exact" and dtype != jnp.float64:
+        # The loss was computed in float64 because K is too ill-conditioned for float32 at
+        # these hyperparameters (small n, noise near its floor); predict the same way.
+        Xp, yp = X.astype(jnp.float64), y.astype(jnp.float64)
+        pp = type(params)(*(jnp.asarray(a, jnp.float64) for a in params))
+        pred_tol = min(pc.cg_tol, gpred.default_cg_tol(jnp.float64))
+        _say("prediction in float64 (the exact estimator's precision)", q)
+    Xt = jnp.asarray(split.X_test, Xp.dtype)
     alpha, info = gpred.mean_weights(
-        X, y, params, backend=backend, noise_floor=cfg.model.noise_floor,
-        precond_rank=max(cfg.mll.precond_rank, 15), tol=pc.cg_tol, max_iter=pc.max_cg_iter)
-    mean = gpred.predict_mean(Xt, X, alpha, params, kernel=cfg.model.kernel,
+        Xp, yp, pp, backend=backend, noise_floor=cfg.model.noise_floor,
+        precond_rank=max(cfg.mll.precond_rank, 15), tol=pred_tol, max_iter=pc.max_cg_iter)
+    mean = gpred.predict_mean(Xt, Xp, alpha, pp, kernel=cfg.model.kernel,
                               noise_floor=cfg.model.noise_floor, batch_size=pc.batch_size)
     var = gpred.predict_variance(
-        Xt, X, params, backend=backend, method=pc.variance, noise_floor=cfg.model.noise_floor,
-        precond_rank=max(cfg.mll.precond_rank, 15), tol=pc.cg_tol, max_iter=pc.max_cg_iter,
-        y=y, love_rank=pc.love_rank, batch_size=pc.batch_size)
+        Xt, Xp, pp, backend=backend, method=pc.variance, noise_floor=cfg.model.noise_floor,
+        precond_rank=max(cfg.mll.precond_rank, 15), tol=pred_tol, max_iter=pc.max_cg_iter,
+        y=yp, love_rank=pc.love_rank, batch_size=pc.batch_size)
     mean = np.asarray(mean, np.float64) * y_scale + float(split.y_mean)
     var = np.asarray(var, np.float64) * y_scale**2
     y_test = np.asarray(split.y_test, np.float64) * y_scale + float(split.y_mean)

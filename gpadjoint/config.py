@@ -30,10 +30,10 @@ else:  # pragma: no cover - python 3.10
 
 from .kernels import KERNEL_NAMES, NOISE_FLOOR
 from .matvec import BACKENDS
-from .mll import MLLConfig
+from .mll import ESTIMATORS, MLLConfig
 
 DTYPES = ("float32", "float64")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
 SCHEDULES = ("constant", "cosine", "exponential")
 INITS = ("softplus0", "normal")
 VARIANCES = ("exact", "love", "auto")
@@ -146,7 +146,7 @@ class MLLSection(_Section):
     SECTION: ClassVar[str] = "mll"
     _TYPES: ClassVar[dict[str, type]] = {
         "num_probes": int, "lanczos_depth": int, "precond_rank": int, "cg_tol": float,
-        "cg_min_iter": int, "cg_max_iter": int,
+        "cg_min_iter": int, "cg_max_iter": int, "estimator": str, "exact_max_n": int,
     }
 
     num_probes: int = 10
@@ -155,9 +155,12 @@ class MLLSection(_Section):
     cg_tol: float = 1e-2
     cg_min_iter: int = 10
     cg_max_iter: int = 1000
+    estimator: str = "slq"
+    exact_max_n: int = 2000
 
     def _validate(self):
-        self._positive("num_probes", "lanczos_depth", "cg_tol", "cg_max_iter")
+        self._choice("estimator", ESTIMATORS)
+        self._positive("num_probes", "lanczos_depth", "cg_tol", "cg_max_iter", "exact_max_n")
         self._non_negative("precond_rank", "cg_min_iter")
         if self.cg_min_iter > self.cg_max_iter:
             self._fail("cg_min_iter", f"must not exceed cg_max_iter = {self.cg_max_iter}")
@@ -211,7 +214,7 @@ class TrainConfig(_Section):
     SECTION: ClassVar[str] = "train"
     _TYPES: ClassVar[dict[str, type]] = {
         "epochs": int, "seed": int, "early_stopping": bool, "patience": int, "min_delta": float,
-        "checkpoint_every": int, "init": str, "log_every": int,
+        "checkpoint_every": int, "init": str, "log_every": int, "converge_tol": float,
     }
 
     epochs: int = 75
@@ -222,10 +225,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = 10
     init: str = "softplus0"
     log_every: int = 1
+    converge_tol: float = 1e-5
 
     def _validate(self):
         self._positive("epochs", "patience", "log_every")
-        self._non_negative("seed", "min_delta", "checkpoint_every")
+        self._non_negative("seed", "min_delta", "checkpoint_every", "converge_tol")
         self._choice("init", INITS)
 
 
@@ -351,8 +355,34 @@ def load_config(path) -> RunConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def make_optimizer(cfg: OptimConfig, epochs: int | None = None):
+def resolve_optimizer(name: str, estimator: str) -> tuple[str, str]:
+    """Resolve ``optimizer = "auto"``: L-BFGS for the deterministic exact loss, else Adam."""
+    if name != "auto":
+        return name, "requested"
+    if estimator == "exact":
+        return "lbfgs", "auto: the exact loss is deterministic, so L-BFGS with a line search"
+    return "adam", "auto: the SLQ loss is stochastic, so Adam"
+
+
+def lbfgs():
+    """L-BFGS (optax) with a zoom line search capped at 10 evaluations per step.
+
+    Near the optimum round-off makes the Wolfe conditions unattainable and optax's default cap
+    (20) then spends 20 loss evaluations on one step; 10 loses nothing measurable.
+    """
+    import optax
+
+    return optax.lbfgs(linesearch=optax.scale_by_zoom_linesearch(
+        max_linesearch_steps=10, initial_guess_strategy="one"))
+
+
+def make_optimizer(cfg: OptimConfig, epochs: int | None = None, estimator: str = "slq"):
     """Build the ``optax.GradientTransformation`` described by ``cfg`` (one step = one epoch).
+
+    ``optimizer = "auto"`` is resolved by :func:`resolve_optimizer` for the given (resolved)
+    estimator. ``lbfgs`` is ``optax.lbfgs`` with its zoom line search; it ignores ``lr`` and the
+    schedule (the line search sets the step) and needs a deterministic loss (``estimator =
+    "exact"``; with SLQ each step's line search sees that step's probes only).
 
     Schedules: ``constant`` (lr); ``cosine`` from lr to ``lr * final_lr_fraction`` over
     ``decay_epochs`` (0 = ``epochs``, which must then be given); ``exponential`` lr *
@@ -361,6 +391,12 @@ def make_optimizer(cfg: OptimConfig, epochs: int | None = None):
     """
     import optax
 
+    name, _ = resolve_optimizer(cfg.optimizer, estimator)
+    if name == "lbfgs":
+        opt = lbfgs()
+        if cfg.clip_norm > 0:
+            opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+        return opt
     if cfg.schedule == "constant":
         sched = cfg.lr
     elif cfg.schedule == "cosine":
@@ -377,9 +413,9 @@ def make_optimizer(cfg: OptimConfig, epochs: int | None = None):
         sched = optax.join_schedules(
             [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_epochs), after], [cfg.warmup_epochs]
         )
-    if cfg.optimizer == "adam":
+    if name == "adam":
         opt = optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    elif cfg.optimizer == "adamw":
+    elif name == "adamw":
         opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     else:
         opt = optax.sgd(sched, momentum=cfg.momentum or None)

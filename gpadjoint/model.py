@@ -35,7 +35,7 @@ from . import predict as gpred
 from ._io import atomic_write
 from .kernels import KERNEL_NAMES, NOISE_FLOOR, Params, constrain
 from .matvec import BACKENDS, choose_backend, make_backend
-from .mll import MLLConfig
+from .mll import ESTIMATORS, MLLConfig, choose_estimator
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
 MODEL_FORMAT = "gpadjoint-model-v1"
 DTYPES = ("float64", "float32")
 INITS = ("zero", "normal")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
 _PARAM_FIELDS = Params._fields
 
 # One optax object per (name, lr): the trainer caches its compiled step keyed on the optimizer
@@ -86,15 +86,20 @@ def _check_finite(A: np.ndarray, what: str) -> None:
     )
 
 
-def _make_optimizer(name, lr) -> optax.GradientTransformation:
+def _make_optimizer(name, lr, estimator: str) -> tuple[optax.GradientTransformation, str]:
     if isinstance(name, optax.GradientTransformation):
-        return name
+        return name, "given"
+    from .config import lbfgs, resolve_optimizer
+
+    name, _ = resolve_optimizer(name, estimator)
     key = (name, float(lr))
     if key not in _OPTIMIZER_CACHE:
-        _OPTIMIZER_CACHE[key] = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[
-            name
-        ](float(lr))
-    return _OPTIMIZER_CACHE[key]
+        if name == "lbfgs":
+            _OPTIMIZER_CACHE[key] = lbfgs()
+        else:
+            _OPTIMIZER_CACHE[key] = {"adam": optax.adam, "adamw": optax.adamw,
+                                     "sgd": optax.sgd}[name](float(lr))
+    return _OPTIMIZER_CACHE[key], name
 
 
 class GPRegressor(RegressorMixin, BaseEstimator):
@@ -104,13 +109,17 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         kernel: "matern32" (default), "matern12", "matern52" or "rbf", with ARD lengthscales.
         backend: "auto" (:func:`gpadjoint.matvec.choose_backend`, reported in ``backend_``),
             "dense", "blocked" or "keops".
-        num_probes, lanczos_depth, precond_rank, cg_tol, cg_max_iter: training estimator
+        estimator: "auto" (default: exact float64 Cholesky for n <= 2000, SLQ above; in
+            ``estimator_``), "slq" or "exact" (:func:`gpadjoint.mll.choose_estimator`).
+        num_probes, lanczos_depth, precond_rank, cg_tol, cg_max_iter: SLQ estimator
             settings (:class:`gpadjoint.mll.MLLConfig`); depth and rank are clamped to n.
             ``precond_rank`` and ``cg_max_iter`` also serve the prediction solves.
-        epochs: optimiser steps (full batch); 0 keeps the initial parameters.
-        lr: learning rate of the named optimiser.
-        optimizer: "adam" (default), "adamw", "sgd", or any ``optax.GradientTransformation``
-            (then ``lr`` is ignored).
+        epochs: optimiser steps (full batch); 0 keeps the initial parameters. With the exact
+            estimator training stops earlier once converged (loss change < 1e-6 for 5 steps).
+        lr: learning rate of the named optimiser (not used by L-BFGS).
+        optimizer: "auto" (default: L-BFGS with the exact estimator, Adam with SLQ), "adam",
+            "adamw", "sgd", "lbfgs", or any ``optax.GradientTransformation`` (then ``lr`` is
+            ignored).
         dtype: "float64" (default) or "float32". float64 is the default because this package
             mostly runs on CPUs, where float64 matmuls cost only ~2x float32, while in float32
             the solves lose most of their digits once the noise nears its floor (cond(K) ~
@@ -131,6 +140,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     Fitted attributes: ``params_`` (unconstrained, internal units), ``alpha_`` (K^{-1}(y_n -
     mu)), ``hyperparameters_`` (original units), ``X_train_``, ``y_train_`` (as given),
     ``x_mean_``, ``x_std_``, ``y_mean_``, ``y_std_``, ``backend_``, ``backend_reason_``,
+    ``estimator_``, ``estimator_reason_``, ``optimizer_``,
     ``variance_``, ``variance_reason_``, ``history_``, ``stopped_reason_``, ``n_iter_``,
     ``seed_``, ``n_features_in_``.
     """
@@ -140,6 +150,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         *,
         kernel="matern32",
         backend="auto",
+        estimator="auto",
         num_probes=10,
         lanczos_depth=10,
         precond_rank=15,
@@ -147,7 +158,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         cg_max_iter=1000,
         epochs=50,
         lr=0.05,
-        optimizer="adam",
+        optimizer="auto",
         dtype="float64",
         noise_floor=NOISE_FLOOR,
         normalize_y=True,
@@ -160,6 +171,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     ):
         self.kernel = kernel
         self.backend = backend
+        self.estimator = estimator
         self.num_probes = num_probes
         self.lanczos_depth = lanczos_depth
         self.precond_rank = precond_rank
@@ -201,6 +213,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
         choice("kernel", KERNEL_NAMES)
         choice("backend", ("auto",) + BACKENDS)
+        choice("estimator", ESTIMATORS)
         choice("dtype", DTYPES)
         choice("init", INITS)
         choice("variance", gpred.VARIANCE_METHODS)
@@ -268,17 +281,22 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             self.variance_reason_ = f"auto: {why}"
         else:
             self.variance_, self.variance_reason_ = self.variance, "requested"
+        mll_config = self._mll_config(n)
+        self.estimator_, self.estimator_reason_ = choose_estimator(n, mll_config)
+        optimizer, self.optimizer_ = _make_optimizer(self.optimizer, self.lr, self.estimator_)
         if self.verbose:
             print(f"GPRegressor: n={n}, d={d}, {self.dtype}, kernel {self.kernel}; "
-                  f"backend {name} ({reason}); variance {self.variance_}")
+                  f"backend {name} ({reason}); estimator {self.estimator_} "
+                  f"({self.estimator_reason_}); optimiser {self.optimizer_}; "
+                  f"variance {self.variance_}")
 
         self.seed_ = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         init = "softplus0" if self.init == "zero" else "normal"
         params0 = initial_params(init, d, dtype, self.seed_)
         if self.epochs > 0:
             result = train_fit(
-                Xn, yn, kernel=self.kernel, backend=backend, mll_config=self._mll_config(n),
-                optimizer=_make_optimizer(self.optimizer, self.lr), epochs=int(self.epochs),
+                Xn, yn, kernel=self.kernel, backend=backend, mll_config=mll_config,
+                optimizer=optimizer, epochs=int(self.epochs),
                 params0=params0, seed=self.seed_, progress=bool(self.verbose),
             )
             params, self.history_, self.stopped_reason_ = (
@@ -306,6 +324,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             cg_min_iter=int(min(10, n, self.cg_max_iter)),
             cg_max_iter=int(self.cg_max_iter),
             noise_floor=float(self.noise_floor),
+            estimator=self.estimator,
         )
 
     def _predict_tol(self) -> float:
@@ -506,6 +525,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
                 kernel=m.kernel, backend=m.backend, dtype=m.dtype, noise_floor=m.noise_floor,
                 num_probes=mll.num_probes, lanczos_depth=mll.lanczos_depth,
                 precond_rank=mll.precond_rank, cg_tol=mll.cg_tol, cg_max_iter=mll.cg_max_iter,
+                estimator=mll.estimator,
                 epochs=tr.epochs, lr=opt.lr,
                 optimizer=opt.optimizer if opt.optimizer in OPTIMIZERS else "adam",
                 init="zero" if tr.init == "softplus0" else "normal", random_state=tr.seed,

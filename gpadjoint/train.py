@@ -40,7 +40,7 @@ import optax
 from ._io import atomic_write
 from .kernels import Params, constrain, init_params
 from .matvec import Backend, choose_backend, make_backend
-from .mll import MLLConfig, neg_mll
+from .mll import MLLConfig, choose_estimator, neg_mll
 
 CHECKPOINT_FORMAT = "gpadjoint-checkpoint-v1"
 _DEFAULT_MLL = MLLConfig()
@@ -205,7 +205,15 @@ def _train_step(state: TrainState, X, y, *, backend, mll_config, optimizer):
         return neg_mll(p, X, y, key, backend=backend, config=mll_config, x0=state.last_alpha)
 
     (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        # L-BFGS's line search needs the value and the loss itself (same probes and key);
+        # the other optax transformations ignore these.
+        updates, opt_state = optimizer.update(
+            grads, state.opt_state, state.params, value=value, grad=grads,
+            value_fn=lambda p: loss(p)[0],
+        )
+    else:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     gnorm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
     finite_loss = jnp.isfinite(value)
@@ -289,6 +297,7 @@ def fit(
     warm_start: bool = True,
     settings: Mapping | None = None,
     log_every: int = 1,
+    converge_tol: float = 1e-5,
 ) -> FitResult:
     """Fit GP hyperparameters by minimising ``neg_mll`` for ``epochs`` full-batch steps.
 
@@ -316,6 +325,9 @@ def fit(
         settings: extra JSON-serialisable settings (e.g. the run's config without its epoch
             count) stored in the checkpoint fingerprint; a resume must pass equal settings.
         log_every: epochs between progress lines when not on a TTY.
+        converge_tol: with the exact (deterministic) estimator and no ``early_stopping``
+            given, stop once the loss has not improved by ``converge_tol`` for 5 epochs
+            (converged); 0 turns this off. Ignored with SLQ, whose loss is stochastic.
 
     Returns:
         :class:`FitResult`. History records (one per completed epoch): ``epoch`` (1-based),
@@ -344,6 +356,9 @@ def fit(
     mll_config = MLLConfig() if mll_config is None else mll_config
     optimizer = optax.adam(0.05) if optimizer is None else optimizer
     backend, backend_reason = _resolve_backend(backend, kernel, n, dtype)
+    estimator, estimator_reason = choose_estimator(n, mll_config)
+    if estimator == "exact" and early_stopping is None and converge_tol > 0:
+        early_stopping = EarlyStopping(patience=5, min_delta=float(converge_tol))
 
     trainer = make_trainer(
         X, y, backend=backend, mll_config=mll_config, optimizer=optimizer, warm_start=warm_start
@@ -360,6 +375,8 @@ def fit(
     info = {
         "backend": backend.name,
         "backend_reason": backend_reason,
+        "estimator": estimator,
+        "estimator_reason": estimator_reason,
         "kernel": kernel,
         "dtype": str(dtype),
         "n": n,
@@ -374,7 +391,8 @@ def fit(
     bar = _Progress(epochs, progress, log_every)
     bar.note(
         f"gpadjoint fit: n={n} d={d} {dtype} kernel={kernel} backend={backend.name} "
-        f"({backend_reason}); step compiled in {compile_seconds:.1f} s"
+        f"({backend_reason}); estimator {estimator} ({estimator_reason}); "
+        f"step compiled in {compile_seconds:.1f} s"
     )
     best, wait = _replay_early_stopping(history, early_stopping)
     cg_warned = False

@@ -23,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SECTIONS = ("model", "mll", "optim", "train", "predict")
 
 
-@pytest.mark.parametrize("name", ["default.toml", "paper.toml", "small.toml"])
+@pytest.mark.parametrize("name", ["default.toml", "paper.toml"])
 def test_shipped_configs_load_and_every_key_is_a_field(name):
     path = CONFIGS / name
     cfg = load_config(path)
@@ -167,3 +167,33 @@ def test_make_optimizer(kw):
 def test_cosine_without_length_is_an_error():
     with pytest.raises(ValueError, match="decay_epochs"):
         make_optimizer(OptimConfig(schedule="cosine"))
+
+
+def test_auto_optimizer_follows_the_estimator():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gpadjoint.config import OptimConfig, make_optimizer, resolve_optimizer
+
+    assert resolve_optimizer("auto", "exact")[0] == "lbfgs"
+    assert resolve_optimizer("auto", "slq")[0] == "adam"
+    assert resolve_optimizer("sgd", "exact") == ("sgd", "requested")
+    opt = make_optimizer(OptimConfig(optimizer="auto"), estimator="exact")
+    assert isinstance(opt, optax.GradientTransformationExtraArgs)
+    # L-BFGS minimises a quadratic in a few steps through the trainer's call convention
+    f = lambda p: jnp.sum((p - 3.0) ** 2)  # noqa: E731
+    p = jnp.zeros(3)
+    s = opt.init(p)
+    for _ in range(5):
+        v, g = jax.value_and_grad(f)(p)
+        u, s = opt.update(g, s, p, value=v, grad=g, value_fn=f)
+        p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(p, 3.0, rtol=1e-6)
+
+
+def test_estimator_key_is_validated(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[mll]\nestimator = "cholesky"\n')
+    with pytest.raises(ValueError, match=r"\[mll\] estimator.*auto"):
+        load_config(path)

@@ -122,3 +122,67 @@ def test_config_rejects_bad_values():
         MLLConfig(cg_tol=-1.0)
     with pytest.raises(ValueError, match="lanczos_depth"):
         MLLConfig(lanczos_depth=2.5)
+
+
+# --- the exact estimator (float64 Cholesky, chosen automatically at small n) -------------------
+
+
+def _autodiff_reference(params, X, y, kernel):
+    """-log p / n with plain jnp ops only, differentiated by JAX itself."""
+    n = X.shape[0]
+    K = dense_cov(kernel, X, constrain(params))
+    Lc = jnp.linalg.cholesky(K)
+    z = jax.scipy.linalg.solve_triangular(Lc, y - params.mean, lower=True)
+    return 0.5 * (z @ z + 2 * jnp.sum(jnp.log(jnp.diag(Lc))) + n * math.log(2 * math.pi)) / n
+
+
+@pytest.mark.parametrize("kernel", ["matern32", "rbf"])
+def test_exact_estimator_value_and_gradient(kernel):
+    X, y, params = problem(n=150, d=3)
+    be = make_backend("dense", kernel)
+    cfg = MLLConfig(estimator="exact")
+    (value, aux), grad = jax.value_and_grad(neg_mll, has_aux=True)(
+        params, X, y, KEY, backend=be, config=cfg
+    )
+    ref, grad_ref = jax.value_and_grad(_autodiff_reference)(params, X, y, kernel)
+    assert abs(float(value) - float(ref)) <= 1e-12 * max(1.0, abs(float(ref)))
+    for a, b in zip(grad, grad_ref):
+        assert rel_err(a, b) < 1e-9
+    # the warm-start slot holds K^{-1} (y - mu)
+    K = dense_cov(kernel, X, constrain(params))
+    assert rel_err(K @ aux["alpha"], y - params.mean) < 1e-9
+    assert int(aux["cg_iterations"]) == 0
+
+
+def test_exact_estimator_works_in_float64_for_float32_data():
+    # noise at 2e-4 makes K too ill-conditioned for a float32 Cholesky; the estimator computes
+    # in float64 and returns float32 values and gradients that match the float64 reference.
+    X, y, _ = problem(n=200, d=2)
+    from gpadjoint.kernels import unconstrain
+
+    p64 = unconstrain([0.8, 1.1], 2.0, 2e-4, 0.0, dtype=jnp.float64)
+    p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p64)
+    be = make_backend("dense", "matern32")
+    cfg = MLLConfig(estimator="exact")
+    f = jax.value_and_grad(lambda p, X, y: neg_mll(p, X, y, KEY, backend=be, config=cfg)[0])
+    v32, g32 = f(p32, X.astype(jnp.float32), y.astype(jnp.float32))
+    v64, g64 = jax.value_and_grad(_autodiff_reference)(p64, X, y, "matern32")
+    assert v32.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in g32)
+    assert np.isfinite(float(v32))
+    assert abs(float(v32) - float(v64)) <= 1e-5 * max(1.0, abs(float(v64)))
+    for a, b in zip(g32, g64):
+        assert rel_err(a, b) < 1e-3
+
+
+def test_choose_estimator():
+    from gpadjoint.mll import choose_estimator
+
+    auto = MLLConfig(estimator="auto", exact_max_n=500)
+    assert choose_estimator(500, auto)[0] == "exact"
+    name, reason = choose_estimator(501, auto)
+    assert name == "slq" and "501" in reason and "500" in reason
+    assert choose_estimator(10, MLLConfig(estimator="slq")) == ("slq", "requested")
+    with pytest.raises(ValueError, match="estimator='chol'.*auto, slq, exact"):
+        MLLConfig(estimator="chol")
+    with pytest.raises(ValueError, match="exact_max_n"):
+        MLLConfig(exact_max_n=0)

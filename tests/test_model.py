@@ -169,8 +169,10 @@ def test_from_fitted_reproduces_the_fitted_model():
     Xs = np.random.default_rng(4).uniform(-3, 3, (10, 2))
     mu, sd = m.predict(Xs, return_std=True)
     mu2, sd2 = m2.predict(Xs, return_std=True)
-    np.testing.assert_allclose(mu2, mu, rtol=1e-9)
-    np.testing.assert_allclose(sd2, sd, rtol=1e-9)
+    # X goes through (X - mean) / std and back: last-bit changes, amplified by cond(K) (~1e6
+    # once L-BFGS has taken the noise to its floor), reach the 1e-8 level of the CG solves.
+    np.testing.assert_allclose(mu2, mu, rtol=1e-6)
+    np.testing.assert_allclose(sd2, sd, rtol=1e-6)
 
 
 @pytest.mark.slow

@@ -280,3 +280,19 @@ def test_input_validation(data64):
         _fit(X, y, epochs=1, kernel="rbf")
     with pytest.raises(ValueError, match="checkpoint_path"):
         _fit(X, y, epochs=1, resume=True)
+
+
+def test_exact_estimator_with_auto_optimizer_reaches_the_optimum(data64):
+    # n = 200 <= exact_max_n: "auto" takes the float64 Cholesky loss and L-BFGS, which must
+    # land on scipy's L-BFGS-B optimum of the same loss and stop by itself once converged.
+    from gpadjoint.config import OptimConfig, make_optimizer
+
+    X, y = data64
+    _, best = _exact_fit(X, y)
+    opt = make_optimizer(OptimConfig(optimizer="auto"), estimator="exact")
+    res = _fit(X, y, mll_config=MLLConfig(estimator="auto"), optimizer=opt, epochs=200)
+    assert res.info["estimator"] == "exact" and "n = 200" in res.info["estimator_reason"]
+    assert len(res.history) < 200 and "did not improve" in res.stopped_reason
+    final = float(neg_mll_exact(res.params, X, y, kernel="matern32"))
+    assert final <= best + 1e-4
+    assert all(h["cg_iterations"] == 0 for h in res.history)
