@@ -1,0 +1,283 @@
+"""Build results/table.md, results/table.csv and results/figures/ from the bench_uci records.
+
+Reads every ``results/uci/*.json`` written by ``scripts/bench_uci.py`` (only records with
+``status == "ok"``), groups them by (data set, method, backend, epochs) and reports mean and
+standard deviation over the splits that were run, with the number of splits named in every row.
+Nothing is extrapolated: a row says which splits and how many epochs it has. The paper's
+published numbers (Kraemer et al. 2024, Table: their own 80/20 splits, one V100) stand in
+their own columns.
+
+Figures (matplotlib, from the ``bench`` extra):
+* ``figures/loss_<dataset>.png``: each method's own training-loss estimate per epoch, against
+  epoch and against wall-clock seconds, every split and backend;
+* ``figures/gradient_cost_vs_depth.png``: seconds of value+gradient versus Lanczos depth from
+  ``results/bench_gradient.csv`` (adjoint, backprop through the loop, forward only).
+
+    python scripts/make_table.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchutil as bu  # noqa: E402
+
+# Kraemer et al. 2024, GP table (mean +- std over 3 seeds; loss = final training -log p / n as
+# each method estimated it; seconds per epoch on a V100): ../shared/REFERENCE.md.
+PAPER = {
+    "elevators": {"adjoint": (0.09, 0.002, -0.91, 0.025, 1.69),
+                  "gpytorch": (0.09, 0.003, -0.63, 0.062, 0.10)},
+    "protein": {"adjoint": (0.39, 0.005, 0.73, 0.300, 12.62),
+                "gpytorch": (0.39, 0.005, 0.73, 0.075, 0.73)},
+    "kin40k": {"adjoint": (0.12, 0.004, -0.30, 0.078, 8.27),
+               "gpytorch": (0.10, 0.010, -0.26, 0.094, 0.26)},
+    "keggdirected": {"adjoint": (0.12, 0.002, -0.59, 0.295, 13.25),
+                     "gpytorch": (0.12, 0.005, -0.41, 0.054, 0.62)},
+    "keggundirected": {"adjoint": (0.12, 0.002, -0.69, 0.263, 24.20),
+                       "gpytorch": (0.12, 0.003, -0.40, 0.039, 1.67)},
+}
+PAPER_KEY = {"gpadjoint": "adjoint", "gpytorch": "gpytorch"}
+
+FIELDS = [
+    "dataset", "method", "backend", "epochs", "splits", "n_train", "test_rmse_mean",
+    "test_rmse_std", "test_nll_mean", "test_nll_std", "train_loss_common_mean",
+    "train_loss_common_std", "train_loss_own_mean", "seconds_per_epoch_mean",
+    "predict_seconds_mean", "paper_rmse", "paper_loss", "paper_seconds_per_epoch", "machine",
+    "commits",
+]
+
+
+def load_records(folder: Path) -> list[dict]:
+    recs = []
+    for path in sorted(folder.glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("status") == "ok":
+            rec["_file"] = path.name
+            recs.append(rec)
+    return recs
+
+
+def _mean_std(vals):
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, s
+
+
+def summarise(recs: list[dict]) -> list[dict]:
+    groups = defaultdict(list)
+    for r in recs:
+        groups[(r["dataset"], r["method"], r["backend"], r["epochs"])].append(r)
+    rows = []
+    for (ds, method, backend, epochs), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["split"])
+        row = {"dataset": ds, "method": method, "backend": backend, "epochs": epochs,
+               "splits": " ".join(str(r["split"]) for r in rs), "n_train": rs[0].get("n_train")}
+        for key, col in [("test_rmse", "test_rmse"), ("test_nll", "test_nll"),
+                         ("final_train_loss_common", "train_loss_common")]:
+            row[f"{col}_mean"], row[f"{col}_std"] = _mean_std([r.get(key) for r in rs])
+        row["train_loss_own_mean"] = _mean_std([r.get("final_train_loss") for r in rs])[0]
+        row["seconds_per_epoch_mean"] = _mean_std([r.get("seconds_per_epoch") for r in rs])[0]
+        row["predict_seconds_mean"] = _mean_std([r.get("predict_seconds") for r in rs])[0]
+        paper = PAPER.get(ds, {}).get(PAPER_KEY[method])
+        if paper:
+            row["paper_rmse"] = f"{paper[0]} ± {paper[1]}"
+            row["paper_loss"] = f"{paper[2]} ± {paper[3]}"
+            row["paper_seconds_per_epoch"] = paper[4]
+        row["machine"] = rs[0].get("machine")
+        row["commits"] = " ".join(sorted({r.get("commit", "?") for r in rs}))
+        rows.append(row)
+    return rows
+
+
+def _fmt(m, s=None, digits=4):
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if s else "")
+
+
+def comparisons(rows: list[dict]) -> list[str]:
+    """One line per (data set, backend, epochs) where both methods have a row."""
+    by = {(r["dataset"], r["backend"], r["epochs"], r["method"]): r for r in rows}
+    out = []
+    for (ds, be, ep, method), r in sorted(by.items()):
+        if method != "gpadjoint" or (ds, be, ep, "gpytorch") not in by:
+            continue
+        g = by[(ds, be, ep, "gpytorch")]
+        drmse = r["test_rmse_mean"] - g["test_rmse_mean"]
+        line = (f"- {ds}, {be}, {ep} epochs (splits {r['splits']} / {g['splits']}): "
+                f"RMSE gpadjoint − GPyTorch = {drmse:+.4f} "
+                f"({'within' if abs(drmse) <= 0.005 else 'NOT within'} 0.005)")
+        if r["train_loss_common_mean"] is not None and g["train_loss_common_mean"] is not None:
+            dl = r["train_loss_common_mean"] - g["train_loss_common_mean"]
+            verdict = ("gpadjoint lower" if dl < -1e-4 else
+                       "equal within 1e-4" if dl <= 1e-4 else "gpadjoint HIGHER")
+            line += f"; common-evaluator loss difference {dl:+.4f} ({verdict})"
+        if r["seconds_per_epoch_mean"] and g["seconds_per_epoch_mean"]:
+            line += (f"; s/epoch ratio gpadjoint/GPyTorch "
+                     f"{r['seconds_per_epoch_mean'] / g['seconds_per_epoch_mean']:.2f}")
+        out.append(line)
+    return out
+
+
+def write_markdown(rows: list[dict], path: Path, recs: list[dict]) -> None:
+    machines = sorted({r.get("machine", "?") for r in recs})
+    lines = [
+        "# gpadjoint vs GPyTorch on the UCI benchmarks of Kraemer et al. (2024)",
+        "",
+        "Written by `scripts/make_table.py` from the records of `scripts/bench_uci.py` "
+        "(`results/uci/*.json`); do not edit by hand.",
+        "",
+        f"Machine: {'; '.join(machines)}. CPU only.",
+        "",
+        "Both methods: same official split, preprocessing (z-scored inputs, centred targets), "
+        "model (constant mean, output scale × Matérn-3/2 ARD, noise > 1e-4), initial raw "
+        "values (N(0, 1), seed = split + 1), Adam lr 0.05, float32. gpadjoint: "
+        "`configs/paper.toml` (SLQ depth 10, 10 probes, rank-15 pivoted-Cholesky CG). GPyTorch "
+        "1.15: the paper's settings with `max_cholesky_size(0)`. *Loss (common)* is −log p(y|θ)/n "
+        "of each method's final θ by one float64 Cholesky evaluator; *loss (own)* is the "
+        "method's own last stochastic estimate. RMSE and NLL on the test split, target units. "
+        "Mean ± std over the splits listed; nothing is extrapolated.",
+        "",
+        "| data set | method | backend | epochs | splits | RMSE | NLL | loss (common) | "
+        "loss (own) | s/epoch | predict s | paper RMSE | paper loss | paper s/epoch (V100) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['method']} | {r['backend']} | {r['epochs']} | "
+            f"{r['splits']} | {_fmt(r['test_rmse_mean'], r['test_rmse_std'])} | "
+            f"{_fmt(r['test_nll_mean'], r['test_nll_std'], 3)} | "
+            f"{_fmt(r['train_loss_common_mean'], r['train_loss_common_std'])} | "
+            f"{_fmt(r['train_loss_own_mean'])} | {_fmt(r['seconds_per_epoch_mean'], None, 2)} | "
+            f"{_fmt(r['predict_seconds_mean'], None, 0)} | {r.get('paper_rmse', '–')} | "
+            f"{r.get('paper_loss', '–')} | {r.get('paper_seconds_per_epoch', '–')} |"
+        )
+    comp = comparisons(rows)
+    if comp:
+        lines += ["", "Like-for-like comparisons (same data set, backend and epochs):", ""] + comp
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def loss_figures(recs: list[dict], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    by_ds = defaultdict(list)
+    for r in recs:
+        by_ds[r["dataset"]].append(r)
+    colours = {"gpadjoint": "tab:blue", "gpytorch": "tab:orange"}
+    styles = {"dense": "-", "keops": "--"}
+    for ds, rs in sorted(by_ds.items()):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for r in sorted(rs, key=lambda r: (r["method"], r["backend"], r["split"])):
+            loss = r.get("loss_curve") or []
+            secs = r.get("seconds_curve") or []
+            label = f"{r['method']} {r['backend']} split {r['split']}"
+            kw = dict(color=colours.get(r["method"]), ls=styles.get(r["backend"], "-"),
+                      alpha=0.8, lw=1.2, label=label)
+            a1.plot(range(1, len(loss) + 1), loss, **kw)
+            t, acc = [], 0.0
+            for s in secs:
+                acc += s
+                t.append(acc)
+            a2.plot(t, loss[: len(t)], **kw)
+        a1.set_xlabel("epoch")
+        a2.set_xlabel("training seconds (this machine)")
+        for a in (a1, a2):
+            a.set_ylabel("own estimate of −log p(y|θ)/n")
+            a.grid(alpha=0.3)
+        a1.legend(fontsize=7)
+        fig.suptitle(f"{ds}: training loss, gpadjoint vs GPyTorch")
+        fig.tight_layout()
+        path = folder / f"loss_{ds}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def gradient_figure(csv_path: Path, folder: Path) -> Path | None:
+    if not csv_path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("status") == "ok"]
+    if not rows:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in sorted({r["method"] for r in rows}):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: int(r["depth"]))
+        depth = [int(r["depth"]) for r in rs]
+        a1.plot(depth, [float(r["seconds_median"]) for r in rs], "o-", label=method)
+        a2.plot(depth, [float(r["peak_rss_mib"]) / 1024 for r in rs], "o-", label=method)
+    r0 = rows[0]
+    a1.set_ylabel("seconds (median)")
+    a2.set_ylabel("peak RSS (GiB)")
+    for a in (a1, a2):
+        a.set_xlabel("Lanczos depth k")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(f"SLQ value (+gradient): n = {r0['n']}, {r0['probes']} probes, {r0['dtype']}, "
+                 f"{r0['kernel']}; {r0['machine'].split(';')[0]}")
+    fig.tight_layout()
+    path = folder / "gradient_cost_vs_depth.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", default=str(bu.ROOT / "results" / "uci"))
+    ap.add_argument("--out", default=str(bu.ROOT / "results"))
+    ap.add_argument("--no-figures", action="store_true")
+    args = ap.parse_args(argv)
+    recs = load_records(Path(args.records))
+    if not recs:
+        print(f"no finished records in {args.records}; run scripts/bench_uci.py first")
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarise(recs)
+    write_markdown(rows, out / "table.md", recs)
+    write_csv(rows, out / "table.csv")
+    print(f"wrote {out / 'table.md'} and {out / 'table.csv'} ({len(rows)} rows, "
+          f"{len(recs)} records)")
+    if not args.no_figures:
+        figs = out / "figures"
+        figs.mkdir(exist_ok=True)
+        made = loss_figures(recs, figs)
+        g = gradient_figure(out / "bench_gradient.csv", figs)
+        made += [g] if g else []
+        print("figures: " + ", ".join(str(p) for p in made))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
