@@ -39,6 +39,16 @@ INITS = ("softplus0", "normal")
 VARIANCES = ("exact", "love", "auto")
 
 
+# Names users reach for from other libraries, mapped to ours (for "did you mean").
+_ALIASES = {
+    "learning_rate": "lr", "probes": "num_probes", "n_probes": "num_probes",
+    "num_samples": "num_probes", "depth": "lanczos_depth", "num_lanczos": "lanczos_depth",
+    "max_iter": "cg_max_iter", "tol": "cg_tol", "rank": "precond_rank",
+    "preconditioner_rank": "precond_rank", "iterations": "epochs", "n_epochs": "epochs",
+    "random_state": "seed", "nu": "kernel", "device": "backend",
+}
+
+
 def _type_name(t) -> str:
     return t.__name__ if isinstance(t, type) else str(t)
 
@@ -98,7 +108,8 @@ class _Section:
         valid = cls.keys()
         for k in d:
             if k not in valid:
-                close = difflib.get_close_matches(k, valid, n=1)
+                close = [_ALIASES[k]] if _ALIASES.get(k) in valid else (
+                    difflib.get_close_matches(k, valid, n=1))
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(
                     f"unknown key {k!r} in section [{cls.SECTION}]{hint}; "
