@@ -268,8 +268,9 @@ def cmd_fit(args) -> int:
     if interrupted:
         record["test_rmse"] = record["test_nll"] = None
         _write_json_atomic(out, record)
-        _say(f"interrupted by {stop.signal}: checkpoint {ckpt}, partial run record {out}; "
-             "continue with the same command plus --resume", q)
+        # Always said, --quiet or not: the user must learn how to continue.
+        print(f"interrupted by {stop.signal}: checkpoint {ckpt}, partial run record {out}; "
+              "continue with the same command plus --resume", file=sys.stderr, flush=True)
         return 130
 
     # ---- prediction on the test split, in the target's units
