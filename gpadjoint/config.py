@@ -158,6 +158,7 @@ class MLLSection(_Section):
     _TYPES: ClassVar[dict[str, type]] = {
         "num_probes": int, "lanczos_depth": int, "precond_rank": int, "cg_tol": float,
         "cg_min_iter": int, "cg_max_iter": int, "estimator": str, "exact_max_n": int,
+        "precond_logdet": bool,
     }
 
     num_probes: int = 10
@@ -168,6 +169,7 @@ class MLLSection(_Section):
     cg_max_iter: int = 1000
     estimator: str = "slq"
     exact_max_n: int = 2000
+    precond_logdet: bool = False
 
     def _validate(self):
         self._choice("estimator", ESTIMATORS)

@@ -186,3 +186,70 @@ def test_choose_estimator():
         MLLConfig(estimator="chol")
     with pytest.raises(ValueError, match="exact_max_n"):
         MLLConfig(exact_max_n=0)
+
+
+# --- preconditioned SLQ: log det K = log det P + SLQ on P^{-1/2} K P^{-1/2} ---------------------
+
+
+def test_preconditioned_logdet_is_exact_at_full_depth():
+    n = 120
+    X, y, params = problem(n=n, d=3)
+    be = make_backend("dense", "matern32")
+    cfg = MLLConfig(lanczos_depth=n, precond_rank=8, precond_logdet=True, cg_tol=1e-13,
+                    cg_max_iter=5 * n)
+    probes = math.sqrt(n) * jnp.eye(n)
+    (value, aux), grad = jax.value_and_grad(neg_mll, has_aux=True)(
+        params, X, y, KEY, backend=be, config=cfg, probes=probes
+    )
+    ref, grad_ref = jax.value_and_grad(neg_mll_exact)(params, X, y, kernel="matern32")
+    assert abs(float(value) - float(ref)) <= 1e-8 * max(1.0, abs(float(ref)))
+    for a, b in zip(grad, grad_ref):
+        assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.slow
+def test_preconditioned_logdet_is_unbiased_with_less_variance():
+    # Depth 10, 4 probes, 40 seeds, noise 0.01 (244 eigenvalues of K above 2 sigma2): with a
+    # rank-60 preconditioner the estimator centres on the exact log det K (within 3 standard
+    # errors, value and lengthscale gradient). Plain SLQ at depth 10 cannot: its quadrature
+    # misses the eigenvalues near the noise (measured: -854 against -1061, a 20% bias; depth 30
+    # removes it), and its spread is 2.6x larger.
+    n = 400
+    X, y, params = problem(n=n, d=2)
+    from gpadjoint.kernels import unconstrain
+
+    params = unconstrain([0.6, 0.9], 1.5, 0.01, 0.0, dtype=jnp.float64)
+    be = make_backend("dense", "matern32")
+    h = constrain(params)
+
+    def logdet_exact(p):
+        return jnp.linalg.slogdet(dense_cov("matern32", X, constrain(p)))[1]
+
+    exact, g_exact = jax.value_and_grad(logdet_exact)(params)
+    L = pivoted_cholesky(lambda i: cross_cov("matern32", X[i][None], X, h)[0],
+                         jnp.full((n,), h.outputscale), 60)
+    from gpadjoint.logdet import preconditioned_slq_logdet
+
+    def est(p, key, pre):
+        hp = constrain(p)
+        mv, args = be.operator(X, hp)
+        Z = rademacher(key, n, 4, jnp.float64)
+        if pre:
+            return preconditioned_slq_logdet(mv, Z, *args, L=L, shift=h.noise, depth=10)
+        return slq_logdet(mv, Z, *args, depth=10, lower=0.5 * h.noise)
+
+    out, mean, gerr = {}, {}, {}
+    for pre in (False, True):
+        f = jax.jit(jax.value_and_grad(lambda p, k, pre=pre: est(p, k, pre)))
+        vals, grads = zip(*[f(params, jax.random.PRNGKey(s)) for s in range(40)])
+        vals = np.array([float(v) for v in vals])
+        gl = np.array([np.asarray(g.raw_lengthscale) for g in grads])
+        out[pre], mean[pre] = vals.std(ddof=1), vals.mean()
+        want = np.asarray(g_exact.raw_lengthscale)
+        gerr[pre] = np.abs(gl.mean(0) - want) / np.abs(want)
+    se = out[True] / math.sqrt(40)
+    assert abs(mean[True] - float(exact)) <= 3 * se, (mean, float(exact))
+    assert abs(mean[True] - float(exact)) < 0.1 * abs(mean[False] - float(exact)), mean
+    assert out[True] < 0.6 * out[False], out
+    # the gradient keeps a small quadrature bias at depth 10 (measured 1-6%), plain SLQ more
+    assert np.all(gerr[True] < 0.1) and np.all(gerr[True] < gerr[False]), gerr
