@@ -17,7 +17,6 @@ which, unlike the generic eigh derivative, stays finite for (nearly) repeated Ri
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from functools import cache
 
 import jax
@@ -123,7 +122,10 @@ def preconditioned_slq_logdet(
     P^{-1/2} = shift^{-1/2} (I + U diag((1 + S^2 / shift)^{-1/2} - 1) U^T).
 
     Args:
-        mv, probes, *args, depth: as :func:`slq_logdet`.
+        mv: operator ``mv(V, *args) = A V`` (as :func:`slq_logdet`).
+        probes: (n, p) probe block.
+        *args: the operator's arguments (receive gradients).
+        depth: Lanczos depth per probe.
         L: (n, r) low-rank factor of A's noise-free part (e.g. pivoted Cholesky).
         shift: the diagonal shift, a lower bound of A's spectrum (the noise variance).
 

@@ -114,6 +114,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         num_probes, lanczos_depth, precond_rank, cg_tol, cg_max_iter: SLQ estimator
             settings (:class:`gpadjoint.mll.MLLConfig`); depth and rank are clamped to n.
             ``precond_rank`` and ``cg_max_iter`` also serve the prediction solves.
+        precond_logdet: SLQ on P^{-1/2} K P^{-1/2} with the CG preconditioner P plus the
+            exact log det P (:func:`gpadjoint.logdet.preconditioned_slq_logdet`).
         epochs: optimiser steps (full batch); 0 keeps the initial parameters. With the exact
             estimator training stops earlier once converged (loss change < 1e-6 for 5 steps).
         lr: learning rate of the named optimiser (not used by L-BFGS).
@@ -154,6 +156,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         num_probes=10,
         lanczos_depth=10,
         precond_rank=15,
+        precond_logdet=True,
         cg_tol=1e-2,
         cg_max_iter=1000,
         epochs=50,
@@ -175,6 +178,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         self.num_probes = num_probes
         self.lanczos_depth = lanczos_depth
         self.precond_rank = precond_rank
+        self.precond_logdet = precond_logdet
         self.cg_tol = cg_tol
         self.cg_max_iter = cg_max_iter
         self.epochs = epochs
@@ -222,6 +226,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         for name in ("num_probes", "lanczos_depth", "cg_max_iter", "love_rank"):
             integer(name, 1)
         integer("precond_rank", 0)
+        if not isinstance(self.precond_logdet, (bool, np.bool_)):
+            raise ValueError(f"precond_logdet must be True or False, got {self.precond_logdet!r}")
         integer("epochs", 0)
         number("cg_tol", 0, True)
         number("lr", 0, True)
@@ -325,6 +331,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             cg_max_iter=int(self.cg_max_iter),
             noise_floor=float(self.noise_floor),
             estimator=self.estimator,
+            precond_logdet=bool(self.precond_logdet),
         )
 
     def _predict_tol(self) -> float:
@@ -525,7 +532,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
                 kernel=m.kernel, backend=m.backend, dtype=m.dtype, noise_floor=m.noise_floor,
                 num_probes=mll.num_probes, lanczos_depth=mll.lanczos_depth,
                 precond_rank=mll.precond_rank, cg_tol=mll.cg_tol, cg_max_iter=mll.cg_max_iter,
-                estimator=mll.estimator,
+                estimator=mll.estimator, precond_logdet=mll.precond_logdet,
                 epochs=tr.epochs, lr=opt.lr,
                 optimizer=opt.optimizer if opt.optimizer in OPTIMIZERS else "adam",
                 init="zero" if tr.init == "softplus0" else "normal", random_state=tr.seed,
