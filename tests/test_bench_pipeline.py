@@ -79,3 +79,18 @@ def test_rerun_skips_finished_records_and_table_is_built(records, tmp_path):
     assert (tmp_path / "figures" / "loss_yacht.png").stat().st_size > 1000
     rows = (tmp_path / "table.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("dataset,method,backend")
+
+
+def test_bench_epoch_rows_from_the_records(records, tmp_path):
+    import csv
+
+    out, _ = records
+    _run("scripts/bench_epoch.py", "--records", out, "--out", tmp_path / "be.csv")
+    rows = list(csv.DictReader(open(tmp_path / "be.csv")))
+    assert len(rows) == 1 and rows[0]["method"] == "gpadjoint"
+    r = rows[0]
+    assert float(r["seconds_per_epoch_ratio"]) > 0
+    assert [c for c in r if "ratio" in c] == ["seconds_per_epoch_ratio", "time_to_quality_ratio"]
+    # dense, depth 10, >= 10 CG iterations: 2*10 + cg + 1 + 1 passes
+    assert float(r["passes_per_epoch"]) >= 32 and int(r["passes_min_design"]) == 22
+    assert r["time_to_quality_ratio"] == "" or float(r["time_to_quality_ratio"]) > 0

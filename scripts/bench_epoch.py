@@ -1,0 +1,137 @@
+"""Per-epoch cost and time to quality, gpadjoint against GPyTorch, from the bench_uci records.
+
+For every record of a gpadjoint method in ``results/uci/`` that has a GPyTorch record with the
+same data set, split, backend and epochs (same machine, same harness), one row in
+``results/bench_epoch.csv`` (resumable: finished rows are skipped):
+
+* ``seconds_per_epoch`` (median over epochs) and ``seconds_per_epoch_ratio`` (÷ GPyTorch);
+* ``passes_per_epoch``: passes over the n² kernel pairs per training step, counted from the
+  run (a batched matvec over many right-hand sides is one pass; with the dense backend building
+  K is one pass and each product with it one more): gpadjoint = 2 × Lanczos depth (forward and
+  adjoint) + CG iterations + 1 parameter VJP (+ 1 kernel build with the dense backend); and
+  ``passes_min_design``, what this design needs at least if CG shared the Lanczos passes
+  (2 × depth + 1, + 1 dense). GPyTorch's passes are not instrumented yet (column empty);
+* ``time_to_quality_s``: wall-clock training seconds until gpadjoint's parameters reach, by the
+  common float64 evaluator (:func:`gpadjoint.evaluate.exact_loss`), the loss GPyTorch's final
+  parameters have after all its epochs; found by bisection over epochs (the evaluated loss
+  falls monotonically along these runs; each probe is one Cholesky); empty if never reached.
+  ``time_to_quality_ratio`` = that ÷ GPyTorch's total training seconds.
+
+    python scripts/bench_epoch.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchutil as bu  # noqa: E402
+
+OUT = bu.ROOT / "results" / "bench_epoch.csv"
+KEY = ["dataset", "split", "method", "backend", "epochs"]
+FIELDS = KEY + [
+    "status", "seconds_per_epoch", "gpytorch_seconds_per_epoch", "seconds_per_epoch_ratio",
+    "passes_per_epoch", "passes_min_design", "gpytorch_passes_per_epoch", "peak_rss_mib",
+    "gpytorch_peak_rss_mib", "final_loss_common", "gpytorch_final_loss_common",
+    "time_to_quality_s", "gpytorch_train_s", "time_to_quality_ratio", "epochs_to_quality",
+    "test_rmse", "gpytorch_test_rmse", "evaluations", "record", "gpytorch_record", "machine",
+    "commit",
+]
+
+
+def passes(rec: dict) -> tuple[float, int]:
+    depth = rec["settings"]["config"]["mll"]["lanczos_depth"]
+    build = 1 if rec["backend"] == "dense" else 0
+    cg = float(np.mean(rec["cg_iterations_curve"]))
+    return 2 * depth + cg + 1 + build, 2 * depth + 1 + build
+
+
+def time_to_quality(rec: dict, target: float, X, y) -> dict:
+    from gpadjoint.evaluate import exact_loss
+
+    curve = rec["hyper_curve"] + [rec["final_hyperparameters"]]  # params after j epochs
+    secs = np.concatenate([[0.0], np.cumsum(rec["seconds_curve"])])
+    cache: dict[int, float] = {len(curve) - 1: rec["final_train_loss_common"]}
+
+    def loss(j: int) -> float:
+        if j not in cache:
+            h = curve[j]
+            cache[j] = exact_loss(X, y, kernel="matern32", lengthscale=h["lengthscale"],
+                                  outputscale=h["outputscale"], noise=h["noise"],
+                                  mean=h["mean"])["loss"]
+        return cache[j]
+
+    hi = len(curve) - 1
+    if loss(hi) > target:
+        return {"time_to_quality_s": None, "epochs_to_quality": None, "evaluations": len(cache)}
+    lo = 0  # invariant: loss(hi) <= target, and loss(lo) > target (checked lazily)
+    if loss(lo) <= target:
+        hi = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if loss(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return {"time_to_quality_s": float(secs[hi]), "epochs_to_quality": hi,
+            "evaluations": len(cache)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", default=str(bu.ROOT / "results" / "uci"))
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    done = bu.done_keys(out, KEY)
+    recs = [json.loads(p.read_text()) | {"_file": p.name}
+            for p in sorted(Path(args.records).glob("*.json"))]
+    recs = [r for r in recs if r.get("status") == "ok"]
+    peers = {(r["dataset"], r["split"], r["backend"], r["epochs"]): r
+             for r in recs if r["method"] == "gpytorch"}
+    from gpadjoint.data import load_dataset
+
+    for r in recs:
+        key = (r["dataset"], r["split"], r["backend"], r["epochs"])
+        if r["method"] == "gpytorch" or key not in peers:
+            continue
+        row_key = tuple(str(v) for v in (r["dataset"], r["split"], r["method"], r["backend"],
+                                         r["epochs"]))
+        if row_key in done:
+            print(f"skip (done): {r['_file']}")
+            continue
+        g = peers[key]
+        s = load_dataset(r["dataset"], r["split"], scale_y=False)
+        print(f"row: {r['_file']} vs {g['_file']}", flush=True)
+        tq = time_to_quality(r, g["final_train_loss_common"], s.X_train, s.y_train)
+        p, pmin = passes(r)
+        row = {
+            "dataset": r["dataset"], "split": r["split"], "method": r["method"],
+            "backend": r["backend"], "epochs": r["epochs"], "status": "ok",
+            "seconds_per_epoch": r["seconds_per_epoch"],
+            "gpytorch_seconds_per_epoch": g["seconds_per_epoch"],
+            "seconds_per_epoch_ratio": r["seconds_per_epoch"] / g["seconds_per_epoch"],
+            "passes_per_epoch": p, "passes_min_design": pmin, "gpytorch_passes_per_epoch": "",
+            "peak_rss_mib": r.get("peak_rss_mib"), "gpytorch_peak_rss_mib": g.get("peak_rss_mib"),
+            "final_loss_common": r["final_train_loss_common"],
+            "gpytorch_final_loss_common": g["final_train_loss_common"],
+            "gpytorch_train_s": sum(g["seconds_curve"]),
+            "test_rmse": r["test_rmse"], "gpytorch_test_rmse": g["test_rmse"],
+            "record": r["_file"], "gpytorch_record": g["_file"], "machine": r.get("machine"),
+            "commit": bu.git_commit(), **tq,
+        }
+        if tq["time_to_quality_s"] is not None:
+            row["time_to_quality_ratio"] = tq["time_to_quality_s"] / row["gpytorch_train_s"]
+        bu.append_row(out, row, FIELDS)
+        print(f"  -> s/epoch ratio {row['seconds_per_epoch_ratio']:.3f}, time-to-quality "
+              f"ratio {row.get('time_to_quality_ratio')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
