@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,8 @@ OUT = bu.ROOT / "results" / "small_uci_vs_sklearn.csv"
 KEY = ["dataset", "split", "config"]
 FIELDS = KEY + [
     "status", "gpadjoint_rmse", "sklearn_rmse", "rmse_ratio", "gpadjoint_nll", "sklearn_nll",
-    "gpadjoint_seconds", "sklearn_seconds", "gpadjoint_epochs", "n_train", "d", "commit",
+    "gpadjoint_seconds", "sklearn_seconds", "gpadjoint_epochs", "gpadjoint_estimator",
+    "gpadjoint_optimizer", "gpadjoint_train_seconds", "n_train", "d", "load_avg", "commit",
     "machine", "versions",
 ]
 
@@ -75,6 +77,9 @@ def gpadjoint_fit(name: str, split: int, config: str) -> dict:
         "gpadjoint_nll": rec["test_nll"],
         "gpadjoint_seconds": secs,  # whole command: import, compile, train, predict
         "gpadjoint_epochs": len(rec["history"]),
+        "gpadjoint_estimator": rec.get("estimator"),
+        "gpadjoint_optimizer": rec.get("optimizer"),
+        "gpadjoint_train_seconds": rec.get("train_seconds"),
     }
 
 
@@ -94,6 +99,7 @@ def main():
             if key in done:
                 continue
             row = dict(zip(KEY, key), **prov)
+            row["load_avg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())  # others' load
             row.update(gpadjoint_fit(name, split, args.config))
             if "status" not in row:
                 row.update(sklearn_fit(name, split), status="ok")
