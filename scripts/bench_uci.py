@@ -113,6 +113,12 @@ def run_gpadjoint(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="gpadj_uci_") as tmp:
         out = Path(tmp) / "run.json"
+        config = bu.ROOT / "configs" / "paper.toml"
+        if spec["method"] == "gpadjoint-plogdet":
+            text = config.read_text().replace("precond_logdet = false", "precond_logdet = true")
+            assert "precond_logdet = true" in text
+            config = Path(tmp) / "paper-plogdet.toml"
+            config.write_text(text)
         argv = [
             "fit",
             "--dataset",
@@ -120,7 +126,7 @@ def run_gpadjoint(spec: dict) -> dict:
             "--split",
             str(spec["split"]),
             "--config",
-            str(bu.ROOT / "configs" / "paper.toml"),
+            str(config),
             "--backend",
             spec["backend"],
             "--epochs",
