@@ -209,6 +209,13 @@ def run_gpytorch(spec: dict) -> dict:
     Xte = torch.tensor(np.asarray(s.X_test), dtype=dt)
     n, d = Xtr.shape
     keops = spec["backend"] == "keops"
+    settings = dict(GPYTORCH_SETTINGS)
+    if keops:
+        # gpytorch 1.15's KeOps kernels decide per call whether to build a KeOps LazyTensor
+        # (both sizes >= max_cholesky_size). At 0 the preconditioner's diagonal (a size-1
+        # call) gets one too and fails ("LazyTensor cannot be made into a Tensor"); at 2 it
+        # stays a torch tensor while every n > 2 solve still takes the iterative path.
+        settings["max_cholesky_size"] = 2
     base_cls = gpytorch.kernels.keops.MaternKernel if keops else gpytorch.kernels.MaternKernel
 
     class GP(gpytorch.models.ExactGP):
@@ -256,7 +263,7 @@ def run_gpytorch(spec: dict) -> dict:
     t_train = time.perf_counter()
     with contextlib.ExitStack() as stack, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _gpytorch_context(stack, GPYTORCH_SETTINGS)
+        _gpytorch_context(stack, settings)
         from gpytorch.kernels.keops.keops_kernel import _use_keops
 
         used_keops = bool(_use_keops(Xtr, Xtr)) if keops else False
@@ -289,7 +296,7 @@ def run_gpytorch(spec: dict) -> dict:
     rmse, nll = _predictive_scores(np.asarray(s.y_test), mean, var)
     return {
         "settings": {
-            "gpytorch": GPYTORCH_SETTINGS,
+            "gpytorch": settings,
             "optimizer": f"torch.optim.Adam(lr={LR})",
             "kernel": f"ScaleKernel({base_cls.__module__}.MaternKernel(nu=1.5, ard))",
             "noise_constraint": f"GreaterThan({NOISE_FLOOR})",
