@@ -49,7 +49,8 @@ FIELDS = [
     "dataset", "method", "backend", "epochs", "splits", "n_train", "test_rmse_mean",
     "test_rmse_std", "test_nll_mean", "test_nll_std", "train_loss_common_mean",
     "train_loss_common_std", "train_loss_own_mean", "seconds_per_epoch_mean",
-    "predict_seconds_mean", "paper_rmse", "paper_loss", "paper_seconds_per_epoch", "machine",
+    "predict_seconds_mean", "load", "paper_rmse", "paper_loss", "paper_seconds_per_epoch",
+    "machine",
     "commits",
 ]
 
@@ -93,6 +94,9 @@ def summarise(recs: list[dict]) -> list[dict]:
             row["paper_rmse"] = f"{paper[0]} ± {paper[1]}"
             row["paper_loss"] = f"{paper[2]} ± {paper[3]}"
             row["paper_seconds_per_epoch"] = paper[4]
+        loads = [r.get("load_avg_before", [None])[0] for r in rs if r.get("load_avg_before")]
+        loads += [r.get("load_avg_after", [None])[0] for r in rs if r.get("load_avg_after")]
+        row["load"] = max(loads) if loads else None
         row["machine"] = rs[0].get("machine")
         row["commits"] = " ".join(sorted({r.get("commit", "?") for r in rs}))
         rows.append(row)
@@ -146,11 +150,14 @@ def write_markdown(rows: list[dict], path: Path, recs: list[dict]) -> None:
         "1.15: the paper's settings with `max_cholesky_size(0)`. *Loss (common)* is −log p(y|θ)/n "
         "of each method's final θ by one float64 Cholesky evaluator; *loss (own)* is the "
         "method's own last stochastic estimate. RMSE and NLL on the test split, target units. "
-        "Mean ± std over the splits listed; nothing is extrapolated.",
+        "Mean ± std over the splits listed; nothing is extrapolated. *load*: the largest "
+        "1-minute load average seen at the start or end of the row's runs on this 2-core "
+        "machine (above 2 means other jobs shared the cores, inflating s/epoch).",
         "",
         "| data set | method | backend | epochs | splits | RMSE | NLL | loss (common) | "
-        "loss (own) | s/epoch | predict s | paper RMSE | paper loss | paper s/epoch (V100) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "loss (own) | s/epoch | predict s | load | paper RMSE | paper loss | "
+        "paper s/epoch (V100) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -159,7 +166,8 @@ def write_markdown(rows: list[dict], path: Path, recs: list[dict]) -> None:
             f"{_fmt(r['test_nll_mean'], r['test_nll_std'], 3)} | "
             f"{_fmt(r['train_loss_common_mean'], r['train_loss_common_std'])} | "
             f"{_fmt(r['train_loss_own_mean'])} | {_fmt(r['seconds_per_epoch_mean'], None, 2)} | "
-            f"{_fmt(r['predict_seconds_mean'], None, 0)} | {r.get('paper_rmse', '–')} | "
+            f"{_fmt(r['predict_seconds_mean'], None, 0)} | {_fmt(r['load'], None, 1)} | "
+            f"{r.get('paper_rmse', '–')} | "
             f"{r.get('paper_loss', '–')} | {r.get('paper_seconds_per_epoch', '–')} |"
         )
     comp = comparisons(rows)
