@@ -286,7 +286,7 @@ def run_gpytorch(spec: dict) -> dict:
     lik.eval()
     t0 = time.perf_counter()
     with torch.no_grad(), contextlib.ExitStack() as stack:
-        stack.enter_context(gpytorch.settings.max_cholesky_size(0))
+        stack.enter_context(gpytorch.settings.max_cholesky_size(settings["max_cholesky_size"]))
         if keops:
             stack.enter_context(gpytorch.settings.fast_pred_var())
         pred = lik(model(Xte))
@@ -301,7 +301,8 @@ def run_gpytorch(spec: dict) -> dict:
             "kernel": f"ScaleKernel({base_cls.__module__}.MaternKernel(nu=1.5, ard))",
             "noise_constraint": f"GreaterThan({NOISE_FLOOR})",
             "keops_used_in_training": used_keops,
-            "predict": "defaults + max_cholesky_size(0)" + (" + fast_pred_var()" if keops else ""),
+            "predict": f"defaults + max_cholesky_size({settings['max_cholesky_size']})"
+            + (" + fast_pred_var()" if keops else ""),
             "torch_threads": torch.get_num_threads(),
         },
         "epochs_run": len(losses),
