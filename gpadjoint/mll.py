@@ -187,7 +187,7 @@ def _cg_solver(mv, b, args, solver_args, *, tol, min_iter, max_iter):
 
 @jax.custom_vjp
 def _chol_terms(K, r):
-    """(log det K, r^T K^-1 r) by Cholesky, with the closed-form VJP.
+    """(log det K, r^T K^-1 r, K^-1 r) by Cholesky, with the closed-form VJP of the first two.
 
     d log det K = tr(K^-1 dK) and d(r^T K^-1 r) = 2 alpha^T dr - alpha^T dK alpha (alpha =
     K^-1 r): one extra O(n^3) inverse instead of differentiating the factorisation itself
@@ -200,12 +200,14 @@ def _chol_fwd(K, r):
     Lc = jnp.linalg.cholesky(K)
     alpha = jax.scipy.linalg.cho_solve((Lc, True), r)
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diag(Lc)))
-    return (logdet, jnp.dot(r, alpha)), (Lc, alpha)
+    # alpha is returned for the caller's diagnostics; its cotangent is ignored (callers stop
+    # its gradient).
+    return (logdet, jnp.dot(r, alpha), alpha), (Lc, alpha)
 
 
 def _chol_bwd(res, g):
     Lc, alpha = res
-    g_logdet, g_quad = g
+    g_logdet, g_quad, _ = g
     Kinv = jax.scipy.linalg.cho_solve((Lc, True), jnp.eye(Lc.shape[0], dtype=Lc.dtype))
     Kbar = g_logdet * Kinv - g_quad * jnp.outer(alpha, alpha)
     return Kbar, 2.0 * g_quad * alpha
@@ -218,9 +220,9 @@ def _exact_terms(params: Params, X, y, *, kernel: str, noise_floor: float):
     n = X.shape[0]
     K = dense_cov(kernel, X, constrain(params, noise_floor))
     r = y - params.mean
-    logdet, quad = _chol_terms(K, r)
+    logdet, quad, alpha = _chol_terms(K, r)
     value = 0.5 * (quad + logdet + n * math.log(2 * math.pi)) / n
-    return value, logdet, quad, K, r
+    return value, logdet, quad, lax.stop_gradient(alpha)
 
 
 def neg_mll_exact(
@@ -239,18 +241,14 @@ def _neg_mll_exact_aux(params: Params, X, y, *, kernel: str, noise_floor: float)
     """
     dt = X.dtype
     p64 = Params(*(jnp.asarray(a, jnp.float64) for a in params))
-    value, logdet, quad, K, r = _exact_terms(
+    value, logdet, quad, alpha = _exact_terms(
         p64, X.astype(jnp.float64), y.astype(jnp.float64), kernel=kernel, noise_floor=noise_floor
     )
-    # The warm-start slot of the trainer state; recomputed here without gradient (XLA shares
-    # the factorisation with the loss's own).
-    alpha = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(lax.stop_gradient(K)), True),
-                                       lax.stop_gradient(r))
     aux = {
         "logdet": lax.stop_gradient(logdet).astype(dt),
         "quad": lax.stop_gradient(quad).astype(dt),
         "cg_iterations": jnp.asarray(0, jnp.int32),
         "cg_residual": jnp.asarray(0.0, dt),
-        "alpha": lax.stop_gradient(alpha).astype(dt),
+        "alpha": alpha.astype(dt),
     }
     return value.astype(dt), aux
