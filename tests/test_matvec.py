@@ -102,3 +102,13 @@ def test_keops_backend_matches_dense_reference_float32():
     check_backend("keops", "matern32", jnp.float32, 4)
     assert kb.CALL_COUNTS['kv'] > before['kv']
     assert kb.CALL_COUNTS['grad'] > before['grad']
+
+
+def test_auto_on_gpu_without_keops_says_what_it_chose_instead(monkeypatch):
+    import gpadjoint.keops_bridge as kb
+
+    monkeypatch.setattr(kb, "keops_available", lambda: (False, "g++ not found"))
+    name, why = choose_backend(2_000_000, jnp.float32, on_gpu=True)
+    assert name == "blocked" and "KeOps unavailable (g++ not found)" in why
+    monkeypatch.setattr(kb, "keops_available", lambda: (True, ""))
+    assert choose_backend(2_000_000, jnp.float32, on_gpu=True)[0] == "keops"
