@@ -89,16 +89,12 @@ def _check_finite(A: np.ndarray, what: str) -> None:
 def _make_optimizer(name, lr, estimator: str) -> tuple[optax.GradientTransformation, str]:
     if isinstance(name, optax.GradientTransformation):
         return name, "given"
-    from .config import lbfgs, resolve_optimizer
+    from .config import OptimConfig, make_optimizer, resolve_optimizer
 
     name, _ = resolve_optimizer(name, estimator)
     key = (name, float(lr))
-    if key not in _OPTIMIZER_CACHE:
-        if name == "lbfgs":
-            _OPTIMIZER_CACHE[key] = lbfgs()
-        else:
-            _OPTIMIZER_CACHE[key] = {"adam": optax.adam, "adamw": optax.adamw,
-                                     "sgd": optax.sgd}[name](float(lr))
+    if key not in _OPTIMIZER_CACHE:  # the same builder as the configs, defaults included
+        _OPTIMIZER_CACHE[key] = make_optimizer(OptimConfig(optimizer=name, lr=float(lr)))
     return _OPTIMIZER_CACHE[key], name
 
 
