@@ -83,8 +83,8 @@ def _apply(mv, Vt, args):
     return mv(Vt.T, *args).T
 
 
-def _forward(mv, V0, args, depth, breakdown_tol):
-    """Run the iteration; return (Tridiag, C) with C (m, k, k+1) the reorth. coefficients."""
+def _start(V0, depth):
+    """Return the initial state (Qb, alpha, beta, C) and the norms of the start block V0."""
     n, m = V0.shape
     dtype = V0.dtype
     V0 = V0.T
@@ -94,34 +94,54 @@ def _forward(mv, V0, args, depth, breakdown_tol):
     alpha = jnp.zeros((m, depth), dtype)
     beta = jnp.zeros((m, depth), dtype)
     C = jnp.zeros((m, depth, depth + 1), dtype)
+    return (Qb, alpha, beta, C), norm
 
-    def step(j, state):
-        Qb, alpha, beta, C = state
-        qj = Qb[:, j]
-        qprev = jnp.where(j > 0, Qb[:, j - 1], 0.0)
-        bprev = jnp.where(j > 0, beta[:, j - 1], 0.0)
-        w = _apply(mv, qj, args) - bprev[:, None] * qprev
-        a = jnp.sum(qj * w, axis=-1)
-        u = w - a[:, None] * qj
-        c = jnp.einsum("mkn,mn->mk", Qb, u)  # rows > j of Qb are still zero
-        p = u - jnp.einsum("mkn,mk->mn", Qb, c)
-        b = _safe_norm(p)
-        alive = b > breakdown_tol * (jnp.abs(a) + bprev)
-        b = jnp.where(alive, b, 0.0)
-        qn = jnp.where(alive[:, None], p / jnp.where(alive, b, 1.0)[:, None], 0.0)
-        return (
-            Qb.at[:, j + 1].set(qn),
-            alpha.at[:, j].set(a),
-            beta.at[:, j].set(b),
-            C.at[:, j].set(c),
-        )
 
-    Qb, alpha, beta, C = lax.fori_loop(0, depth, step, (Qb, alpha, beta, C))
+def _step(j, state, Aq, breakdown_tol):
+    """Lanczos step j given Aq = A q_j (m, n) for the current vectors q_j = state[0][:, j]."""
+    Qb, alpha, beta, C = state
+    qj = Qb[:, j]
+    qprev = jnp.where(j > 0, Qb[:, j - 1], 0.0)
+    bprev = jnp.where(j > 0, beta[:, j - 1], 0.0)
+    w = Aq - bprev[:, None] * qprev
+    a = jnp.sum(qj * w, axis=-1)
+    u = w - a[:, None] * qj
+    c = jnp.einsum("mkn,mn->mk", Qb, u)  # rows > j of Qb are still zero
+    p = u - jnp.einsum("mkn,mk->mn", Qb, c)
+    b = _safe_norm(p)
+    alive = b > breakdown_tol * (jnp.abs(a) + bprev)
+    b = jnp.where(alive, b, 0.0)
+    qn = jnp.where(alive[:, None], p / jnp.where(alive, b, 1.0)[:, None], 0.0)
+    return (
+        Qb.at[:, j + 1].set(qn),
+        alpha.at[:, j].set(a),
+        beta.at[:, j].set(b),
+        C.at[:, j].set(c),
+    )
+
+
+def _finish(state, norm, depth):
+    """(Tridiag, C) from the final state."""
+    Qb, alpha, beta, C = state
     return Tridiag(Qb[:, :depth], alpha, beta, Qb[:, depth], norm), C
 
 
-def _backward(mv, args, out: Tridiag, C, cot: Tridiag):
-    """Adjoint recursion (see module docstring). Returns cotangents for (V0, *args)."""
+def _forward(mv, V0, args, depth, breakdown_tol):
+    """Run the iteration; return (Tridiag, C) with C (m, k, k+1) the reorth. coefficients."""
+    state, norm = _start(V0, depth)
+
+    def step(j, state):
+        return _step(j, state, _apply(mv, state[0][:, j], args), breakdown_tol)
+
+    return _finish(lax.fori_loop(0, depth, step, state), norm, depth)
+
+
+def _backward(mv, args, out: Tridiag, C, cot: Tridiag, final_vjp: bool = True):
+    """Adjoint recursion (see module docstring). Returns cotangents for (V0, *args).
+
+    With ``final_vjp=False`` the parameter VJP is left to the caller (who may fuse it with other
+    terms of the same operator): returns (V0 cotangent (n, m), Lambda (m, k, n)).
+    """
     m, depth, n = out.Q.shape
     Qb = jnp.concatenate([out.Q, out.q_next[:, None]], axis=1)
     alpha, beta = out.alpha, out.beta
@@ -162,9 +182,12 @@ def _backward(mv, args, out: Tridiag, C, cot: Tridiag):
         Qbar = Qbar.at[:, j].set(qjbar)
         Qbar = Qbar.at[:, j - 1].add(jnp.where(j > 0, -bprev * lam, 0.0))
         bbar = bbar.at[:, j - 1].add(jnp.where(j > 0, -jnp.sum(lam * qprev, axis=-1), 0.0))
-        return Qbar, abar.at[:, j].set(abar_j[:, 0]), bbar.at[:, j].set(bbar_j[:, 0]), Lam.at[
-            :, j
-        ].set(lam)
+        return (
+            Qbar,
+            abar.at[:, j].set(abar_j[:, 0]),
+            bbar.at[:, j].set(bbar_j[:, 0]),
+            Lam.at[:, j].set(lam),
+        )
 
     Qbar, abar, bbar, Lam = lax.fori_loop(0, depth, step, (Qbar, abar, bbar, Lam))
     # q_1 = v / |v|
@@ -173,6 +196,8 @@ def _backward(mv, args, out: Tridiag, C, cot: Tridiag):
     q1bar = Qbar[:, 0]
     V0bar = (q1bar - jnp.sum(q1bar * q1, axis=-1, keepdims=True) * q1) / nsafe
     V0bar = V0bar + cot.norm[:, None] * q1
+    if not final_vjp:
+        return V0bar.T, Lam
     # sum_j d/dargs lam_j^T A(args) q_j in ONE vjp over the (n, m*k) block
     Qflat = out.Q.reshape(m * depth, n).T
     Lflat = Lam.reshape(m * depth, n).T

@@ -82,9 +82,7 @@ def masked_quadform(alpha, beta, lower, quadform):
     return quadform(a, b, lower)
 
 
-def slq_logdet(
-    mv: Callable, probes: jax.Array, *args, depth: int, lower: float = 0.0
-) -> jax.Array:
+def slq_logdet(mv: Callable, probes: jax.Array, *args, depth: int, lower: float = 0.0) -> jax.Array:
     """SLQ estimate of log det A(args) from probes (n, p); differentiable via the Lanczos adjoint.
 
     Args:
@@ -98,8 +96,12 @@ def slq_logdet(
         scalar estimate (1/p) sum_i |z_i|^2 e_1^T log(T_i) e_1.
 
     """
-    tri = lanczos(mv, probes, *args, depth=depth)
-    lower = jnp.asarray(lower, probes.dtype)
+    return slq_from_tridiag(lanczos(mv, probes, *args, depth=depth), lower)
+
+
+def slq_from_tridiag(tri, lower) -> jax.Array:
+    """(1/p) sum_i |z_i|^2 e_1^T log(T_i) e_1 from the :class:`~gpadjoint.lanczos.Tridiag`."""
+    lower = jnp.asarray(lower, tri.alpha.dtype)
     per_probe = jax.vmap(lambda a, b: masked_quadform(a, b, lower, _logdet_quadform))(
         tri.alpha, tri.beta
     )
@@ -130,9 +132,21 @@ def preconditioned_slq_logdet(
         shift: the diagonal shift, a lower bound of A's spectrum (the noise variance).
 
     """
-    n = probes.shape[0]
+    half, logdet_P, lower = half_inverse_factors(L, shift, probes.dtype)
+    est = slq_logdet(_preconditioned_mv(mv), probes, *args, *half, depth=depth, lower=lower)
+    return logdet_P + est
+
+
+def half_inverse_factors(L: jax.Array, shift, dtype):
+    """Factors of P^{-1/2} for P = L L^T + shift I (no gradient), log det P, and a lower bound.
+
+    Returns ``((U, c, scale), log det P, lower)``: P^{-1/2} V = scale (V + U diag(c) U^T V)
+    (:func:`half_inverse`), and ``lower`` half the smallest possible eigenvalue of
+    P^{-1/2} A P^{-1/2} when A >= shift I (the Ritz-value clamp).
+    """
+    n = L.shape[0]
     L = lax.stop_gradient(L)
-    shift = lax.stop_gradient(jnp.asarray(shift, probes.dtype))
+    shift = lax.stop_gradient(jnp.asarray(shift, dtype))
     U, S, _ = jnp.linalg.svd(L, full_matrices=False)
     ratio = S**2 / shift
     c = lax.rsqrt(1.0 + ratio) - 1.0
@@ -140,12 +154,11 @@ def preconditioned_slq_logdet(
     logdet_P = n * jnp.log(shift) + jnp.sum(jnp.log1p(ratio))
     # spectrum of P^{-1/2} A P^{-1/2} >= shift * lambda_min(P^{-1}) = 1 / (1 + max ratio)
     lower = 0.5 / (1.0 + jnp.max(ratio, initial=0.0))
-    est = slq_logdet(_preconditioned_mv(mv), probes, *args, U, c, scale, depth=depth,
-                     lower=lower)
-    return logdet_P + est
+    return (U, c, scale), logdet_P, lower
 
 
-def _half_inverse(V, U, c, scale):
+def half_inverse(V, U, c, scale):
+    """P^{-1/2} V from the factors of :func:`half_inverse_factors`."""
     return scale * (V + U @ (c[:, None] * (U.T @ V)))
 
 
@@ -154,8 +167,8 @@ def _preconditioned_mv(mv: Callable) -> Callable:
     # One wrapper object per mv (cached), so jit caches keyed on the operator stay valid.
     def mv_pre(V, *args):
         *margs, U, c, scale = args
-        W = _half_inverse(V if V.ndim == 2 else V[:, None], U, c, scale)
-        out = _half_inverse(mv(W, *margs), U, c, scale)
+        W = half_inverse(V if V.ndim == 2 else V[:, None], U, c, scale)
+        out = half_inverse(mv(W, *margs), U, c, scale)
         return out if V.ndim == 2 else out[:, 0]
 
     return mv_pre

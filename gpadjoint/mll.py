@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .fused import slq_and_solve
 from .kernels import NOISE_FLOOR, Params, constrain, cross_cov, dense_cov
-from .logdet import preconditioned_slq_logdet, rademacher, slq_logdet
+from .logdet import half_inverse_factors, rademacher, slq_from_tridiag
 from .matvec import Backend
-from .solve import cg, inv_quad, make_preconditioner, pivoted_cholesky
+from .solve import make_preconditioner, pivoted_cholesky
 
 ESTIMATORS = ("auto", "slq", "exact")
 # Up to this n the float64 Cholesky estimator costs about what a depth-10 SLQ step costs on a
@@ -138,8 +138,9 @@ def neg_mll(
     """
     n = X.shape[0]
     if choose_estimator(n, config)[0] == "exact":
-        return _neg_mll_exact_aux(params, X, y, kernel=backend.kernel,
-                                  noise_floor=config.noise_floor)
+        return _neg_mll_exact_aux(
+            params, X, y, kernel=backend.kernel, noise_floor=config.noise_floor
+        )
     hypers = constrain(params, config.noise_floor)
     r = y - params.mean
     mv, args = backend.operator(X, hypers)
@@ -159,16 +160,25 @@ def neg_mll(
         )
         precond = make_preconditioner(L, h0.noise)
     if config.precond_logdet and L is not None:
-        logdet = preconditioned_slq_logdet(mv, probes, *args, L=L, shift=h0.noise, depth=depth)
+        half, logdet_P, lower = half_inverse_factors(L, h0.noise, X.dtype)
     else:
         # Ritz values of K can never be below sigma2; round-off (float32) can push them there.
-        lower = 0.5 * lax.stop_gradient(hypers.noise)
-        logdet = slq_logdet(mv, probes, *args, depth=depth, lower=lower)
-
-    solver = partial(
-        _cg_solver, tol=config.cg_tol, min_iter=config.cg_min_iter, max_iter=config.cg_max_iter
+        half, logdet_P, lower = None, 0.0, 0.5 * h0.noise
+    # One pass per step serves every probe's Lanczos process and the CG solve (gpadjoint.fused).
+    tri, quad, alpha, info, passes = slq_and_solve(
+        mv,
+        probes,
+        r,
+        *args,
+        depth=depth,
+        precond=precond,
+        tol=config.cg_tol,
+        min_iter=config.cg_min_iter,
+        max_iter=config.cg_max_iter,
+        x0=x0,
+        half=half,
     )
-    quad, alpha, info = inv_quad(mv, r, *args, solver=solver, solver_args=(precond, x0))
+    logdet = logdet_P + slq_from_tridiag(tri, lower)
     value = 0.5 * (quad + logdet + n * math.log(2 * math.pi)) / n
     aux = {
         "logdet": lax.stop_gradient(logdet),
@@ -176,13 +186,11 @@ def neg_mll(
         "cg_iterations": info.iterations,
         "cg_residual": info.residual[0],
         "alpha": alpha,
+        # passes over the n^2 kernel pairs for value + gradient: the shared forward passes, the
+        # adjoint's depth passes and the one fused parameter VJP (+ building K, dense backend)
+        "passes": passes + depth + 1 + (1 if backend.name == "dense" else 0),
     }
     return value, aux
-
-
-def _cg_solver(mv, b, args, solver_args, *, tol, min_iter, max_iter):
-    precond, x0 = solver_args
-    return cg(mv, b, *args, precond=precond, tol=tol, min_iter=min_iter, max_iter=max_iter, x0=x0)
 
 
 @jax.custom_vjp
@@ -250,5 +258,6 @@ def _neg_mll_exact_aux(params: Params, X, y, *, kernel: str, noise_floor: float)
         "cg_iterations": jnp.asarray(0, jnp.int32),
         "cg_residual": jnp.asarray(0.0, dt),
         "alpha": alpha.astype(dt),
+        "passes": jnp.asarray(0, jnp.int32),
     }
     return value.astype(dt), aux

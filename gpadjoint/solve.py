@@ -90,6 +90,64 @@ class CGInfo(NamedTuple):
     residual: jax.Array
 
 
+class CGState(NamedTuple):
+    """State of preconditioned CG, one recursion per column.
+
+    Iteration count, iterate, residual, search direction, r^T P^-1 r, relative residual norms.
+    """
+
+    it: jax.Array
+    X: jax.Array
+    R: jax.Array
+    P: jax.Array
+    rz: jax.Array
+    res: jax.Array
+
+
+class CGRecursion:
+    """The CG recursion with its matvecs supplied by the caller.
+
+    :func:`cg` drives it with its own products; :mod:`gpadjoint.fused` feeds it the column it
+    appends to each Lanczos block, so that the solve costs no pass of its own.
+    """
+
+    def __init__(self, B, precond=None, *, tol, min_iter, max_iter):
+        self.Pinv = (lambda V: V) if precond is None else precond.solve
+        bnorm = jnp.linalg.norm(B, axis=0)
+        self.bsafe = jnp.where(bnorm > 0, bnorm, 1.0)
+        self.B, self.tol, self.min_iter, self.max_iter = B, tol, min_iter, max_iter
+        self.tiny = jnp.finfo(B.dtype).tiny
+
+    def _relres(self, R):
+        return jnp.linalg.norm(R, axis=0) / self.bsafe
+
+    def start(self, x0=None, Ax0=None) -> CGState:
+        """Return the initial state from a warm start x0 and A x0 (both None: x0 = 0)."""
+        X = jnp.zeros_like(self.B) if x0 is None else x0
+        R = self.B if x0 is None else self.B - Ax0
+        Z = self.Pinv(R)
+        it = jnp.asarray(0)
+        return CGState(it, X, R, Z, jnp.sum(R * Z, axis=0), self._relres(R))
+
+    def cond(self, st: CGState):
+        """Return True while another iteration is due."""
+        return (st.it < self.max_iter) & ((st.it < self.min_iter) | jnp.any(st.res > self.tol))
+
+    def update(self, st: CGState, AP) -> CGState:
+        """One iteration, given AP = A @ st.P."""
+        tiny = self.tiny
+        pap = jnp.sum(st.P * AP, axis=0)
+        active = st.res > self.tol if self.min_iter == 0 else jnp.ones_like(st.res, bool)
+        active = active | (st.it < self.min_iter)
+        step = jnp.where(active & (pap > tiny), st.rz / jnp.where(pap > tiny, pap, 1.0), 0.0)
+        X = st.X + step * st.P
+        R = st.R - step * AP
+        Z = self.Pinv(R)
+        rz_new = jnp.sum(R * Z, axis=0)
+        beta = jnp.where(st.rz > tiny, rz_new / jnp.where(st.rz > tiny, st.rz, 1.0), 0.0)
+        return CGState(st.it + 1, X, R, Z + beta * st.P, rz_new, self._relres(R))
+
+
 def cg(
     mv: Callable,
     B: jax.Array,
@@ -109,40 +167,10 @@ def cg(
     if squeeze:
         B = B[:, None]
         x0 = None if x0 is None else x0[:, None]
-    Pinv = (lambda V: V) if precond is None else precond.solve
-    bnorm = jnp.linalg.norm(B, axis=0)
-    bsafe = jnp.where(bnorm > 0, bnorm, 1.0)
-    X = jnp.zeros_like(B) if x0 is None else x0
-    R = B - mv(X, *args) if x0 is not None else B
-    Z = Pinv(R)
-    P = Z
-    rz = jnp.sum(R * Z, axis=0)
-    tiny = jnp.finfo(B.dtype).tiny
-
-    def relres(R):
-        return jnp.linalg.norm(R, axis=0) / bsafe
-
-    def cond(state):
-        it, X, R, P, rz, res = state
-        return (it < max_iter) & ((it < min_iter) | jnp.any(res > tol))
-
-    def body(state):
-        it, X, R, P, rz, res = state
-        AP = mv(P, *args)
-        pap = jnp.sum(P * AP, axis=0)
-        active = res > tol if min_iter == 0 else jnp.ones_like(res, bool)
-        active = active | (it < min_iter)
-        step = jnp.where(active & (pap > tiny), rz / jnp.where(pap > tiny, pap, 1.0), 0.0)
-        X = X + step * P
-        R = R - step * AP
-        Z = Pinv(R)
-        rz_new = jnp.sum(R * Z, axis=0)
-        beta = jnp.where(rz > tiny, rz_new / jnp.where(rz > tiny, rz, 1.0), 0.0)
-        P = Z + beta * P
-        return it + 1, X, R, P, rz_new, relres(R)
-
-    state = (jnp.asarray(0), X, R, P, rz, relres(R))
-    it, X, R, _, _, res = lax.while_loop(cond, body, state)
+    rec = CGRecursion(B, precond, tol=tol, min_iter=min_iter, max_iter=max_iter)
+    state = rec.start(x0, None if x0 is None else mv(x0, *args))
+    state = lax.while_loop(rec.cond, lambda st: rec.update(st, mv(st.P, *args)), state)
+    it, X, _, _, _, res = state
     if squeeze:
         X = X[:, 0]
     return X, CGInfo(it, res)

@@ -244,6 +244,7 @@ def _train_step(state: TrainState, X, y, *, backend, mll_config, optimizer):
         "mean": state.params.mean,
         "cg_iterations": aux["cg_iterations"],
         "cg_residual": aux["cg_residual"],
+        "passes": aux["passes"],
         "ok": ok,
         "finite_loss": finite_loss,
         "finite_grad": finite_grad,
@@ -334,7 +335,9 @@ def fit(
         ``loss`` (per datum), ``grad_norm`` (of the raw parameters), ``lengthscale`` (list),
         ``outputscale``, ``noise``, ``mean`` -- all evaluated at the parameters *entering* that
         epoch, so loss and hyperparameters belong together -- then ``cg_iterations``,
-        ``cg_residual`` (relative), ``cg_converged`` and ``seconds`` (wall time of the step,
+        ``cg_residual`` (relative), ``cg_converged``, ``passes`` (passes over the n^2 kernel
+        pairs for that value and gradient; 0 for the exact estimator) and ``seconds`` (wall
+        time of the step,
         compilation excluded; it is in ``info["compile_seconds"]``).
 
     A non-finite loss, gradient or update stops the loop before that update is applied: the
@@ -474,6 +477,7 @@ def _record(epoch: int, m: dict, seconds: float, cfg: MLLConfig) -> dict:
         "cg_iterations": int(m["cg_iterations"]),
         "cg_residual": res,
         "cg_converged": bool(res <= cfg.cg_tol),
+        "passes": int(m["passes"]),
         "seconds": seconds,
     }
 

@@ -169,6 +169,7 @@ def run_gpadjoint(spec: dict) -> dict:
             {k: h[k] for k in ("lengthscale", "outputscale", "noise", "mean")} for h in hist
         ],
         "cg_iterations_curve": [h["cg_iterations"] for h in hist],
+        "passes_curve": [h.get("passes") for h in hist],
         "final_hyperparameters": final,
         "final_train_loss": rec["final_train_loss"],
         "seconds_per_epoch": rec["seconds_per_epoch"],

@@ -77,8 +77,12 @@ def test_loss_decreases_and_approaches_exact_fit(data64):
     assert h[-1]["loss"] < h[0]["loss"] - 0.5
     assert all(r["cg_converged"] for r in h)
     keys = {"epoch", "loss", "grad_norm", "lengthscale", "outputscale", "noise", "mean",
-            "cg_iterations", "cg_residual", "cg_converged", "seconds"}
+            "cg_iterations", "cg_residual", "cg_converged", "passes", "seconds"}
     assert keys <= set(h[0])
+    # CG (warm-started: +1 pass for the start residual) shares the Lanczos passes; then the
+    # adjoint's passes, one fused VJP and the dense build of K
+    k = CFG.lanczos_depth
+    assert all(r["passes"] == max(k, r["cg_iterations"] + 1) + k + 1 + 1 for r in h)
     assert len(h[0]["lengthscale"]) == D
 
     p_ref, best = _exact_fit(X, y)
