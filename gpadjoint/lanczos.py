@@ -165,12 +165,14 @@ def _backward(mv, args, out: Tridiag, C, cot: Tridiag, final_vjp: bool = True):
         )
         pbar = pbar + bbar_j * qn
         # p = u - Q_j c,  c = Q_j^T u   (Q_j = rows 0..j)
-        keep = (rows <= j).astype(Qb.dtype)[None, :, None]
-        Qj = Qb * keep
-        u = b * qn + jnp.einsum("mkn,mk->mn", Qj, c)
-        d = jnp.einsum("mkn,mn->mk", Qj, pbar)
-        ubar = pbar - jnp.einsum("mkn,mk->mn", Qj, d)
-        Qbar = Qbar - (c[:, :, None] * pbar[:, None] + d[:, :, None] * u[:, None]) * keep
+        # Q_j = rows 0..j of Qb. The mask goes on the small coefficient vectors, never on the
+        # (m, k+1, n) buffer: c is already 0 beyond row j (the forward computed it against
+        # rows that were still zero), and d is masked explicitly.
+        keep = (rows <= j).astype(Qb.dtype)[None, :]
+        u = b * qn + jnp.einsum("mkn,mk->mn", Qb, c)
+        d = jnp.einsum("mkn,mn->mk", Qb, pbar) * keep
+        ubar = pbar - jnp.einsum("mkn,mk->mn", Qb, d)
+        Qbar = Qbar - (c[:, :, None] * pbar[:, None] + d[:, :, None] * u[:, None])
         # u = w - a q_j  and  a = q_j^T w
         abar_j = abar[:, j, None] - jnp.sum(ubar * qj, axis=-1, keepdims=True)
         w = u + a * qj

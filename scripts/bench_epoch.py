@@ -1,8 +1,9 @@
 """Per-epoch cost and time to quality, gpadjoint against GPyTorch, from the bench_uci records.
 
 For every record of a gpadjoint method in ``results/uci/`` that has a GPyTorch record with the
-same data set, split, backend and epochs (same machine, same harness), one row in
-``results/bench_epoch.csv`` (resumable: finished rows are skipped):
+same data set, split and backend (same machine, same harness; GPyTorch's longest run), one row in
+``results/bench_epoch.csv``. Resumable: a row is kept while its two records are unchanged (same
+start times); a rerun record gets its row recomputed.
 
 * ``seconds_per_epoch`` (median over epochs) and ``seconds_per_epoch_ratio`` (÷ GPyTorch);
 * ``passes_per_epoch``: passes over the n² kernel pairs per training step, counted from the
@@ -12,8 +13,8 @@ same data set, split, backend and epochs (same machine, same harness), one row i
   passes (gpadjoint.fused), + depth adjoint passes + 1 fused parameter VJP (+ 1 build of K,
   dense). Older records, from before the fused pass, are counted by formula (2 × depth + CG
   iterations + 1 warm-start residual + the VJPs). ``passes_min_design`` = 2 × depth + 1 (+ 1
-  dense): the least this design can do. GPyTorch's passes are not instrumented yet (column
-  empty);
+  dense): the least this design can do. GPyTorch's, by the same rule, come from
+  ``results/gpytorch_passes.csv`` (scripts/count_gpytorch_passes.py);
 * ``time_to_quality_s``: wall-clock training seconds until gpadjoint's parameters reach, by the
   common float64 evaluator (:func:`gpadjoint.evaluate.exact_loss`), the loss GPyTorch's final
   parameters have after all its epochs; found by bisection over epochs (the evaluated loss
@@ -26,6 +27,7 @@ same data set, split, backend and epochs (same machine, same harness), one row i
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -38,13 +40,15 @@ import _benchutil as bu  # noqa: E402
 OUT = bu.ROOT / "results" / "bench_epoch.csv"
 KEY = ["dataset", "split", "method", "backend", "epochs"]
 FIELDS = KEY + [
-    "status", "seconds_per_epoch", "gpytorch_seconds_per_epoch", "seconds_per_epoch_ratio",
+    "gpytorch_epochs", "status", "seconds_per_epoch", "gpytorch_seconds_per_epoch",
+    "seconds_per_epoch_ratio",
     "passes_per_epoch", "passes_min_design", "gpytorch_passes_per_epoch", "peak_rss_mib",
     "gpytorch_peak_rss_mib", "final_loss_common", "gpytorch_final_loss_common",
     "time_to_quality_s", "gpytorch_train_s", "time_to_quality_ratio", "epochs_to_quality",
-    "test_rmse", "gpytorch_test_rmse", "evaluations", "record", "gpytorch_record", "machine",
-    "commit",
+    "test_rmse", "gpytorch_test_rmse", "load_avg", "gpytorch_load_avg", "evaluations", "record",
+    "gpytorch_record", "record_started", "gpytorch_record_started", "machine", "commit",
 ]
+GPT_PASSES = bu.ROOT / "results" / "gpytorch_passes.csv"
 
 
 def passes(rec: dict) -> tuple[float, int]:
@@ -92,55 +96,101 @@ def time_to_quality(rec: dict, target: float, X, y) -> dict:
             "evaluations": len(cache)}
 
 
+def gpytorch_passes(path: Path) -> dict:
+    """{(dataset, backend): passes per epoch} from scripts/count_gpytorch_passes.py."""
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        return {(r["dataset"], r["backend"]): float(r["passes_per_epoch"])
+                for r in csv.DictReader(f)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", default=str(bu.ROOT / "results" / "uci"))
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--gpytorch-passes", default=str(GPT_PASSES))
     args = ap.parse_args(argv)
     out = Path(args.out)
-    done = bu.done_keys(out, KEY)
     recs = [json.loads(p.read_text()) | {"_file": p.name}
             for p in sorted(Path(args.records).glob("*.json"))]
     recs = [r for r in recs if r.get("status") == "ok"]
-    peers = {(r["dataset"], r["split"], r["backend"], r["epochs"]): r
-             for r in recs if r["method"] == "gpytorch"}
+    # the peer of a gpadjoint run: GPyTorch on the same data set, split and backend, its longest
+    # run (time to quality asks when gpadjoint reaches the loss GPyTorch ends with; gpadjoint
+    # may run more epochs than GPyTorch for that)
+    peers: dict[tuple, dict] = {}
+    for r in recs:
+        k = (r["dataset"], r["split"], r["backend"])
+        if r["method"] == "gpytorch" and r["epochs"] >= peers.get(k, {"epochs": -1})["epochs"]:
+            peers[k] = r
+    gpt_passes = gpytorch_passes(Path(args.gpytorch_passes))
+    # rows are kept while their record is unchanged (same file and start time); a rerun record
+    # replaces its row, and rows whose records are gone are dropped
+    old = []
+    if out.exists():
+        with out.open() as f:
+            old = list(csv.DictReader(f))
+    by_key = {tuple(r[k] for k in KEY): r for r in old}
+    rows = []
     from gpadjoint.data import load_dataset
 
     for r in recs:
-        key = (r["dataset"], r["split"], r["backend"], r["epochs"])
+        key = (r["dataset"], r["split"], r["backend"])
         if r["method"] == "gpytorch" or key not in peers:
             continue
+        g = peers[key]
         row_key = tuple(str(v) for v in (r["dataset"], r["split"], r["method"], r["backend"],
                                          r["epochs"]))
-        if row_key in done:
-            print(f"skip (done): {r['_file']}")
+        prev = by_key.get(row_key)
+        if (prev and prev.get("status") == "ok" and prev.get("record_started") == r["started"]
+                and prev.get("gpytorch_record_started") == g["started"]):
+            print(f"keep (unchanged): {r['_file']}")
+            rows.append(prev | {"gpytorch_passes_per_epoch":
+                                gpt_passes.get((r["dataset"], r["backend"]), "")})
             continue
-        g = peers[key]
         s = load_dataset(r["dataset"], r["split"], scale_y=False)
         print(f"row: {r['_file']} vs {g['_file']}", flush=True)
         tq = time_to_quality(r, g["final_train_loss_common"], s.X_train, s.y_train)
         p, pmin = passes(r)
         row = {
             "dataset": r["dataset"], "split": r["split"], "method": r["method"],
-            "backend": r["backend"], "epochs": r["epochs"], "status": "ok",
-            "seconds_per_epoch": r["seconds_per_epoch"],
+            "backend": r["backend"], "epochs": r["epochs"], "gpytorch_epochs": g["epochs"],
+            "status": "ok", "seconds_per_epoch": r["seconds_per_epoch"],
             "gpytorch_seconds_per_epoch": g["seconds_per_epoch"],
             "seconds_per_epoch_ratio": r["seconds_per_epoch"] / g["seconds_per_epoch"],
-            "passes_per_epoch": p, "passes_min_design": pmin, "gpytorch_passes_per_epoch": "",
+            "passes_per_epoch": p, "passes_min_design": pmin,
+            "gpytorch_passes_per_epoch": gpt_passes.get((r["dataset"], r["backend"]), ""),
             "peak_rss_mib": r.get("peak_rss_mib"), "gpytorch_peak_rss_mib": g.get("peak_rss_mib"),
             "final_loss_common": r["final_train_loss_common"],
             "gpytorch_final_loss_common": g["final_train_loss_common"],
             "gpytorch_train_s": sum(g["seconds_curve"]),
             "test_rmse": r["test_rmse"], "gpytorch_test_rmse": g["test_rmse"],
-            "record": r["_file"], "gpytorch_record": g["_file"], "machine": r.get("machine"),
-            "commit": bu.git_commit(), **tq,
+            "load_avg": max(r["load_avg_before"][0], r["load_avg_after"][0]),
+            "gpytorch_load_avg": max(g["load_avg_before"][0], g["load_avg_after"][0]),
+            "record": r["_file"], "gpytorch_record": g["_file"],
+            "record_started": r["started"], "gpytorch_record_started": g["started"],
+            "machine": r.get("machine"), "commit": bu.git_commit(), **tq,
         }
         if tq["time_to_quality_s"] is not None:
             row["time_to_quality_ratio"] = tq["time_to_quality_s"] / row["gpytorch_train_s"]
-        bu.append_row(out, row, FIELDS)
+        rows.append(row)
+        # checkpoint: the rows so far, and the old rows not yet revisited
+        seen = {tuple(str(x[k]) for k in KEY) for x in rows}
+        _write(out, rows + [o for o in old if tuple(o[k] for k in KEY) not in seen])
         print(f"  -> s/epoch ratio {row['seconds_per_epoch_ratio']:.3f}, time-to-quality "
               f"ratio {row.get('time_to_quality_ratio')}", flush=True)
+    _write(out, rows)
     return 0
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    rows = sorted(rows, key=lambda r: tuple(str(r[k]) for k in KEY))
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

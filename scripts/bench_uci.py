@@ -194,10 +194,12 @@ def _gpytorch_context(stack, settings: dict):
         stack.enter_context(ctx(*value) if isinstance(value, list) else ctx(value))
 
 
-def run_gpytorch(spec: dict) -> dict:
-    import contextlib
-    import warnings
+def gpytorch_model(spec: dict):
+    """Build the paper's GPyTorch model on the spec's data, with the shared initial values.
 
+    Returns (model, likelihood, X_train, y_train, X_test, split, settings, kernel class,
+    hypers()).
+    """
     import gpytorch
     import torch
 
@@ -255,6 +257,19 @@ def run_gpytorch(spec: dict) -> dict:
             "mean": float(model.mean_module.constant),
         }
 
+    return model, lik, Xtr, ytr, Xte, s, settings, base_cls, hypers
+
+
+def run_gpytorch(spec: dict) -> dict:
+    import contextlib
+    import warnings
+
+    import gpytorch
+    import torch
+
+    model, lik, Xtr, ytr, Xte, s, settings, base_cls, hypers = gpytorch_model(spec)
+    n, d = Xtr.shape
+    keops = spec["backend"] == "keops"
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
     losses, secs, curve = [], [], []
