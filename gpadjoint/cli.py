@@ -278,6 +278,8 @@ def cmd_fit(args) -> int:
     pc = cfg.predict
     pred_tol = pc.cg_tol
     Xp, yp, pp = X, y, params
+    # the exact estimator's dense Cholesky also serves prediction (exact mean and variance)
+    solver = "cholesky" if estimator == "exact" else "cg"
     if estimator == "exact" and dtype != jnp.float64:
         # The loss was computed in float64 because K is too ill-conditioned for float32 at
         # these hyperparameters (small n, noise near its floor); predict the same way.
@@ -288,13 +290,14 @@ def cmd_fit(args) -> int:
     Xt = jnp.asarray(split.X_test, Xp.dtype)
     alpha, info = gpred.mean_weights(
         Xp, yp, pp, backend=backend, noise_floor=cfg.model.noise_floor,
-        precond_rank=max(cfg.mll.precond_rank, 15), tol=pred_tol, max_iter=pc.max_cg_iter)
+        precond_rank=max(cfg.mll.precond_rank, 15), tol=pred_tol, max_iter=pc.max_cg_iter,
+        solver=solver)
     mean = gpred.predict_mean(Xt, Xp, alpha, pp, kernel=cfg.model.kernel,
                               noise_floor=cfg.model.noise_floor, batch_size=pc.batch_size)
     var = gpred.predict_variance(
         Xt, Xp, pp, backend=backend, method=pc.variance, noise_floor=cfg.model.noise_floor,
         precond_rank=max(cfg.mll.precond_rank, 15), tol=pred_tol, max_iter=pc.max_cg_iter,
-        y=yp, love_rank=pc.love_rank, batch_size=pc.batch_size)
+        y=yp, love_rank=pc.love_rank, batch_size=pc.batch_size, solver=solver)
     mean = np.asarray(mean, np.float64) * y_scale + float(split.y_mean)
     var = np.asarray(var, np.float64) * y_scale**2
     y_test = np.asarray(split.y_test, np.float64) * y_scale + float(split.y_mean)
@@ -306,6 +309,7 @@ def cmd_fit(args) -> int:
         predict_cg_iterations=int(info.iterations),
         predict_cg_residual=float(np.max(np.asarray(info.residual))),
         variance_method=pc.variance if pc.variance != "auto" else gpred.choose_variance(n)[0],
+        predict_solver=solver,
     )
     _write_json_atomic(out, record)
     if args.save_model:

@@ -140,7 +140,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     ``x_mean_``, ``x_std_``, ``y_mean_``, ``y_std_``, ``backend_``, ``backend_reason_``,
     ``estimator_``, ``estimator_reason_``, ``optimizer_``,
     ``variance_``, ``variance_reason_``, ``history_``, ``stopped_reason_``, ``n_iter_``,
-    ``seed_``, ``n_features_in_``.
+    ``seed_``, ``n_features_in_``, ``predict_dtype_`` and ``solver_`` (``"float64"`` and
+    ``"cholesky"`` after the exact estimator, whatever ``dtype``; else ``dtype`` and ``"cg"``).
     """
 
     def __init__(
@@ -308,14 +309,28 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             params, self.history_, self.stopped_reason_ = params0, [], "epochs=0: not trained"
         self.n_iter_ = len(self.history_)
         self.params_ = Params(*(np.asarray(p) for p in params))
-        alpha, _ = gpred.mean_weights(
-            Xn, yn, self._params(), backend=backend, noise_floor=self.noise_floor,
-            precond_rank=self.precond_rank, tol=self._predict_tol(), max_iter=self.cg_max_iter,
-        )
-        self.alpha_ = np.asarray(alpha)
+        self._solve_alpha(backend)
         self.hyperparameters_ = self._hyperparameters()
         self._love_cache = {}
         return self
+
+    def _solve_alpha(self, backend) -> None:
+        """Set ``alpha_`` and the prediction engine that follows the estimator.
+
+        Prediction works in the precision the loss was computed in (the exact estimator's
+        float64, else ``dtype``) and, after the exact estimator, by the same dense Cholesky:
+        exact where CG's relative tolerance is not (the variance cancels catastrophically when
+        the noise is tiny next to the signal).
+        """
+        self.predict_dtype_ = "float64" if self.estimator_ == "exact" else self.dtype
+        self.solver_ = "cholesky" if self.estimator_ == "exact" else "cg"
+        Xn, yn = self._internal_train(jnp.dtype(self.predict_dtype_))
+        alpha, _ = gpred.mean_weights(
+            Xn, yn, self._params(self.predict_dtype_), backend=backend, solver=self.solver_,
+            noise_floor=self.noise_floor, precond_rank=self.precond_rank,
+            tol=self._predict_tol(), max_iter=self.cg_max_iter,
+        )
+        self.alpha_ = np.asarray(alpha)
 
     def _mll_config(self, n: int) -> MLLConfig:
         return MLLConfig(
@@ -332,7 +347,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
     def _predict_tol(self) -> float:
         if self.predict_cg_tol is None:
-            return gpred.default_cg_tol(self.dtype)
+            return gpred.default_cg_tol(self._predict_dtype())
         return float(self.predict_cg_tol)
 
     def _internal_train(self, dtype):
@@ -340,8 +355,11 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         yn = jnp.asarray((self.y_train_ - self.y_mean_) / self.y_std_, dtype)
         return Xn, yn
 
-    def _params(self) -> Params:
-        dtype = jnp.dtype(self.dtype)
+    def _predict_dtype(self) -> str:
+        return getattr(self, "predict_dtype_", self.dtype)
+
+    def _params(self, dtype=None) -> Params:
+        dtype = jnp.dtype(dtype or self.dtype)
         return Params(*(jnp.asarray(p, dtype) for p in self.params_))
 
     def _hyperparameters(self) -> dict:
@@ -364,10 +382,10 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         """
         check_is_fitted(self)
         X = self._validate_predict(X)
-        dtype = jnp.dtype(self.dtype)
+        dtype = jnp.dtype(self._predict_dtype())
         Xs = jnp.asarray((X - self.x_mean_) / self.x_std_, dtype)
         Xn, yn = self._internal_train(dtype)
-        params = self._params()
+        params = self._params(dtype)
         mean = gpred.predict_mean(
             Xs, Xn, jnp.asarray(self.alpha_, dtype), params, kernel=self.kernel,
             noise_floor=self.noise_floor,
@@ -383,6 +401,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             Xs, Xn, params, backend=backend, method=self.variance_, include_noise=True,
             noise_floor=self.noise_floor, precond_rank=self.precond_rank,
             tol=self._predict_tol(), max_iter=self.cg_max_iter, love_R=love_R,
+            solver=getattr(self, "solver_", "cg"),
         )
         std = np.sqrt(np.asarray(var, np.float64)) * self.y_std_
         return mean, std
@@ -426,6 +445,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             "backend_reason": self.backend_reason_,
             "variance": self.variance_,
             "variance_reason": self.variance_reason_,
+            "predict_dtype": self._predict_dtype(),
+            "solver": getattr(self, "solver_", "cg"),
             "seed": self.seed_,
             "stopped_reason": self.stopped_reason_,
             "history": self.history_,
@@ -474,6 +495,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         est.alpha_ = data["alpha"]
         est.backend_, est.backend_reason_ = meta["backend"], meta["backend_reason"]
         est.variance_, est.variance_reason_ = meta["variance"], meta["variance_reason"]
+        est.predict_dtype_ = meta.get("predict_dtype", est.dtype)
+        est.solver_ = meta.get("solver", "cg")
         est.seed_ = meta["seed"]
         est.stopped_reason_ = meta["stopped_reason"]
         est.history_ = meta["history"]
@@ -553,14 +576,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         est.stopped_reason_ = stopped_reason
         est.n_iter_ = len(est.history_)
         est.params_ = Params(*(np.asarray(p) for p in params))
-        dtype = jnp.dtype(est.dtype)
-        Xi, yi = est._internal_train(dtype)
-        alpha, _ = gpred.mean_weights(
-            Xi, yi, est._params(), backend=make_backend(backend, est.kernel),
-            noise_floor=est.noise_floor, precond_rank=est.precond_rank,
-            tol=est._predict_tol(), max_iter=est.cg_max_iter,
-        )
-        est.alpha_ = np.asarray(alpha)
+        est.estimator_, est.estimator_reason_ = choose_estimator(n, est._mll_config(n))
+        est._solve_alpha(make_backend(backend, est.kernel))
         est.hyperparameters_ = est._hyperparameters()
         est._love_cache = {}
         return est

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .kernels import NOISE_FLOOR, Hypers, Params, constrain, cross_cov
+from .kernels import NOISE_FLOOR, Hypers, Params, constrain, cross_cov, dense_cov
 from .lanczos import lanczos, tridiag_mask, tridiag_matrix
 from .matvec import Backend
 from .solve import CGInfo, Preconditioner, cg, make_preconditioner, pivoted_cholesky
@@ -161,20 +161,51 @@ def mean_weights(
     precond_rank: int = 15,
     tol: float | None = None,
     max_iter: int = 1000,
+    solver: str = "cg",
 ) -> tuple[jax.Array, CGInfo]:
-    """Mean weights alpha = K^{-1} (y - mu), shape (n,), by preconditioned CG.
+    """Mean weights alpha = K^{-1} (y - mu), shape (n,), by preconditioned CG or Cholesky.
 
-    ``tol`` (relative residual |y - mu - K alpha| / |y - mu|) defaults to
-    :func:`default_cg_tol` of X's dtype. Warns (:class:`CGConvergenceWarning`) if CG stopped at
-    ``max_iter`` first.
+    ``solver="cg"`` (default): ``tol`` (relative residual |y - mu - K alpha| / |y - mu|)
+    defaults to :func:`default_cg_tol` of X's dtype; warns (:class:`CGConvergenceWarning`) if
+    CG stopped at ``max_iter`` first. ``solver="cholesky"``: a dense factorisation (exact; for
+    the n where the exact estimator runs); the info then holds 0 iterations and the residual.
     """
-    tol = default_cg_tol(X.dtype) if tol is None else float(tol)
+    _check_solver(solver)
     hypers = constrain(params, noise_floor)
+    if solver == "cholesky":
+        r = y - params.mean
+        L = _cholesky(X, hypers, backend.kernel)
+        alpha = jax.scipy.linalg.cho_solve((L, True), r)
+        res = jnp.linalg.norm(r - dense_cov(backend.kernel, X, hypers) @ alpha) / jnp.maximum(
+            jnp.linalg.norm(r), jnp.finfo(X.dtype).tiny
+        )
+        return alpha, CGInfo(jnp.asarray(0), res[None])
+    tol = default_cg_tol(X.dtype) if tol is None else float(tol)
     mv, args = backend.operator(X, hypers)
     P = preconditioner(backend.kernel, X, hypers, precond_rank)
     alpha, info = _solve(y - params.mean, args, P, mv=mv, tol=tol, max_iter=int(max_iter))
     _warn_if_unconverged(info.residual, tol, "posterior mean")
     return alpha, info
+
+
+SOLVERS = ("cg", "cholesky")
+
+
+def _check_solver(solver: str) -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+
+
+def _cholesky(X, hypers: Hypers, kernel: str):
+    """Lower Cholesky factor of the dense K (O(n^2) memory: for the sizes of the exact path)."""
+    L = jnp.linalg.cholesky(dense_cov(kernel, X, hypers))
+    if not bool(jnp.all(jnp.isfinite(L))):
+        raise FloatingPointError(
+            f"Cholesky of K failed in {X.dtype} (noise {float(hypers.noise):.3g}, output scale "
+            f"{float(hypers.outputscale):.3g}): K is not numerically positive definite; "
+            "predict in float64 or raise the noise floor"
+        )
+    return L
 
 
 @partial(jax.jit, static_argnames=("mv", "tol", "max_iter"))
@@ -228,16 +259,28 @@ def latent_variance_exact(
     tol: float | None = None,
     max_iter: int = 1000,
     batch_size: int | None = None,
+    solver: str = "cg",
 ):
     """Unclamped s2 - diag(K_*^T K^{-1} K_*), shape (m,), by block CG per test batch.
 
-    Use :func:`predict_variance` for the clamped result; this one is exposed for tests.
+    With ``solver="cholesky"``: s2 - |L^{-1} K_*|^2 per column from one dense factorisation,
+    exact where CG's relative tolerance is not (the difference cancels catastrophically when
+    the noise is tiny next to the output scale). Use :func:`predict_variance` for the clamped
+    result; this one is exposed for tests.
     """
-    tol = default_cg_tol(X.dtype) if tol is None else float(tol)
+    _check_solver(solver)
     hypers = constrain(params, noise_floor)
+    batch = _batch_for(X_test.shape[0], X.shape[0], batch_size)
+    if solver == "cholesky":
+        L = _cholesky(X, hypers, backend.kernel)
+        out = [
+            _var_chol_batch(Xb, X, hypers, L, kernel=backend.kernel)[:valid]
+            for _, Xb, valid in _batches(X_test, batch)
+        ]
+        return jnp.concatenate(out) if out else jnp.zeros((0,), X.dtype)
+    tol = default_cg_tol(X.dtype) if tol is None else float(tol)
     mv, args = backend.operator(X, hypers)
     P = preconditioner(backend.kernel, X, hypers, precond_rank)
-    batch = _batch_for(X_test.shape[0], X.shape[0], batch_size)
     out, worst = [], []
     for _, Xb, valid in _batches(X_test, batch):
         v, res = _var_exact_batch(
@@ -247,6 +290,12 @@ def latent_variance_exact(
         worst.append(jnp.max(res[:valid]))
     _warn_if_unconverged(jnp.stack(worst) if worst else [], tol, "predictive variance")
     return jnp.concatenate(out) if out else jnp.zeros((0,), X.dtype)
+
+
+@partial(jax.jit, static_argnames=("kernel",))
+def _var_chol_batch(Xb, X, hypers, L, *, kernel):
+    V = jax.scipy.linalg.solve_triangular(L, cross_cov(kernel, X, Xb, hypers), lower=True)
+    return hypers.outputscale - jnp.sum(V * V, axis=0)
 
 
 @partial(jax.jit, static_argnames=("mv", "kernel", "tol", "max_iter"))
@@ -339,13 +388,15 @@ def predict_variance(
     y=None,
     love_rank: int = 100,
     batch_size: int | None = None,
+    solver: str = "cg",
 ):
     """Predictive variance at X_test, shape (m,), clamped (see module docstring).
 
     ``include_noise=True`` (default) gives var_y = var_f + sigma2, the variance of a new noisy
     observation; ``False`` gives var_f. ``method``: "exact", "love" or "auto"
     (:func:`choose_variance`). For LOVE pass a cached ``love_R`` or the targets ``y`` to build
-    one (:func:`love_root`, rank ``love_rank``).
+    one (:func:`love_root`, rank ``love_rank``). ``solver`` ("cg" or "cholesky") is how
+    "exact" solves (:func:`latent_variance_exact`).
     """
     if method not in VARIANCE_METHODS:
         raise ValueError(f"unknown variance method {method!r}; choose one of {VARIANCE_METHODS}")
@@ -356,6 +407,7 @@ def predict_variance(
         latent = latent_variance_exact(
             X_test, X, params, backend=backend, noise_floor=noise_floor,
             precond_rank=precond_rank, tol=tol, max_iter=max_iter, batch_size=batch_size,
+            solver=solver,
         )
     else:
         if love_R is None:

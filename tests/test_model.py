@@ -148,8 +148,9 @@ def test_backend_choice_is_reported(capsys):
 
 def test_float32_and_epochs_zero():
     X, y = data()
-    m = GPRegressor(dtype="float32", epochs=5, random_state=0).fit(X, y)
+    m = GPRegressor(dtype="float32", epochs=5, random_state=0, estimator="slq").fit(X, y)
     assert m.params_.raw_lengthscale.dtype == np.float32 and m.alpha_.dtype == np.float32
+    assert m.predict_dtype_ == "float32"
     mu, sd = m.predict(X, return_std=True)
     assert mu.dtype == np.float64 and np.all(np.isfinite(sd))
     m0 = GPRegressor(epochs=0).fit(X, y)
@@ -205,3 +206,33 @@ def test_yacht_rmse_close_to_sklearn():
     print(f"yacht test RMSE: gpadjoint {rmse:.4f}, sklearn {rmse_sk:.4f}")
     assert rmse < 1.25 * rmse_sk
     assert 0 < jnp.min(jnp.asarray(m.hyperparameters_["lengthscale"]))
+
+
+@pytest.mark.parametrize("variance", ["exact", "love"])
+def test_float32_exact_estimator_predicts_in_float64_like_sklearn(tmp_path, variance):
+    # dtype="float32" with the exact (float64 Cholesky) estimator: prediction must use float64
+    # too, or its float32 CG fails once the noise nears its floor. Reference: scikit-learn's GP
+    # with the fitted hyperparameters fixed, in float64.
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+    rng = np.random.default_rng(5)
+    X = rng.uniform(-2, 2, (150, 2))
+    y = np.sin(2 * X[:, 0]) + 0.5 * X[:, 1] + 1e-3 * rng.standard_normal(150)  # noise ~ floor
+    m = GPRegressor(dtype="float32", random_state=0, variance=variance,
+                    love_rank=150).fit(X, y)
+    assert m.estimator_ == "exact" and m.predict_dtype_ == "float64"
+    assert m.alpha_.dtype == np.float64
+    h = m.hyperparameters_
+    k = (ConstantKernel(h["outputscale"], "fixed") * Matern(h["lengthscale"], "fixed", nu=1.5)
+         + WhiteKernel(h["noise"], "fixed"))
+    ref = GaussianProcessRegressor(k, alpha=0.0, optimizer=None).fit(X, y - h["mean"])
+    Xt = rng.uniform(-2, 2, (40, 2))
+    mu_ref, sd_ref = ref.predict(Xt, return_std=True)
+    mu, sd = m.predict(Xt, return_std=True)
+    np.testing.assert_allclose(mu, mu_ref + h["mean"], rtol=1e-5, atol=1e-5 * np.std(y))
+    np.testing.assert_allclose(sd, sd_ref, rtol=1e-4)
+    path = m.save(tmp_path / "m.gp")  # the prediction dtype survives a round trip
+    m2 = GPRegressor.load(path)
+    assert m2.predict_dtype_ == "float64"
+    np.testing.assert_allclose(m2.predict(Xt), mu, rtol=1e-12)
