@@ -1,0 +1,169 @@
+"""How far each method's stochastic gradient is from the exact one, at a point on a real trajectory.
+
+Takes the hyperparameters a bench_uci gpadjoint run had at a given epoch, the first ``--n``
+training points of that split, and compares, per raw parameter (softplus lengthscales, output
+scale, noise; the constant mean) -- the coordinates Adam steps in:
+
+* ``exact``: the gradient of -log p(y)/n by float64 Cholesky (:func:`gpadjoint.mll.neg_mll_exact`);
+* ``gpadjoint``: the Lanczos-adjoint gradient with ``configs/paper.toml``'s estimator settings
+  (depth 10, 10 probes, rank-15 CG preconditioner, CG tolerance 1, >= 10 iterations), float32;
+* ``gpadjoint-plogdet``: the same with the preconditioned log det;
+* ``gpytorch``: GPyTorch's gradient with the paper's settings (bench_uci's, every one pinned),
+  float32;
+
+each stochastic one averaged over ``--reps`` probe draws (mean and standard error). Bias, not
+noise, is what Adam cannot average away. One row per (estimator, coordinate) in
+``results/gradient_bias.csv`` plus a summary row per estimator (coordinate ``ALL``: |mean -
+exact| / |exact| over all coordinates); existing rows of the same (data set, split, epoch, n)
+are replaced.
+
+    python scripts/gradient_bias.py --dataset elevators --split 1 --epoch 36 --n 2500
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchutil as bu  # noqa: E402
+import bench_uci  # noqa: E402
+
+OUT = bu.ROOT / "results" / "gradient_bias.csv"
+FIELDS = ["dataset", "split", "epoch", "n", "estimator", "coordinate", "exact", "mean", "se",
+          "rel_bias", "reps", "record", "commit", "machine"]
+
+
+def _gpadjoint_grads(X, y, h, reps, precond_logdet):
+    import jax
+    import jax.numpy as jnp
+
+    from gpadjoint.kernels import unconstrain
+    from gpadjoint.matvec import make_backend
+    from gpadjoint.mll import MLLConfig, neg_mll, neg_mll_exact
+
+    def flat(g):
+        return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in g])
+
+    p64 = unconstrain(h["lengthscale"], h["outputscale"], h["noise"], h["mean"],
+                      noise_floor=bench_uci.NOISE_FLOOR, dtype=jnp.float64)
+    exact = flat(jax.grad(neg_mll_exact)(p64, jnp.asarray(X, jnp.float64),
+                                         jnp.asarray(y, jnp.float64), kernel="matern32",
+                                         noise_floor=bench_uci.NOISE_FLOOR))
+    p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p64)
+    X32, y32 = jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32)
+    be = make_backend("dense", "matern32")
+    out = {}
+    for name, plog in (("gpadjoint", False), ("gpadjoint-plogdet", True)):
+        if plog and not precond_logdet:
+            continue
+        cfg = MLLConfig(num_probes=10, lanczos_depth=10, precond_rank=15, cg_tol=1.0,
+                        cg_min_iter=10, estimator="slq", precond_logdet=plog,
+                        noise_floor=bench_uci.NOISE_FLOOR)
+        f = jax.jit(jax.grad(lambda p, k, cfg=cfg: neg_mll(p, X32, y32, k, backend=be,
+                                                            config=cfg)[0]))
+        out[name] = np.stack([flat(f(p32, jax.random.PRNGKey(100 + i))) for i in range(reps)])
+    return exact, out
+
+
+def _gpytorch_grads(X, y, h, reps):
+    import gpytorch
+    import torch
+
+    d = X.shape[1]
+    Xt = torch.tensor(X, dtype=torch.float32)
+    yt = torch.tensor(y, dtype=torch.float32)
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self, X, y, lik):
+            super().__init__(X, y, lik)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(
+                gpytorch.kernels.MaternKernel(nu=1.5, ard_num_dims=d))
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x),
+                                                             self.covar_module(x))
+
+    lik = gpytorch.likelihoods.GaussianLikelihood(
+        noise_constraint=gpytorch.constraints.GreaterThan(bench_uci.NOISE_FLOOR))
+    model = GP(Xt, yt, lik)
+    model.covar_module.base_kernel.lengthscale = torch.tensor(h["lengthscale"]).reshape(1, d)
+    model.covar_module.outputscale = torch.tensor(h["outputscale"])
+    lik.noise = torch.tensor([h["noise"]])
+    model.mean_module.constant.data.fill_(h["mean"])
+    params = [model.covar_module.base_kernel.raw_lengthscale,
+              model.covar_module.raw_outputscale, lik.noise_covar.raw_noise,
+              model.mean_module.raw_constant]
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
+    model.train()
+    lik.train()
+    G = []
+    for r in range(reps):
+        torch.manual_seed(100 + r)
+        with contextlib.ExitStack() as stack:
+            bench_uci._gpytorch_context(stack, dict(bench_uci.GPYTORCH_SETTINGS))
+            for p in params:
+                p.grad = None
+            (-mll(model(Xt), yt)).backward()
+        G.append(np.concatenate([p.grad.detach().double().reshape(-1).numpy() for p in params]))
+    return np.stack(G)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="elevators")
+    ap.add_argument("--split", type=int, default=1)
+    ap.add_argument("--epoch", type=int, default=36, help="index into the run's hyper_curve")
+    ap.add_argument("--record", help="gpadjoint bench_uci record (default: the dense 75-epoch)")
+    ap.add_argument("--n", type=int, default=2500)
+    ap.add_argument("--reps", type=int, default=24)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    rec_path = Path(args.record) if args.record else (
+        bench_uci.OUT_DIR / f"{args.dataset}-split{args.split}-gpadjoint-dense-75ep.json")
+    rec = json.loads(rec_path.read_text())
+    h = rec["hyper_curve"][args.epoch]
+    s = bench_uci._data(args.dataset, args.split)
+    X = np.asarray(s.X_train[: args.n], np.float64)
+    y = np.asarray(s.y_train[: args.n], np.float64)
+    exact, draws = _gpadjoint_grads(X, y, h, args.reps, precond_logdet=True)
+    draws["gpytorch"] = _gpytorch_grads(X, y, h, args.reps)
+    d = X.shape[1]
+    names = [f"lengthscale[{i}]" for i in range(d)] + ["outputscale", "noise", "mean"]
+    base = {"dataset": args.dataset, "split": args.split, "epoch": args.epoch, "n": args.n,
+            "reps": args.reps, "record": rec_path.name, "commit": bu.git_commit(),
+            "machine": bu.machine()}
+    rows = []
+    for est, G in draws.items():
+        mean, se = G.mean(0), G.std(0, ddof=1) / np.sqrt(len(G))
+        rows.append(base | {"estimator": est, "coordinate": "ALL", "exact": np.linalg.norm(exact),
+                            "mean": np.linalg.norm(mean), "se": "",
+                            "rel_bias": np.linalg.norm(mean - exact) / np.linalg.norm(exact)})
+        for i, nm in enumerate(names):
+            rb = (mean[i] - exact[i]) / abs(exact[i]) if exact[i] != 0 else ""
+            rows.append(base | {"estimator": est, "coordinate": nm, "exact": exact[i],
+                                "mean": mean[i], "se": se[i], "rel_bias": rb})
+        print(f"{est:18s} |mean - exact| / |exact| = {rows[-len(names) - 1]['rel_bias']:.4f}")
+    old = []
+    if args.out.exists():
+        with args.out.open() as f:
+            key = (args.dataset, str(args.split), str(args.epoch), str(args.n))
+            old = [r for r in csv.DictReader(f)
+                   if (r["dataset"], r["split"], r["epoch"], r["n"]) != key]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(old + rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
