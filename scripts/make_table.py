@@ -109,26 +109,47 @@ def _fmt(m, s=None, digits=4):
     return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if s else "")
 
 
-def comparisons(rows: list[dict]) -> list[str]:
-    """One line per (data set, backend, epochs) where both methods have a row."""
-    by = {(r["dataset"], r["backend"], r["epochs"], r["method"]): r for r in rows}
+def comparisons(recs: list[dict]) -> list[str]:
+    """One line per (data set, backend, epochs, method) with GPyTorch runs on the same splits.
+
+    Differences are paired: per split, then averaged over the splits both methods ran, so that
+    a split only one method has run cannot tilt the comparison.
+    """
+    by = defaultdict(dict)
+    for r in recs:
+        by[(r["dataset"], r["backend"], r["epochs"], r["method"])][r["split"]] = r
     out = []
-    for (ds, be, ep, method), r in sorted(by.items()):
-        if method == "gpytorch" or (ds, be, ep, "gpytorch") not in by:
+    for (ds, be, ep, method), runs in sorted(by.items()):
+        peer = by.get((ds, be, ep, "gpytorch"))
+        if method == "gpytorch" or not peer:
             continue
-        g = by[(ds, be, ep, "gpytorch")]
-        drmse = r["test_rmse_mean"] - g["test_rmse_mean"]
-        line = (f"- {ds}, {be}, {ep} epochs, {method} vs GPyTorch (splits {r['splits']} / "
-                f"{g['splits']}): RMSE difference {drmse:+.4f} "
-                f"({'within' if abs(drmse) <= 0.005 else 'NOT within'} 0.005)")
-        if r["train_loss_common_mean"] is not None and g["train_loss_common_mean"] is not None:
-            dl = r["train_loss_common_mean"] - g["train_loss_common_mean"]
-            verdict = (f"{method} lower" if dl < -1e-4 else
-                       "equal within 1e-4" if dl <= 1e-4 else f"{method} HIGHER")
-            line += f"; common-evaluator loss difference {dl:+.4f} ({verdict})"
-        if r["seconds_per_epoch_mean"] and g["seconds_per_epoch_mean"]:
+        splits = sorted(set(runs) & set(peer))
+        if not splits:
+            continue
+
+        def diffs(key, runs=runs, peer=peer, splits=splits):
+            d = [runs[s].get(key) - peer[s].get(key) for s in splits
+                 if runs[s].get(key) is not None and peer[s].get(key) is not None]
+            return d
+
+        drmse = diffs("test_rmse")
+        mean_rmse = sum(drmse) / len(drmse)
+        line = (f"- {ds}, {be}, {ep} epochs, {method} vs GPyTorch, paired over splits "
+                f"{' '.join(map(str, splits))}: RMSE difference {mean_rmse:+.4f} "
+                f"({'within' if abs(mean_rmse) <= 0.005 else 'NOT within'} 0.005; per split "
+                f"{', '.join(f'{d:+.4f}' for d in drmse)})")
+        dl = diffs("final_train_loss_common")
+        if dl:
+            m = sum(dl) / len(dl)
+            verdict = (f"{method} lower" if m < -1e-4 else
+                       "equal within 1e-4" if m <= 1e-4 else f"{method} HIGHER")
+            line += (f"; common-evaluator loss difference {m:+.4f} ({verdict}; per split "
+                     f"{', '.join(f'{d:+.4f}' for d in dl)})")
+        ratios = [runs[s]["seconds_per_epoch"] / peer[s]["seconds_per_epoch"] for s in splits
+                  if runs[s].get("seconds_per_epoch") and peer[s].get("seconds_per_epoch")]
+        if ratios:
             line += (f"; s/epoch ratio gpadjoint/GPyTorch "
-                     f"{r['seconds_per_epoch_mean'] / g['seconds_per_epoch_mean']:.2f}")
+                     f"{', '.join(f'{x:.2f}' for x in ratios)} (per split)")
         out.append(line)
     return out
 
@@ -170,7 +191,7 @@ def write_markdown(rows: list[dict], path: Path, recs: list[dict]) -> None:
             f"{r.get('paper_rmse', '–')} | "
             f"{r.get('paper_loss', '–')} | {r.get('paper_seconds_per_epoch', '–')} |"
         )
-    comp = comparisons(rows)
+    comp = comparisons(recs)
     if comp:
         lines += ["", "Like-for-like comparisons (same data set, backend and epochs):", ""] + comp
     lines.append("")
