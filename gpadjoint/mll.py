@@ -133,7 +133,9 @@ def neg_mll(
 
     Returns:
         (value, aux) with aux a dict of diagnostics: ``logdet``, ``quad`` (y^T K^-1 y),
-        ``cg_iterations``, ``cg_residual`` (relative), ``alpha`` (K^-1 (y - mu), no gradient).
+        ``cg_iterations``, ``cg_residual`` (relative), ``alpha`` (K^-1 (y - mu), no gradient),
+        ``passes`` (passes over the n^2 kernel pairs this value and its gradient cost; 0 for the
+        exact estimator).
 
     """
     n = X.shape[0]

@@ -38,11 +38,15 @@ def _setup(dtype=jnp.float64, rank=5):
     return X, y, params, be, probes, L
 
 
-def _separate(params, X, y, be, probes, L, *, precond_logdet, tol, min_iter, x0, max_iter=1000):
+def _operator(params, X, be, L):
     h = constrain(params)
     mv, args = be.operator(X, h)
     h0 = jax.tree.map(jax.lax.stop_gradient, h)
-    pre = make_preconditioner(L, h0.noise)
+    return mv, args, h0, make_preconditioner(L, h0.noise)
+
+
+def _separate(params, X, y, be, probes, L, *, precond_logdet, tol, min_iter, x0, max_iter=1000):
+    mv, args, h0, pre = _operator(params, X, be, L)
     if precond_logdet:
         ld = preconditioned_slq_logdet(mv, probes, *args, L=L, shift=h0.noise, depth=DEPTH)
     else:
@@ -59,10 +63,7 @@ def _separate(params, X, y, be, probes, L, *, precond_logdet, tol, min_iter, x0,
 
 
 def _fused(params, X, y, be, probes, L, *, precond_logdet, tol, min_iter, x0, max_iter=1000):
-    h = constrain(params)
-    mv, args = be.operator(X, h)
-    h0 = jax.tree.map(jax.lax.stop_gradient, h)
-    pre = make_preconditioner(L, h0.noise)
+    mv, args, h0, pre = _operator(params, X, be, L)
     if precond_logdet:
         half, ldP, lower = half_inverse_factors(L, h0.noise, X.dtype)
     else:
