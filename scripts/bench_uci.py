@@ -194,6 +194,43 @@ def _gpytorch_context(stack, settings: dict):
         stack.enter_context(ctx(*value) if isinstance(value, list) else ctx(value))
 
 
+def make_gp(X, y, base_cls=None):
+    """Build the paper's GPyTorch model (constant mean, scale x Matern-3/2 ARD, noise > 1e-4).
+
+    Returns (model, likelihood); ``base_cls`` is the Matern kernel class (dense by default).
+    """
+    import gpytorch
+
+    base_cls = base_cls or gpytorch.kernels.MaternKernel
+    d = X.shape[1]
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self, X, y, likelihood):
+            super().__init__(X, y, likelihood)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(base_cls(nu=1.5, ard_num_dims=d))
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(
+                self.mean_module(x), self.covar_module(x)
+            )
+
+    lik = gpytorch.likelihoods.GaussianLikelihood(
+        noise_constraint=gpytorch.constraints.GreaterThan(NOISE_FLOOR)
+    )
+    return GP(X, y, lik), lik
+
+
+def gpytorch_epoch(model, mll, opt, X, y) -> tuple[float, float]:
+    """One full-batch Adam step on -mll; returns (loss, seconds)."""
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    loss = -mll(model(X), y)
+    loss.backward()
+    opt.step()
+    return float(loss), time.perf_counter() - t0
+
+
 def gpytorch_model(spec: dict):
     """Build the paper's GPyTorch model on the spec's data, with the shared initial values.
 
@@ -221,21 +258,7 @@ def gpytorch_model(spec: dict):
         settings["max_cholesky_size"] = 2
     base_cls = gpytorch.kernels.keops.MaternKernel if keops else gpytorch.kernels.MaternKernel
 
-    class GP(gpytorch.models.ExactGP):
-        def __init__(self, X, y, likelihood):
-            super().__init__(X, y, likelihood)
-            self.mean_module = gpytorch.means.ConstantMean()
-            self.covar_module = gpytorch.kernels.ScaleKernel(base_cls(nu=1.5, ard_num_dims=d))
-
-        def forward(self, x):
-            return gpytorch.distributions.MultivariateNormal(
-                self.mean_module(x), self.covar_module(x)
-            )
-
-    lik = gpytorch.likelihoods.GaussianLikelihood(
-        noise_constraint=gpytorch.constraints.GreaterThan(NOISE_FLOOR)
-    )
-    model = GP(Xtr, ytr, lik)
+    model, lik = make_gp(Xtr, ytr, base_cls)
     raw = _initial_raw(d, seed)
     with torch.no_grad():
         model.covar_module.base_kernel.raw_lengthscale.copy_(
@@ -285,13 +308,9 @@ def run_gpytorch(spec: dict) -> dict:
         used_keops = bool(_use_keops(Xtr, Xtr)) if keops else False
         for _ in range(spec["epochs"]):
             curve.append(hypers())  # the parameters this epoch's loss is evaluated at
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            loss = -mll(model(Xtr), ytr)
-            loss.backward()
-            opt.step()
-            secs.append(time.perf_counter() - t0)
-            losses.append(float(loss))
+            loss, sec = gpytorch_epoch(model, mll, opt, Xtr, ytr)
+            secs.append(sec)
+            losses.append(loss)
             if not math.isfinite(losses[-1]):
                 break
         n_warn = sum(1 for w in caught if "CG" in str(w.message) or "conver" in str(w.message))

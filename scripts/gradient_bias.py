@@ -80,20 +80,7 @@ def _gpytorch_grads(X, y, h, reps):
     Xt = torch.tensor(X, dtype=torch.float32)
     yt = torch.tensor(y, dtype=torch.float32)
 
-    class GP(gpytorch.models.ExactGP):
-        def __init__(self, X, y, lik):
-            super().__init__(X, y, lik)
-            self.mean_module = gpytorch.means.ConstantMean()
-            self.covar_module = gpytorch.kernels.ScaleKernel(
-                gpytorch.kernels.MaternKernel(nu=1.5, ard_num_dims=d))
-
-        def forward(self, x):
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(x),
-                                                             self.covar_module(x))
-
-    lik = gpytorch.likelihoods.GaussianLikelihood(
-        noise_constraint=gpytorch.constraints.GreaterThan(bench_uci.NOISE_FLOOR))
-    model = GP(Xt, yt, lik)
+    model, lik = bench_uci.make_gp(Xt, yt)
     model.covar_module.base_kernel.lengthscale = torch.tensor(h["lengthscale"]).reshape(1, d)
     model.covar_module.outputscale = torch.tensor(h["outputscale"])
     lik.noise = torch.tensor([h["noise"]])
