@@ -1,9 +1,10 @@
 """Per-epoch cost and time to quality, gpadjoint against GPyTorch, from the bench_uci records.
 
 For every record of a gpadjoint method in ``results/uci/`` that has a GPyTorch record with the
-same data set, split and backend (same machine, same harness; GPyTorch's longest run), one row in
-``results/bench_epoch.csv``. Resumable: a row is kept while its two records are unchanged (same
-start times); a rerun record gets its row recomputed.
+same data set, split and backend (same machine, same harness; GPyTorch's longest run; a
+gpadjoint ``blocked`` run is paired with GPyTorch's ``keops`` one, column ``gpytorch_backend``),
+one row in ``results/bench_epoch.csv``. Resumable: a row is kept while its two records are
+unchanged (same start times); a rerun record gets its row recomputed.
 
 * ``seconds_per_epoch`` (median over epochs) and ``seconds_per_epoch_ratio`` (÷ GPyTorch);
 * ``passes_per_epoch``: passes over the n² kernel pairs per training step, counted from the
@@ -40,8 +41,8 @@ import _benchutil as bu  # noqa: E402
 OUT = bu.ROOT / "results" / "bench_epoch.csv"
 KEY = ["dataset", "split", "method", "backend", "epochs"]
 FIELDS = KEY + [
-    "gpytorch_epochs", "status", "seconds_per_epoch", "gpytorch_seconds_per_epoch",
-    "seconds_per_epoch_ratio",
+    "gpytorch_backend", "gpytorch_epochs", "status", "seconds_per_epoch",
+    "gpytorch_seconds_per_epoch", "seconds_per_epoch_ratio",
     "passes_per_epoch", "passes_min_design", "gpytorch_passes_per_epoch", "peak_rss_mib",
     "gpytorch_peak_rss_mib", "final_loss_common", "gpytorch_final_loss_common",
     "time_to_quality_s", "gpytorch_train_s", "time_to_quality_ratio", "epochs_to_quality",
@@ -49,6 +50,9 @@ FIELDS = KEY + [
     "gpytorch_record", "record_started", "gpytorch_record_started", "machine", "commit",
 ]
 GPT_PASSES = bu.ROOT / "results" / "gpytorch_passes.csv"
+# GPyTorch's backend paired with each gpadjoint backend. "blocked" (gpadjoint's O(n)-memory CPU
+# path) has no GPyTorch counterpart; GPyTorch's O(n)-memory path is KeOps (see bench_uci).
+PEER_BACKEND = {"dense": "dense", "blocked": "keops", "keops": "keops"}
 
 
 def passes(rec: dict) -> tuple[float, int]:
@@ -135,8 +139,11 @@ def main(argv=None) -> int:
     from gpadjoint.data import load_dataset
 
     for r in recs:
-        key = (r["dataset"], r["split"], r["backend"])
-        if r["method"] == "gpytorch" or key not in peers:
+        if r["method"] == "gpytorch":
+            continue
+        peer_backend = PEER_BACKEND[r["backend"]]
+        key = (r["dataset"], r["split"], peer_backend)
+        if key not in peers:
             continue
         g = peers[key]
         row_key = tuple(str(v) for v in (r["dataset"], r["split"], r["method"], r["backend"],
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
                 and prev.get("gpytorch_record_started") == g["started"]):
             print(f"keep (unchanged): {r['_file']}")
             rows.append(prev | {"gpytorch_passes_per_epoch":
-                                gpt_passes.get((r["dataset"], r["backend"]), "")})
+                                gpt_passes.get((r["dataset"], peer_backend), "")})
             continue
         s = load_dataset(r["dataset"], r["split"], scale_y=False)
         print(f"row: {r['_file']} vs {g['_file']}", flush=True)
@@ -154,12 +161,13 @@ def main(argv=None) -> int:
         p, pmin = passes(r)
         row = {
             "dataset": r["dataset"], "split": r["split"], "method": r["method"],
-            "backend": r["backend"], "epochs": r["epochs"], "gpytorch_epochs": g["epochs"],
+            "backend": r["backend"], "epochs": r["epochs"], "gpytorch_backend": peer_backend,
+            "gpytorch_epochs": g["epochs"],
             "status": "ok", "seconds_per_epoch": r["seconds_per_epoch"],
             "gpytorch_seconds_per_epoch": g["seconds_per_epoch"],
             "seconds_per_epoch_ratio": r["seconds_per_epoch"] / g["seconds_per_epoch"],
             "passes_per_epoch": p, "passes_min_design": pmin,
-            "gpytorch_passes_per_epoch": gpt_passes.get((r["dataset"], r["backend"]), ""),
+            "gpytorch_passes_per_epoch": gpt_passes.get((r["dataset"], peer_backend), ""),
             "peak_rss_mib": r.get("peak_rss_mib"), "gpytorch_peak_rss_mib": g.get("peak_rss_mib"),
             "final_loss_common": r["final_train_loss_common"],
             "gpytorch_final_loss_common": g["final_train_loss_common"],

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", nargs="+", default=["elevators"])
     ap.add_argument("--split", type=int, default=0)
     ap.add_argument("--backends", nargs="+", default=["dense", "keops"],
-                    choices=bench_uci.BACKENDS)
+                    choices=bench_uci.GPYTORCH_BACKENDS)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)

@@ -8,14 +8,16 @@ scale, noise; the constant mean) -- the coordinates Adam steps in:
 * ``gpadjoint``: the Lanczos-adjoint gradient with ``configs/paper.toml``'s estimator settings
   (depth 10, 10 probes, rank-15 CG preconditioner, CG tolerance 1, >= 10 iterations), float32;
 * ``gpadjoint-plogdet``: the same with the preconditioned log det;
+* ``gpadjoint-depthK`` / ``gpadjoint-plogdet-depthK`` (``--depths K ...``): the same at Lanczos
+  depth K instead of 10;
 * ``gpytorch``: GPyTorch's gradient with the paper's settings (bench_uci's, every one pinned),
   float32;
 
 each stochastic one averaged over ``--reps`` probe draws (mean and standard error). Bias, not
 noise, is what Adam cannot average away. One row per (estimator, coordinate) in
 ``results/gradient_bias.csv`` plus a summary row per estimator (coordinate ``ALL``: |mean -
-exact| / |exact| over all coordinates); existing rows of the same (data set, split, epoch, n)
-are replaced.
+exact| / |exact| over all coordinates); existing rows of the same (data set, split, epoch, n,
+estimator) are replaced, others kept.
 
     python scripts/gradient_bias.py --dataset elevators --split 1 --epoch 36 --n 2500
 """
@@ -40,7 +42,7 @@ FIELDS = ["dataset", "split", "epoch", "n", "estimator", "coordinate", "exact", 
           "rel_bias", "reps", "record", "commit", "machine"]
 
 
-def _gpadjoint_grads(X, y, h, reps, precond_logdet):
+def _gpadjoint_grads(X, y, h, reps, precond_logdet, depths=()):
     import jax
     import jax.numpy as jnp
 
@@ -60,10 +62,14 @@ def _gpadjoint_grads(X, y, h, reps, precond_logdet):
     X32, y32 = jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32)
     be = make_backend("dense", "matern32")
     out = {}
-    for name, plog in (("gpadjoint", False), ("gpadjoint-plogdet", True)):
-        if plog and not precond_logdet:
-            continue
-        cfg = MLLConfig(num_probes=10, lanczos_depth=10, precond_rank=15, cg_tol=1.0,
+    variants = [("gpadjoint", False, 10)]
+    if precond_logdet:
+        variants.append(("gpadjoint-plogdet", True, 10))
+    # deeper Lanczos than the paper's 10: does the adjoint gradient's bias shrink with depth?
+    variants += [(f"gpadjoint-depth{k}", False, k) for k in depths]
+    variants += [(f"gpadjoint-plogdet-depth{k}", True, k) for k in depths if precond_logdet]
+    for name, plog, depth in variants:
+        cfg = MLLConfig(num_probes=10, lanczos_depth=depth, precond_rank=15, cg_tol=1.0,
                         cg_min_iter=10, estimator="slq", precond_logdet=plog,
                         noise_floor=bench_uci.NOISE_FLOOR)
         f = jax.jit(jax.grad(lambda p, k, cfg=cfg: neg_mll(p, X32, y32, k, backend=be,
@@ -112,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=2500)
     ap.add_argument("--reps", type=int, default=24)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--depths", type=int, nargs="*", default=[],
+                    help="extra gpadjoint estimators with these Lanczos depths (paper: 10)")
+    ap.add_argument("--no-gpytorch", action="store_true", help="skip GPyTorch's gradient")
     args = ap.parse_args(argv)
     rec_path = Path(args.record) if args.record else (
         bench_uci.OUT_DIR / f"{args.dataset}-split{args.split}-gpadjoint-dense-75ep.json")
@@ -120,8 +129,10 @@ def main(argv=None) -> int:
     s = bench_uci._data(args.dataset, args.split)
     X = np.asarray(s.X_train[: args.n], np.float64)
     y = np.asarray(s.y_train[: args.n], np.float64)
-    exact, draws = _gpadjoint_grads(X, y, h, args.reps, precond_logdet=True)
-    draws["gpytorch"] = _gpytorch_grads(X, y, h, args.reps)
+    exact, draws = _gpadjoint_grads(X, y, h, args.reps, precond_logdet=True,
+                                    depths=args.depths)
+    if not args.no_gpytorch:
+        draws["gpytorch"] = _gpytorch_grads(X, y, h, args.reps)
     d = X.shape[1]
     names = [f"lengthscale[{i}]" for i in range(d)] + ["outputscale", "noise", "mean"]
     base = {"dataset": args.dataset, "split": args.split, "epoch": args.epoch, "n": args.n,
@@ -143,7 +154,8 @@ def main(argv=None) -> int:
         with args.out.open() as f:
             key = (args.dataset, str(args.split), str(args.epoch), str(args.n))
             old = [r for r in csv.DictReader(f)
-                   if (r["dataset"], r["split"], r["epoch"], r["n"]) != key]
+                   if (r["dataset"], r["split"], r["epoch"], r["n"]) != key
+                   or r["estimator"] not in draws]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
