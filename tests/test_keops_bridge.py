@@ -208,3 +208,51 @@ def test_cross_matvec():
     Y = jax.jit(lambda Xs, V: kb.keops_cross_matvec(Xs, X, V, h, "rbf"))(Xs, V)
     assert Y.shape == (50, 3)
     assert _rel(Y, cross_cov("rbf", Xs, X, h) @ V) <= 1e-10
+
+
+def _low_rank_pair(n, m, r, seed=0, noise=0.0):
+    """u, v (n, m) whose product u v^T has rank r (plus optional tiny full-rank noise)."""
+    rng = np.random.default_rng(seed)
+    A, B = rng.normal(size=(n, r)), rng.normal(size=(n, r))
+    u, v = A @ rng.normal(size=(r, m)), B @ rng.normal(size=(r, m))
+    return u + noise * rng.normal(size=u.shape), v + noise * rng.normal(size=v.shape)
+
+
+def test_compress_weight_keeps_the_product():
+    u, v = _low_rank_pair(500, 40, 5, noise=1e-12)
+    a, b = kb.compress_weight(u, v, 8 * 2.0**-53 * 1e3)
+    # rank 5: the 8-column bucket it will run in keeps the 8 leading singular values
+    assert a.shape == b.shape == (500, 8)
+    assert _rel(a @ b.T, u @ v.T) <= 1e-10
+    # full rank: nothing to gain, the inputs come back untouched
+    rng = np.random.default_rng(1)
+    u2, v2 = rng.normal(size=(500, 40)), rng.normal(size=(500, 40))
+    a2, b2 = kb.compress_weight(u2, v2, 1e-7)
+    assert a2 is u2 and b2 is v2
+    # a zero weight becomes one zero column; disabled (rtol 0) returns the inputs
+    z, _ = kb.compress_weight(np.zeros((50, 9)), v2[:50, :9], 1e-7)
+    assert z.shape == (50, 1) and not z.any()
+    assert kb.compress_weight(u, v, 0.0)[0] is u
+    # float32 in, float32 out (the SVD runs in float64)
+    a3, _ = kb.compress_weight(u.astype(np.float32), v.astype(np.float32), 1e-6)
+    assert a3.dtype == np.float32 and a3.shape[1] <= 8
+
+
+@pytest.mark.keops
+def test_gradient_with_a_low_rank_weight_is_compressed_and_exact(monkeypatch):
+    """A 40-column cotangent whose weight has rank 4 runs as a 4-column reduction (bucket 4,
+    already compiled for float64 d = 3: exactly rank 4, so no more singular values to keep)
+    and still gives the dense float64 gradient."""
+    _skip_without_keops()
+    # a cut well above the float64 round-off of the rank-4 product's zero singular values
+    monkeypatch.setitem(kb.VJP_RANK_RTOL, "float64", 1e-10)
+    X, _, _, h = _problem(400, 3, jnp.float64)
+    u, v = _low_rank_pair(400, 40, 4, seed=3)
+    U, V = jnp.asarray(u), jnp.asarray(v)
+    before = dict(kb.CALL_COUNTS)
+    g = jax.jit(jax.grad(lambda h: jnp.sum(U * kb.keops_matvec(X, V, h, "matern32"))))(h)
+    assert kb.CALL_COUNTS["grad"] == before["grad"] + 1
+    assert kb.CALL_COUNTS["grad_columns"] == before["grad_columns"] + 4
+    g0 = jax.grad(lambda h: jnp.sum(U * (dense_cov("matern32", X, h) @ V)))(h)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
+        assert _rel(a, b) <= 1e-9
