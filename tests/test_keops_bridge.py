@@ -1,9 +1,9 @@
 """KeOps bridge: values and VJPs against the dense JAX reference, under jit/scan/vmap.
 
-Compilation budget: every distinct (kernel, dtype, d, column bucket) costs two formulas (matvec
-and hyperparameter gradient) of ~10 s of g++ on a cold cache. This file uses d = 3 throughout,
-float64 with bucket 4 for all kernels, float32 with bucket 1 (matern32) and bucket 4 (matern12),
-plus the one-formula availability probe: 13 formulas.
+Compilation budget: every distinct (kernel, dtype, d, width) costs a matvec formula and every
+(kernel, dtype, d, gradient bucket) a hyperparameter-gradient formula, ~10 s of g++ each on a
+cold cache. This file uses d = 3 throughout, and few widths: 1, 3 and 4 columns (gradient
+buckets 1 and 4), in float64 for all kernels and float32 for matern32 and matern12.
 """
 
 import jax
@@ -66,8 +66,11 @@ def _check_against_dense(kernel, X, V, U, h, tol):
 
 
 def test_column_bucket():
-    assert [kb.column_bucket(m) for m in (1, 2, 3, 5, 11, 256, 257, 600)] == [
-        1, 2, 4, 8, 16, 256, 512, 768,
+    assert [kb.column_bucket(m) for m in (1, 2, 3, 5, 11, 16, 17, 256, 257, 600)] == [
+        1, 2, 3, 5, 11, 16, 32, 256, 512, 768,
+    ]
+    assert [kb.grad_bucket(m) for m in (1, 2, 3, 5, 11, 101, 256, 257, 600)] == [
+        1, 2, 4, 8, 16, 128, 256, 512, 768,
     ]  # fmt: skip
 
 
