@@ -2,8 +2,9 @@
 
 Writes ``results/bench_gradient.csv`` (one row per (method, depth), resumable). The operator is a
 Matern-3/2 ARD kernel matrix on synthetic inputs (n = 4000, d = 8 by default), built once per
-evaluation (dense backend), with 10 Rademacher probes; the gradient is taken w.r.t. the kernel
-hyperparameters. ``method``:
+evaluation (dense backend; ``--backend keops`` or ``blocked`` write
+``results/bench_gradient_<backend>.csv``), with 10 Rademacher probes; the gradient is taken
+w.r.t. the kernel hyperparameters. ``method``:
 
 * ``forward``: the value alone (the reference cost);
 * ``adjoint``: value + gradient through gpadjoint's Lanczos adjoint (custom VJP);
@@ -49,7 +50,7 @@ def child(spec: dict) -> dict:
     X = jnp.asarray(rng.standard_normal((n, d)), dtype)
     params = unconstrain(np.full(d, 2.0), 1.0, 0.1, dtype=dtype)
     Z = ld.rademacher(jax.random.PRNGKey(0), n, p, dtype)
-    be = make_backend("dense", spec["kernel"])
+    be = make_backend(spec.get("backend", "dense"), spec["kernel"])
     adjoint = spec["method"] != "backprop"
 
     def logdet(params):
@@ -86,8 +87,14 @@ def main():
     ap.add_argument("--kernel", default="matern32")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--backend", default="dense", choices=["dense", "blocked", "keops"])
+    ap.add_argument("--out", type=Path,
+                    help="default: results/bench_gradient.csv (dense), else "
+                         "results/bench_gradient_<backend>.csv")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = OUT if args.backend == "dense" else OUT.with_name(
+            f"bench_gradient_{args.backend}.csv")
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
@@ -100,7 +107,9 @@ def main():
             if key in done:
                 continue
             spec = dict(method=method, depth=depth, n=args.n, probes=args.probes,
-                        dtype=args.dtype, kernel=args.kernel, d=8, reps=args.reps)
+                        dtype=args.dtype, kernel=args.kernel, d=8, reps=args.reps,
+                        backend=args.backend)
+            # the backend is in the file name (the dense file predates the option)
             row = dict(zip(KEY, key), kernel=args.kernel, d=8, **prov)
             row.update(bu.run_child(Path(__file__), spec, args.timeout))
             bu.append_row(args.out, row, FIELDS)
