@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -290,7 +291,7 @@ def gpytorch_model(spec: dict):
     return model, lik, Xtr, ytr, Xte, s, settings, base_cls, hypers
 
 
-def run_gpytorch(spec: dict) -> dict:
+def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
     import contextlib
     import warnings
 
@@ -318,25 +319,15 @@ def run_gpytorch(spec: dict) -> dict:
             loss, sec = gpytorch_epoch(model, mll, opt, Xtr, ytr)
             secs.append(sec)
             losses.append(loss)
+            _save_progress(spec, {"stage": "train", "loss_curve": losses,
+                                  "seconds_curve": secs, "hyper_curve": curve})
             if not math.isfinite(losses[-1]):
                 break
         n_warn = sum(1 for w in caught if "CG" in str(w.message) or "conver" in str(w.message))
     train_seconds = time.perf_counter() - t_train
 
     final = hypers()
-    model.eval()
-    lik.eval()
-    t0 = time.perf_counter()
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        stack.enter_context(gpytorch.settings.max_cholesky_size(settings["max_cholesky_size"]))
-        if keops:
-            stack.enter_context(gpytorch.settings.fast_pred_var())
-        pred = lik(model(Xte))
-        mean = pred.mean.double().numpy()
-        var = pred.variance.double().clamp_min(1e-12).numpy()
-    predict_seconds = time.perf_counter() - t0
-    rmse, nll = _predictive_scores(np.asarray(s.y_test), mean, var)
-    return {
+    res = {
         "settings": {
             "gpytorch": settings,
             "optimizer": f"torch.optim.Adam(lr={LR})",
@@ -356,12 +347,29 @@ def run_gpytorch(spec: dict) -> dict:
         "final_train_loss": losses[-1] if losses else None,
         "seconds_per_epoch": float(np.median(secs)) if secs else None,
         "train_seconds": train_seconds,
+        "n_train": int(n),
+        "d": int(d),
+    }
+    after_train(res)  # the common evaluator, saved before GPyTorch's prediction runs
+    if os.environ.get("GPADJ_BENCH_CRASH_IN_PREDICT"):  # test hook: the kin40k segfault
+        os.kill(os.getpid(), signal.SIGSEGV)
+    model.eval()
+    lik.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        stack.enter_context(gpytorch.settings.max_cholesky_size(settings["max_cholesky_size"]))
+        if keops:
+            stack.enter_context(gpytorch.settings.fast_pred_var())
+        pred = lik(model(Xte))
+        mean = pred.mean.double().numpy()
+        var = pred.variance.double().clamp_min(1e-12).numpy()
+    predict_seconds = time.perf_counter() - t0
+    rmse, nll = _predictive_scores(np.asarray(s.y_test), mean, var)
+    return res | {
         "test_rmse": rmse,
         "test_nll": nll,
         "predict_seconds": predict_seconds,
         "predict_method": "lanczos (LOVE)" if keops else "gpytorch default",
-        "n_train": int(n),
-        "d": int(d),
     }
 
 
@@ -376,11 +384,65 @@ def common_loss(spec: dict, final: dict) -> dict:
     }
 
 
+def common_predict(spec: dict, final: dict) -> dict:
+    """Score given hyperparameters on the test split with gpadjoint's predictor.
+
+    As ``gpadjoint fit`` predicts with configs/paper.toml: PCG mean to 1e-2, variance by the
+    automatic method. Only used when a method's own prediction crashed, so that its fit is
+    still scored.
+    """
+    import jax.numpy as jnp
+
+    from gpadjoint import predict as gpred
+    from gpadjoint.kernels import unconstrain
+    from gpadjoint.matvec import choose_backend, make_backend
+
+    s = _data(spec["dataset"], spec["split"])
+    X = jnp.asarray(s.X_train, jnp.float32)
+    y = jnp.asarray(s.y_train, jnp.float32)
+    p = unconstrain(final["lengthscale"], final["outputscale"], final["noise"], final["mean"],
+                    noise_floor=NOISE_FLOOR, dtype=jnp.float32)
+    bname, why = choose_backend(X.shape[0], jnp.float32)
+    be = make_backend(bname, KERNEL)
+    t0 = time.perf_counter()
+    alpha, info = gpred.mean_weights(X, y, p, backend=be, noise_floor=NOISE_FLOOR,
+                                     precond_rank=15, tol=1e-2, max_iter=1000)
+    Xt = jnp.asarray(s.X_test, jnp.float32)
+    mean = gpred.predict_mean(Xt, X, alpha, p, kernel=KERNEL, noise_floor=NOISE_FLOOR,
+                              batch_size=1024)
+    var = gpred.predict_variance(Xt, X, p, backend=be, method="auto", noise_floor=NOISE_FLOOR,
+                                 precond_rank=15, tol=1e-2, max_iter=1000, y=y, love_rank=100,
+                                 batch_size=1024)
+    rmse, nll = _predictive_scores(np.asarray(s.y_test), np.asarray(mean), np.asarray(var))
+    return {"test_rmse": rmse, "test_nll": nll, "predict_seconds": time.perf_counter() - t0,
+            "predict_backend": f"{bname} ({why})"}
+
+
+def _save_progress(spec: dict, res: dict) -> None:
+    """Write what a run has so far next to its record, so that a crash loses nothing."""
+    if not spec.get("progress"):
+        return
+    from gpadjoint._io import atomic_write
+
+    text = json.dumps(res, default=float)
+    atomic_write(Path(spec["progress"]), lambda fh, t=text: fh.write(t), binary=False)
+
+
 def child(spec: dict) -> dict:
     t0 = time.time()
-    res = (run_gpytorch if spec["method"] == "gpytorch" else run_gpadjoint)(spec)
-    if spec.get("common", True) and res["final_train_loss"] is not None:
-        res.update(common_loss(spec, res["final_hyperparameters"]))
+    if spec.get("common_predict"):
+        return common_predict(spec, spec["common_predict"])
+
+    def after_train(res):
+        if spec.get("common", True) and res["final_train_loss"] is not None:
+            res.update(common_loss(spec, res["final_hyperparameters"]))
+        _save_progress(spec, res | {"stage": "predict"})
+
+    if spec["method"] == "gpytorch":
+        res = run_gpytorch(spec, after_train)
+    else:
+        res = run_gpadjoint(spec)
+        after_train(res)
     res["child_seconds"] = time.time() - t0
     res["peak_rss_mib"] = bu.peak_rss_mib()
     return res
@@ -388,6 +450,32 @@ def child(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # parent: the batch
+
+
+def _recover(spec: dict, res: dict, progress: Path, timeout: float) -> dict:
+    """Keep what a crashed run finished: its training (and common loss) from the progress file.
+
+    A crash after training and the common evaluator (in the method's own prediction: GPyTorch's
+    KeOps/LOVE prediction segfaulted on kin40k) keeps the run as ok, scores its final
+    hyperparameters with gpadjoint's predictor instead, and says so in ``predict_method``. A
+    crash during training keeps the epochs done under the failed status.
+    """
+    if res.get("status", "ok") == "ok" or not progress.exists():
+        progress.unlink(missing_ok=True)
+        return res
+    part = json.loads(progress.read_text())
+    progress.unlink()
+    stage = part.pop("stage", "train")
+    if stage != "predict":
+        return part | {"status": f"{res['status']} (during training; partial curves kept)"}
+    pred = bu.run_child(Path(__file__), spec | {"common_predict": part["final_hyperparameters"]},
+                        timeout)
+    return part | pred | {
+        "status": "ok" if pred.get("status", "ok") == "ok" else pred["status"],
+        "own_predict_status": res["status"],
+        "predict_method": f"gpadjoint's predictor on this run's final hyperparameters (the "
+                          f"method's own prediction crashed: {res['status']})",
+    }
 
 
 def load_avg() -> list[float]:
@@ -445,7 +533,10 @@ def main(argv=None) -> int:
                     print(f"run: {path.name}", flush=True)
                     started = datetime.now(timezone.utc).isoformat()
                     load_before = load_avg()
-                    res = bu.run_child(Path(__file__), spec, args.timeout)
+                    progress = path.with_suffix(".progress")
+                    res = bu.run_child(Path(__file__), spec | {"progress": str(progress)},
+                                       args.timeout)
+                    res = _recover(spec, res, progress, args.timeout)
                     rec = {
                         **spec,
                         "seed": seed_for(split),

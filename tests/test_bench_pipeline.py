@@ -97,3 +97,63 @@ def test_bench_epoch_rows_from_the_records(records, tmp_path):
     expected = np.median([max(10, c + 1) + 10 + 1 + 1 for c in rec["cg_iterations_curve"]])
     assert float(r["passes_per_epoch"]) == expected and int(r["passes_min_design"]) == 22
     assert r["time_to_quality_ratio"] == "" or float(r["time_to_quality_ratio"]) > 0
+
+
+def test_blocked_backend_is_paired_with_gpytorch_keops(records, tmp_path):
+    """gpadjoint's blocked backend has no GPyTorch twin: GPyTorch is skipped with a reason, and
+    bench_epoch / make_table pair the blocked run with GPyTorch's KeOps record, saying so."""
+    import csv
+    import shutil
+
+    src, recs = records
+    out = tmp_path / "uci"
+    out.mkdir()
+    # GPyTorch's dense yacht record stands in for its KeOps one (the pairing is what is tested)
+    g = dict(recs["yacht-split0-gpytorch-dense-2ep.json"], backend="keops")
+    (out / "yacht-split0-gpytorch-keops-2ep.json").write_text(json.dumps(g))
+    shutil.copy(src / "yacht-split0-gpadjoint-dense-2ep.json", out)
+    stdout = _run("scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0", "--epochs",
+                  "2", "--methods", "gpadjoint", "gpytorch", "--backends", "blocked",
+                  "--out-dir", out)
+    assert "GPyTorch has no 'blocked' backend" in stdout
+    assert not (out / "yacht-split0-gpytorch-blocked-2ep.json").exists()
+    b = json.loads((out / "yacht-split0-gpadjoint-blocked-2ep.json").read_text())
+    d = recs["yacht-split0-gpadjoint-dense-2ep.json"]
+    assert b["status"] == "ok" and b["settings"]["backend_reason"] == "requested"
+    # same probes and start: the blocked and dense matvecs differ by float32 rounding only
+    np.testing.assert_allclose(b["loss_curve"], d["loss_curve"], rtol=1e-3)
+    _run("scripts/bench_epoch.py", "--records", out, "--out", tmp_path / "be.csv")
+    rows = {r["backend"]: r for r in csv.DictReader(open(tmp_path / "be.csv"))}
+    assert set(rows) == {"blocked"}  # the dense gpadjoint run has no dense GPyTorch peer here
+    assert rows["blocked"]["gpytorch_backend"] == "keops"
+    assert rows["blocked"]["gpytorch_record"] == "yacht-split0-gpytorch-keops-2ep.json"
+    assert int(rows["blocked"]["passes_min_design"]) == 21  # no build of K on the fly
+    _run("scripts/make_table.py", "--records", out, "--out", tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert "yacht, blocked, 2 epochs, gpadjoint vs GPyTorch keops" in table
+
+
+def test_a_crash_in_prediction_keeps_the_fit_and_scores_it(records, tmp_path):
+    """GPyTorch's KeOps prediction segfaulted on kin40k after 50 minutes of training: the
+    training curves and the common loss survive, and the final hyperparameters are scored by
+    gpadjoint's predictor, labelled as such."""
+    import os
+
+    _, recs = records
+    out = tmp_path / "uci"
+    env = dict(os.environ, GPADJ_BENCH_CRASH_IN_PREDICT="1")
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0",
+         "--epochs", "2", "--methods", "gpytorch", "--backends", "dense", "--out-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((out / "yacht-split0-gpytorch-dense-2ep.json").read_text())
+    ref = recs["yacht-split0-gpytorch-dense-2ep.json"]
+    assert r["status"] == "ok" and "rc=-11" in r["own_predict_status"]
+    assert r["predict_method"].startswith("gpadjoint's predictor")
+    assert len(r["loss_curve"]) == 2 and math.isfinite(r["final_train_loss_common"])
+    # same start and settings as the undisturbed run: same fit, and both predictors agree
+    assert r["final_train_loss_common"] == pytest.approx(ref["final_train_loss_common"],
+                                                         rel=1e-4)
+    assert r["test_rmse"] == pytest.approx(ref["test_rmse"], rel=2e-2)
+    assert not list(out.glob("*.progress"))
