@@ -353,6 +353,8 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
     after_train(res)  # the common evaluator, saved before GPyTorch's prediction runs
     if os.environ.get("GPADJ_BENCH_CRASH_IN_PREDICT"):  # test hook: the kin40k segfault
         os.kill(os.getpid(), signal.SIGSEGV)
+    if spec.get("skip_own_predict"):
+        return res
     model.eval()
     lik.eval()
     t0 = time.perf_counter()
@@ -440,6 +442,11 @@ def child(spec: dict) -> dict:
 
     if spec["method"] == "gpytorch":
         res = run_gpytorch(spec, after_train)
+        if spec.get("skip_own_predict"):
+            res.update(common_predict(spec, res["final_hyperparameters"]))
+            res["predict_method"] = (
+                "gpadjoint's predictor on this run's final hyperparameters (GPyTorch's own "
+                f"prediction skipped: {spec['skip_own_predict']})")
     else:
         res = run_gpadjoint(spec)
         after_train(res)
@@ -497,6 +504,10 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--no-common", action="store_true", help="skip the common evaluator (for smoke tests)"
     )
+    ap.add_argument(
+        "--skip-gpytorch-predict", metavar="REASON",
+        help="score GPyTorch's fit with gpadjoint's predictor instead of GPyTorch's own "
+             "prediction, recording REASON (e.g. it crashed on this data set before)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -530,6 +541,8 @@ def main(argv=None) -> int:
                         "epochs": args.epochs,
                         "common": not args.no_common,
                     }
+                    if method == "gpytorch" and args.skip_gpytorch_predict:
+                        spec["skip_own_predict"] = args.skip_gpytorch_predict
                     print(f"run: {path.name}", flush=True)
                     started = datetime.now(timezone.utc).isoformat()
                     load_before = load_avg()
