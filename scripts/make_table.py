@@ -195,6 +195,12 @@ def write_markdown(rows: list[dict], path: Path, recs: list[dict]) -> None:
             f"{r.get('paper_rmse', '–')} | "
             f"{r.get('paper_loss', '–')} | {r.get('paper_seconds_per_epoch', '–')} |"
         )
+    subst = [r for r in recs if r["method"] == "gpytorch"
+             and str(r.get("predict_method", "")).startswith("gpadjoint's predictor")]
+    if subst:
+        lines += [""] + [
+            f"- {r['dataset']} gpytorch {r['backend']} split {r['split']}: RMSE/NLL by "
+            f"{r['predict_method']}." for r in subst]
     comp = comparisons(recs)
     if comp:
         head = ("Like-for-like comparisons (same data set, backend and epochs; gpadjoint's "
