@@ -64,3 +64,25 @@ def test_bad_input_is_refused_with_the_reason():
         evaluate.exact_loss(X, y[:-1], kernel="matern32", **hp)
     with pytest.raises(ValueError, match="unknown method"):
         evaluate.exact_loss(X, y, kernel="matern32", method="lu", **hp)
+
+
+@pytest.mark.parametrize("n, block", [(257, 64), (300, 300), (100, 128)])
+def test_blocked_cholesky_and_substitution_match_numpy(n, block):
+    import scipy.linalg as sla
+
+    rng = np.random.default_rng(n)
+    B = rng.normal(size=(n, n))
+    A = B @ B.T + n * np.eye(n)
+    L0 = np.linalg.cholesky(A)
+    r = rng.normal(size=n)
+    evaluate.blocked_cholesky(A, block)  # in place: the lower triangle becomes L
+    np.testing.assert_allclose(np.tril(A), L0, rtol=0, atol=1e-12 * np.abs(L0).max())
+    z = evaluate._forward_substitution(A, r, block)
+    np.testing.assert_allclose(z, sla.solve_triangular(L0, r, lower=True), atol=1e-12)
+
+
+def test_blocked_cholesky_reports_an_indefinite_block():
+    A = np.eye(300)
+    A[200, 200] = -1.0
+    with pytest.raises(np.linalg.LinAlgError, match="pivot block 128:256"):
+        evaluate.blocked_cholesky(A, 128)
