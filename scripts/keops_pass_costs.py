@@ -9,7 +9,9 @@ KeOps reduction over the training set during ``--reps`` value + gradient evaluat
 * gpadjoint: :func:`gpadjoint.mll.neg_mll` with ``configs/paper.toml``'s estimator, jitted, CG
   warm-started from the previous evaluation's solution as in training. Reductions are
   ``kv`` (K times an m-column block: forward Lanczos/CG passes and adjoint passes) and ``grad``
-  (the one fused parameter VJP, weighted by an m-wide dot product per pair);
+  (the one fused parameter VJP, weighted by an m-wide dot product per pair; ``columns`` is
+  the padded width it ran at after :func:`gpadjoint.keops_bridge.compress_weight`, the kind
+  ``grad[m]`` names the width before);
 * GPyTorch: ``-mll(model(X), y).backward()`` under bench_uci's pinned settings; each pykeops
   reduction is labelled by its output width (the number of right-hand sides for a matvec).
 
@@ -85,8 +87,11 @@ def _gpadjoint(X, y, h, reps, log: _Log) -> tuple[list[float], list]:
 
     def grad(kernel, z, u, v):
         t = time.perf_counter()
+        c0 = kb.CALL_COUNTS["grad_columns"]
         out = orig_grad(kernel, z, u, v)
-        log.add("grad", u.shape[1], time.perf_counter() - t)
+        # labelled by the width it ran at, after compress_weight (the input width in brackets)
+        log.add(f"grad[{u.shape[1]}]", kb.grad_bucket(kb.CALL_COUNTS["grad_columns"] - c0),
+                time.perf_counter() - t)
         return out
 
     walls, passes = [], []
