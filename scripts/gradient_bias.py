@@ -42,7 +42,7 @@ FIELDS = ["dataset", "split", "epoch", "n", "estimator", "coordinate", "exact", 
           "rel_bias", "reps", "record", "commit", "machine"]
 
 
-def _gpadjoint_grads(X, y, h, reps, precond_logdet, depths=()):
+def _gpadjoint_grads(X, y, h, reps, precond_logdet, depths=(), cg_tol=1.0):
     import jax
     import jax.numpy as jnp
 
@@ -66,10 +66,12 @@ def _gpadjoint_grads(X, y, h, reps, precond_logdet, depths=()):
     if precond_logdet:
         variants.append(("gpadjoint-plogdet", True, 10))
     # deeper Lanczos than the paper's 10: does the adjoint gradient's bias shrink with depth?
-    variants += [(f"gpadjoint-depth{k}", False, k) for k in depths]
-    variants += [(f"gpadjoint-plogdet-depth{k}", True, k) for k in depths if precond_logdet]
+    tag = "" if cg_tol == 1.0 else f"-cgtol{cg_tol:g}"
+    variants += [(f"gpadjoint-depth{k}{tag}", False, k) for k in depths]
+    variants += [(f"gpadjoint-plogdet-depth{k}{tag}", True, k) for k in depths if precond_logdet]
     for name, plog, depth in variants:
-        cfg = MLLConfig(num_probes=10, lanczos_depth=depth, precond_rank=15, cg_tol=1.0,
+        tol = cg_tol if name.startswith(("gpadjoint-depth", "gpadjoint-plogdet-depth")) else 1.0
+        cfg = MLLConfig(num_probes=10, lanczos_depth=depth, precond_rank=15, cg_tol=tol,
                         cg_min_iter=10, estimator="slq", precond_logdet=plog,
                         noise_floor=bench_uci.NOISE_FLOOR)
         f = jax.jit(jax.grad(lambda p, k, cfg=cfg: neg_mll(p, X32, y32, k, backend=be,
@@ -121,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="*", default=[],
                     help="extra gpadjoint estimators with these Lanczos depths (paper: 10)")
     ap.add_argument("--no-gpytorch", action="store_true", help="skip GPyTorch's gradient")
+    ap.add_argument("--cg-tol", type=float, default=1.0,
+                    help="CG tolerance of the --depths estimators (paper: 1.0)")
     args = ap.parse_args(argv)
     rec_path = Path(args.record) if args.record else (
         bench_uci.OUT_DIR / f"{args.dataset}-split{args.split}-gpadjoint-dense-75ep.json")
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
     X = np.asarray(s.X_train[: args.n], np.float64)
     y = np.asarray(s.y_train[: args.n], np.float64)
     exact, draws = _gpadjoint_grads(X, y, h, args.reps, precond_logdet=True,
-                                    depths=args.depths)
+                                    depths=args.depths, cg_tol=args.cg_tol)
     if not args.no_gpytorch:
         draws["gpytorch"] = _gpytorch_grads(X, y, h, args.reps)
     d = X.shape[1]
