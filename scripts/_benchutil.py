@@ -82,6 +82,19 @@ def append_row(path: Path, row: dict, fields: list[str]) -> None:
         os.fsync(fh.fileno())
 
 
+def replace_rows(path: Path, rows: list[dict], fields: list[str], replaced) -> None:
+    """Rewrite the CSV at ``path``: its rows for which ``replaced(row)`` is false, then ``rows``."""
+    old = []
+    if path.exists():
+        with path.open() as f:
+            old = [r for r in csv.DictReader(f) if not replaced(r)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(old + rows)
+
+
 def run_child(script: Path, spec: dict, timeout: float) -> dict:
     """Run ``script --child JSON`` in a fresh process; return its last JSON line plus peak RSS."""
     t0 = time.time()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import sys
 from pathlib import Path
@@ -153,18 +152,9 @@ def main(argv=None) -> int:
             rows.append(base | {"estimator": est, "coordinate": nm, "exact": exact[i],
                                 "mean": mean[i], "se": se[i], "rel_bias": rb})
         print(f"{est:18s} |mean - exact| / |exact| = {rows[-len(names) - 1]['rel_bias']:.4f}")
-    old = []
-    if args.out.exists():
-        with args.out.open() as f:
-            key = (args.dataset, str(args.split), str(args.epoch), str(args.n))
-            old = [r for r in csv.DictReader(f)
-                   if (r["dataset"], r["split"], r["epoch"], r["n"]) != key
-                   or r["estimator"] not in draws]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(old + rows)
+    key = (args.dataset, str(args.split), str(args.epoch), str(args.n))
+    bu.replace_rows(args.out, rows, FIELDS, lambda r: (
+        (r["dataset"], r["split"], r["epoch"], r["n"]) == key and r["estimator"] in draws))
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import sys
 import time
@@ -211,18 +210,9 @@ def main(argv=None) -> int:
                 print(f"{method:10s} {r['kind']:9s} cols {str(r['columns']):>4s} x "
                       f"{r['count']:5.1f}: {r['seconds_mean']:.3f} s each, "
                       f"{r['seconds_per_eval']:.2f} s per evaluation", flush=True)
-    old = []
-    if args.out.exists():
-        with args.out.open() as f:
-            key = (args.dataset, str(args.split), str(args.epoch))
-            old = [r for r in csv.DictReader(f)
-                   if (r["dataset"], r["split"], r["epoch"]) != key
-                   or r["method"] not in args.methods]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(old + rows)
+    key = (args.dataset, str(args.split), str(args.epoch))
+    bu.replace_rows(args.out, rows, FIELDS, lambda r: (
+        (r["dataset"], r["split"], r["epoch"]) == key and r["method"] in args.methods))
     return 0
 
 
