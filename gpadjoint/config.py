@@ -139,7 +139,7 @@ class ModelConfig(_Section):
     backend: str = "auto"
     dtype: str = "float32"
     noise_floor: float = NOISE_FLOOR
-    tile: int = 1024
+    tile: int = 128
     scale_y: bool = True
 
     def _validate(self):

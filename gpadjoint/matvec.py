@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .kernels import Hypers, cross_cov, dense_cov, get_profile
+from .kernels import PROFILE_DERIVATIVES, Hypers, cross_cov, dense_cov, get_profile, sq_dist
 
 BACKENDS = ("dense", "blocked", "keops")
 
@@ -45,13 +45,15 @@ class Backend:
     Attributes:
         name: "dense", "blocked" or "keops".
         kernel: kernel name (see :data:`gpadjoint.kernels.PROFILES`).
-        tile: rows per tile for ``blocked``.
+        tile: rows per tile for ``blocked``. 128 measured fastest from n = 8192 to 36 000 on
+            the 2-core CPU (a (tile, n) float32 block then fits the 32 MiB L3): at n = 36 000,
+            d = 8, an 11-column matvec took 1.05 s against 1.61 s with 1024 rows.
 
     """
 
     name: str
     kernel: str
-    tile: int = 1024
+    tile: int = 128
 
     def operator(self, X, hypers: Hypers) -> tuple[Callable, tuple]:
         """Return ``(mv, args)`` with ``mv(V, *args) == K(hypers) @ V`` for V (n,) or (n, m)."""
@@ -76,7 +78,7 @@ class Backend:
         return mv(V, *args)
 
 
-def make_backend(name: str, kernel: str, *, tile: int = 1024) -> Backend:
+def make_backend(name: str, kernel: str, *, tile: int = 128) -> Backend:
     """Validate names and return a :class:`Backend` (no silent substitution).
 
     Raises:
@@ -192,24 +194,74 @@ def _blocked_mv_fn(kernel: str, tile: int) -> Callable:
 
     def bwd(res, U):
         V, X, hypers = res
-        n = X.shape[0]
-        t = min(tile, n)
-        Vbar = forward(U, X, hypers)  # K is symmetric
-        Xp = _pad_rows(X, t)
-        Up = _pad_rows(U, t)
-        nb = Xp.shape[0] // t
-
-        def body(acc, s):
-            Xt = lax.dynamic_slice_in_dim(Xp, s, t)
-            Ut = lax.dynamic_slice_in_dim(Up, s, t)
-            _, vjp = jax.vjp(lambda h: tile_rows(s, Xt, X, V, h), hypers)
-            (g,) = vjp(Ut)
-            return jax.tree.map(jnp.add, acc, g), None
-
-        zero = jax.tree.map(jnp.zeros_like, hypers)
-        hbar, _ = lax.scan(body, zero, jnp.arange(nb) * t)
-        hbar = hbar._replace(noise=hbar.noise + jnp.sum(U * V))
+        Vbar = forward(U, X, hypers)  # K is symmetric; dead code (dropped) when unused
+        if kernel in PROFILE_DERIVATIVES:
+            hbar = _blocked_hypers_vjp(kernel, tile, X, U, V, hypers)
+        else:
+            hbar = _blocked_hypers_vjp_autodiff(tile_rows, tile, X, U, V, hypers)
         return Vbar, jnp.zeros_like(X), hbar
 
     mv.defvjp(fwd, bwd)
     return mv
+
+
+def _blocked_hypers_vjp_autodiff(tile_rows, tile, X, U, V, hypers):
+    """Cotangent of hypers for <U, K(hypers) V> by autodiff through each tile (matern12)."""
+    n = X.shape[0]
+    t = min(tile, n)
+    Xp = _pad_rows(X, t)
+    Up = _pad_rows(U, t)
+    nb = Xp.shape[0] // t
+
+    def body(acc, s):
+        Xt = lax.dynamic_slice_in_dim(Xp, s, t)
+        Ut = lax.dynamic_slice_in_dim(Up, s, t)
+        _, vjp = jax.vjp(lambda h: tile_rows(s, Xt, X, V, h), hypers)
+        (g,) = vjp(Ut)
+        return jax.tree.map(jnp.add, acc, g), None
+
+    zero = jax.tree.map(jnp.zeros_like, hypers)
+    hbar, _ = lax.scan(body, zero, jnp.arange(nb) * t)
+    return hbar._replace(noise=hbar.noise + jnp.sum(U * V))
+
+
+def _blocked_hypers_vjp(kernel, tile, X, U, V, hypers):
+    """Cotangent of hypers for <U, K(hypers) V> = sum_ij (U_i . V_j) K_ij, in closed form.
+
+    Per row tile: the weight W = U_t V^T, then one fused elementwise pass giving
+    sum W o k(R2) (the output scale's cotangent) and G = W o k'(R2), and the lengthscale terms
+    sum_ij G_ij (xs_id - xs_jd)^2 from row sums, column sums and one (t, n) x (n, d) product, as
+    the dense backend's hand-written VJP. Autodiff through the tile instead keeps and revisits
+    several (t, n) intermediates: at n = 36 000, d = 8, 102 columns it took 15.4 s against
+    1.15 s for an 11-column matvec.
+    """
+    n, d = X.shape
+    U, V = U.reshape(n, -1), V.reshape(n, -1)
+    t = min(tile, n)
+    ls = hypers.lengthscale
+    Xs = X / ls
+    Xsp = _pad_rows(Xs, t)
+    Up = _pad_rows(U, t)
+    nb = Xsp.shape[0] // t
+    prof, dprof = get_profile(kernel), PROFILE_DERIVATIVES[kernel]
+
+    # sum_j G_ij (xs_id - xs_jd)^2 = rows_i xs_id^2 - 2 xs_id (G xs)_id + (G xs^2)_id: all three
+    # from one product G @ [1, xs, xs^2]. (Row and column sums as XLA reductions over both axes
+    # of the tile measured 3x slower than this whole pass.)
+    B = jnp.concatenate([jnp.ones((n, 1), X.dtype), Xs, Xs * Xs], axis=1)
+
+    def body(acc, s):
+        s2bar, quad = acc
+        Xt = lax.dynamic_slice_in_dim(Xsp, s, t)
+        Ut = lax.dynamic_slice_in_dim(Up, s, t)
+        R2 = sq_dist(Xt, Xs, s)
+        W = Ut @ V.T  # padded rows of U are zero, so padded rows of W add nothing
+        s2bar = s2bar + jnp.sum(W * prof(R2))
+        GB = (W * dprof(R2)) @ B
+        rows, GX, GX2 = GB[:, 0], GB[:, 1 : d + 1], GB[:, d + 1 :]
+        quad = quad + jnp.sum(rows[:, None] * (Xt * Xt) - 2.0 * Xt * GX + GX2, axis=0)
+        return (s2bar, quad), None
+
+    zero = (jnp.zeros((), X.dtype), jnp.zeros((d,), X.dtype))
+    (s2bar, quad), _ = lax.scan(body, zero, jnp.arange(nb) * t)
+    return Hypers(-2.0 * hypers.outputscale * quad / ls, s2bar, jnp.sum(U * V))
