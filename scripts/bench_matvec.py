@@ -7,6 +7,7 @@ compilation), and peak_rss_mib is that process's maximum resident memory.
 
     python scripts/bench_matvec.py                 # the full grid (hours on 2 CPU cores)
     python scripts/bench_matvec.py --n 2000 8000   # a subset
+    python scripts/bench_matvec.py --n 16599 --backends blocked --redo   # re-measure, replacing
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 
+from gpadjoint.matvec import Backend  # noqa: E402
+
 OUT = bu.ROOT / "results" / "bench_matvec.csv"
 KEY = ["backend", "n", "rhs", "dtype", "op"]
 FIELDS = KEY + [
-    "status", "seconds_median", "seconds_min", "reps", "peak_rss_mib", "kernel", "d",
+    "status", "seconds_median", "seconds_min", "reps", "peak_rss_mib", "kernel", "d", "tile",
     "child_wall_s", "commit", "machine", "versions",
 ]
 
@@ -79,6 +82,10 @@ def main():
     ap.add_argument("--kernel", default="matern32")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--tile", type=int, default=Backend.tile,
+                    help="rows per tile of the blocked backend (default: gpadjoint's)")
+    ap.add_argument("--redo", action="store_true",
+                    help="measure the selected configurations again, replacing their rows")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.child:
@@ -93,7 +100,7 @@ def main():
                 for rhs in args.rhs:
                     for op in args.ops:
                         key = (backend, str(n), str(rhs), dtype, op)
-                        if key in done:
+                        if key in done and not args.redo:
                             continue
                         row = dict(zip(KEY, key), kernel=args.kernel, d=18, **prov)
                         itemsize = 4 if dtype == "float32" else 8
@@ -101,9 +108,11 @@ def main():
                             row["status"] = "skipped: n x n matrices exceed 20 GiB"
                         else:
                             spec = dict(backend=backend, n=n, rhs=rhs, dtype=dtype, op=op,
-                                        kernel=args.kernel, d=18, tile=1024, reps=args.reps)
+                                        kernel=args.kernel, d=18, tile=args.tile, reps=args.reps)
+                            row["tile"] = args.tile if backend == "blocked" else ""
                             row.update(bu.run_child(Path(__file__), spec, args.timeout))
-                        bu.append_row(args.out, row, FIELDS)
+                        bu.replace_rows(args.out, [row], FIELDS,
+                                        lambda r, key=key: tuple(r[k] for k in KEY) == key)
                         print(", ".join(f"{k}={row.get(k)}" for k in KEY + ["status",
                               "seconds_median", "peak_rss_mib"]), flush=True)
 
