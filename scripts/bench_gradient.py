@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--backend", default="dense", choices=["dense", "blocked", "keops"])
+    ap.add_argument("--redo", action="store_true",
+                    help="measure the selected rows again, replacing them (after a code change)")
     ap.add_argument("--out", type=Path,
                     help="default: results/bench_gradient.csv (dense), else "
                          "results/bench_gradient_<backend>.csv")
@@ -104,7 +106,7 @@ def main():
     for depth in args.depths:
         for method in args.methods:
             key = (method, str(depth), str(args.n), str(args.probes), args.dtype)
-            if key in done:
+            if key in done and not args.redo:
                 continue
             spec = dict(method=method, depth=depth, n=args.n, probes=args.probes,
                         dtype=args.dtype, kernel=args.kernel, d=8, reps=args.reps,
@@ -112,7 +114,8 @@ def main():
             # the backend is in the file name (the dense file predates the option)
             row = dict(zip(KEY, key), kernel=args.kernel, d=8, **prov)
             row.update(bu.run_child(Path(__file__), spec, args.timeout))
-            bu.append_row(args.out, row, FIELDS)
+            bu.replace_rows(args.out, [row], FIELDS,
+                            lambda r, key=key: tuple(r[k] for k in KEY) == key)
             print(", ".join(f"{k}={row.get(k)}" for k in KEY + ["status", "seconds_median",
                   "peak_rss_mib"]), flush=True)
 
