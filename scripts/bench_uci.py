@@ -560,6 +560,7 @@ def main(argv=None) -> int:
                     print(f"run: {path.name}", flush=True)
                     started = datetime.now(timezone.utc).isoformat()
                     load_before = load_avg()
+                    commit = bu.git_commit()  # the code the child imports, not what HEAD is after
                     progress = path.with_suffix(".progress")
                     res = bu.run_child(Path(__file__), spec | {"progress": str(progress)},
                                        args.timeout)
@@ -573,7 +574,7 @@ def main(argv=None) -> int:
                         "started": started,
                         "load_avg_before": load_before,
                         "load_avg_after": load_avg(),
-                        "commit": bu.git_commit(),
+                        "commit": commit,
                         "machine": bu.machine(),
                         "versions": bu.versions(),
                         "script": "scripts/bench_uci.py",
