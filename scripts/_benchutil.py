@@ -95,6 +95,12 @@ def replace_rows(path: Path, rows: list[dict], fields: list[str], replaced) -> N
         w.writerows(old + rows)
 
 
+def upsert_row(path: Path, row: dict, fields: list[str], key_fields: list[str]) -> None:
+    """Write ``row`` to the CSV at ``path``, replacing any row with the same key (a re-measure)."""
+    key = tuple(str(row[k]) for k in key_fields)
+    replace_rows(path, [row], fields, lambda r: tuple(r[k] for k in key_fields) == key)
+
+
 def run_child(script: Path, spec: dict, timeout: float) -> dict:
     """Run ``script --child JSON`` in a fresh process; return its last JSON line plus peak RSS."""
     t0 = time.time()

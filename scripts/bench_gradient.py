@@ -114,8 +114,7 @@ def main():
             # the backend is in the file name (the dense file predates the option)
             row = dict(zip(KEY, key), kernel=args.kernel, d=8, **prov)
             row.update(bu.run_child(Path(__file__), spec, args.timeout))
-            bu.replace_rows(args.out, [row], FIELDS,
-                            lambda r, key=key: tuple(r[k] for k in KEY) == key)
+            bu.upsert_row(args.out, row, FIELDS, KEY)
             print(", ".join(f"{k}={row.get(k)}" for k in KEY + ["status", "seconds_median",
                   "peak_rss_mib"]), flush=True)
 

@@ -111,8 +111,7 @@ def main():
                                         kernel=args.kernel, d=18, tile=args.tile, reps=args.reps)
                             row["tile"] = args.tile if backend == "blocked" else ""
                             row.update(bu.run_child(Path(__file__), spec, args.timeout))
-                        bu.replace_rows(args.out, [row], FIELDS,
-                                        lambda r, key=key: tuple(r[k] for k in KEY) == key)
+                        bu.upsert_row(args.out, row, FIELDS, KEY)
                         print(", ".join(f"{k}={row.get(k)}" for k in KEY + ["status",
                               "seconds_median", "peak_rss_mib"]), flush=True)
 
