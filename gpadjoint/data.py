@@ -7,6 +7,10 @@ Every loader returns a :class:`Split`: inputs standardised with the *training* m
 std only with ``scale_y=True``).  ``Split.unscale_y`` maps predictions back to the original units,
 in which RMSE and NLL are reported.
 
+The shipped targets are those of the treforevans files, already transformed where the paper
+(Krämer et al. 2024) transforms them: protein's is log(RMSD + 1) and keggundirected's is log(y),
+both centred (``tests/test_data.py`` checks this from the values).  No loader transforms them again.
+
 Shipped data live in ``<repo>/datasets`` (formats in its ``README.md``; every file's sha256 in
 ``MANIFEST.tsv`` is checked on first load in each process).  The five large treforevans sets are
 not shipped; :func:`download_dataset` fetches them into ``$GPADJOINT_DATA`` (default

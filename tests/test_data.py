@@ -114,6 +114,30 @@ def test_column_constant_only_in_training_rows():
     assert np.abs(s.X_test).max() < 100
 
 
+def _all_targets(name):
+    s = D.load_dataset(name, 0)
+    return np.concatenate([s.y_train, s.y_test]) + s.y_mean
+
+
+def test_protein_target_is_already_log1p_rmsd():
+    # The paper's loader fits log(RMSD + 1), centred.  CASP's RMSD spans 0..21 Angstrom, so that
+    # target spans log(22) = 3.0910; a raw (untransformed) RMSD would span ~21.  The shipped file
+    # is already transformed, so loading it must not transform it again.
+    y = _all_targets("protein")
+    assert abs(np.ptp(y) - np.log(22.0)) < 1e-3
+    assert abs(y.mean()) < 1e-5  # centred over all rows
+
+
+def test_keggundirected_target_is_already_log():
+    # The paper's loader fits log(y), centred.  The shipped target is log(y) - c for a raw y in
+    # steps of 1/2 (2, 3, 4, ... halves of the smallest value), which a raw or log1p target is not.
+    y = _all_targets("keggundirected")
+    ratios = 2.0 * np.exp(np.unique(y) - y.min())
+    # the file keeps 5 significant digits of y: ~5e-5 relative in each ratio
+    assert (np.abs(ratios - np.round(ratios)) < 1e-4 * ratios + 1e-4).all()
+    assert abs(y.mean()) < 1e-5
+
+
 def test_kin8nm_has_20_splits_of_7373_819():
     for k in range(20):
         s = D.load_dataset("kin8nm", k)
