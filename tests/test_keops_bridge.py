@@ -69,8 +69,8 @@ def test_column_bucket():
     assert [kb.column_bucket(m) for m in (1, 2, 3, 5, 11, 16, 17, 256, 257, 600)] == [
         1, 2, 3, 5, 11, 16, 32, 256, 512, 768,
     ]
-    assert [kb.grad_bucket(m) for m in (1, 2, 3, 5, 11, 101, 256, 257, 600)] == [
-        1, 2, 4, 8, 16, 128, 256, 512, 768,
+    assert [kb.grad_bucket(m) for m in (1, 2, 3, 5, 11, 16, 17, 44, 48, 101, 256, 257, 600)] == [
+        1, 2, 4, 8, 16, 16, 32, 48, 48, 112, 256, 512, 768,
     ]  # fmt: skip
 
 
@@ -227,6 +227,11 @@ def test_compress_weight_keeps_the_product():
     # rank 5: the 8-column bucket it will run in keeps the 8 leading singular values
     assert a.shape == b.shape == (500, 8)
     assert _rel(a @ b.T, u @ v.T) <= 1e-10
+    # rank 40 of 80 columns: kept to the next step of 16 (48), not the next power of two
+    u4, v4 = _low_rank_pair(500, 80, 40, noise=1e-12)
+    a4, b4 = kb.compress_weight(u4, v4, 8 * 2.0**-53 * 1e3)
+    assert a4.shape == b4.shape == (500, 48)
+    assert _rel(a4 @ b4.T, u4 @ v4.T) <= 1e-10
     # full rank: nothing to gain, the inputs come back untouched
     rng = np.random.default_rng(1)
     u2, v2 = rng.normal(size=(500, 40)), rng.normal(size=(500, 40))
