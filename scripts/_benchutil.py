@@ -128,3 +128,25 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_calls(f, args: tuple, reps: int) -> dict:
+    """Time ``f(*args)`` (a jitted JAX function): one warm-up call (compile), then ``reps``.
+
+    Returns seconds_median, seconds_min, reps and this process's peak RSS (MiB) so far.
+    """
+    import jax
+    import numpy as np
+
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return {
+        "seconds_median": float(np.median(times)),
+        "seconds_min": float(np.min(times)),
+        "reps": len(times),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }

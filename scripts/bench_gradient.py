@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,18 +61,7 @@ def child(spec: dict) -> dict:
         return jnp.mean(tri.norm**2 * per)
 
     f = jax.jit(logdet if spec["method"] == "forward" else jax.value_and_grad(logdet))
-    jax.block_until_ready(f(params))
-    times = []
-    for _ in range(spec["reps"]):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(params))
-        times.append(time.perf_counter() - t0)
-    return {
-        "seconds_median": float(np.median(times)),
-        "seconds_min": float(np.min(times)),
-        "reps": len(times),
-        "peak_rss_mib": round(bu.peak_rss_mib(), 1),
-    }
+    return bu.time_calls(f, (params,), spec["reps"])
 
 
 def main():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,18 +56,7 @@ def child(spec: dict) -> dict:
             return back(V)
 
         f = jax.jit(vjp)
-    jax.block_until_ready(f(V, params))
-    times = []
-    for _ in range(spec["reps"]):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(V, params))
-        times.append(time.perf_counter() - t0)
-    return {
-        "seconds_median": float(np.median(times)),
-        "seconds_min": float(np.min(times)),
-        "reps": len(times),
-        "peak_rss_mib": round(bu.peak_rss_mib(), 1),
-    }
+    return bu.time_calls(f, (V, params,), spec["reps"])
 
 
 def main():
