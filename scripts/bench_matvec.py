@@ -56,7 +56,7 @@ def child(spec: dict) -> dict:
             return back(V)
 
         f = jax.jit(vjp)
-    return bu.time_calls(f, (V, params,), spec["reps"])
+    return bu.time_calls(f, (V, params), spec["reps"])
 
 
 def main():
