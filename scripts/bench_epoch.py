@@ -20,7 +20,10 @@ unchanged (same start times); a rerun record gets its row recomputed.
   common float64 evaluator (:func:`gpadjoint.evaluate.exact_loss`), the loss GPyTorch's final
   parameters have after all its epochs; found by bisection over epochs (the evaluated loss
   falls monotonically along these runs; each probe is one Cholesky); empty if never reached.
-  ``time_to_quality_ratio`` = that ÷ GPyTorch's total training seconds.
+  ``time_to_quality_ratio`` = that ÷ GPyTorch's total training seconds. Every evaluation is
+  appended to ``results/uci/exact_evals.jsonl`` (record, its start time, epoch, loss, seconds) as
+  it finishes, and read back on the next run, so an interrupted bisection loses at most the
+  Cholesky in progress (``exact_evals.jsonl`` beside the records, ``--evals`` to move it).
 
     python scripts/bench_epoch.py
 """
@@ -69,19 +72,44 @@ def passes(rec: dict) -> tuple[float, int]:
     return 2 * depth + cg + 1 + vjps, 2 * depth + 1 + build
 
 
-def time_to_quality(rec: dict, target: float, X, y) -> dict:
+def load_evals(path: Path | None) -> dict[tuple[str, str, int], float]:
+    """{(record file, record start time, epoch): exact loss} from earlier runs' evaluations."""
+    out = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                e = json.loads(line)
+                out[(e["record"], e["record_started"], int(e["epoch"]))] = float(e["loss"])
+    return out
+
+
+def time_to_quality(rec: dict, target: float, X, y, evals_path: Path | None = None) -> dict:
+    import time
+
     from gpadjoint.evaluate import exact_loss
 
     curve = rec["hyper_curve"] + [rec["final_hyperparameters"]]  # params after j epochs
     secs = np.concatenate([[0.0], np.cumsum(rec["seconds_curve"])])
     cache: dict[int, float] = {len(curve) - 1: rec["final_train_loss_common"]}
+    stored = load_evals(evals_path)
+    name, started = rec.get("_file", ""), rec.get("started", "")
+    cache |= {j: v for (f, s, j), v in stored.items() if f == name and s == started}
+    evaluated = []
 
     def loss(j: int) -> float:
         if j not in cache:
             h = curve[j]
+            t0 = time.perf_counter()
             cache[j] = exact_loss(X, y, kernel="matern32", lengthscale=h["lengthscale"],
                                   outputscale=h["outputscale"], noise=h["noise"],
                                   mean=h["mean"])["loss"]
+            evaluated.append(j)
+            if evals_path is not None:  # kept at once: a Cholesky can take minutes
+                with evals_path.open("a") as f:
+                    f.write(json.dumps({"record": name, "record_started": started, "epoch": j,
+                                        "loss": cache[j],
+                                        "seconds": time.perf_counter() - t0,
+                                        "commit": bu.git_commit()}) + "\n")
         return cache[j]
 
     hi = len(curve) - 1
@@ -112,7 +140,7 @@ def time_to_quality(rec: dict, target: float, X, y) -> dict:
         else:
             lo = mid
     return {"time_to_quality_s": float(secs[hi]), "epochs_to_quality": hi,
-            "evaluations": len(cache)}
+            "evaluations": len(cache), "new_evaluations": len(evaluated)}
 
 
 def gpytorch_passes(path: Path) -> dict:
@@ -129,8 +157,12 @@ def main(argv=None) -> int:
     ap.add_argument("--records", default=str(bu.ROOT / "results" / "uci"))
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--gpytorch-passes", default=str(GPT_PASSES))
+    ap.add_argument("--evals", default=None,
+                    help="JSON-lines store of exact-loss evaluations, read and appended "
+                         "(default: exact_evals.jsonl in --records)")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    evals = Path(args.evals) if args.evals else Path(args.records) / "exact_evals.jsonl"
     recs = [json.loads(p.read_text()) | {"_file": p.name}
             for p in sorted(Path(args.records).glob("*.json"))]
     recs = [r for r in recs if r.get("status") == "ok"]
@@ -172,7 +204,8 @@ def main(argv=None) -> int:
             continue
         s = load_dataset(r["dataset"], r["split"], scale_y=False)
         print(f"row: {r['_file']} vs {g['_file']}", flush=True)
-        tq = time_to_quality(r, g["final_train_loss_common"], s.X_train, s.y_train)
+        tq = time_to_quality(r, g["final_train_loss_common"], s.X_train, s.y_train,
+                             evals)
         p, pmin = passes(r)
         row = {
             "dataset": r["dataset"], "split": r["split"], "method": r["method"],

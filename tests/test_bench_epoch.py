@@ -1,0 +1,77 @@
+"""scripts/bench_epoch.py's time to quality: the bisection finds the first epoch a linear scan
+finds, and an interrupted run resumes from the evaluations it stored."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpadjoint.evaluate import exact_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_epoch():
+    spec = importlib.util.spec_from_file_location("bench_epoch", ROOT / "scripts/bench_epoch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _record(X, y, epochs):
+    """A fake run whose hyperparameters walk from a poor start to a good fit, geometrically."""
+    start = np.array([0.05, 0.05, 0.05]), 0.2, 0.5
+    end = np.array([1.0, 2.0, 4.0]), 1.0, 0.01
+    curve = []
+    for j in range(epochs + 1):
+        t = j / epochs
+        curve.append({"lengthscale": list(start[0] ** (1 - t) * end[0] ** t),
+                      "outputscale": start[1] ** (1 - t) * end[1] ** t,
+                      "noise": start[2] ** (1 - t) * end[2] ** t, "mean": 0.0})
+    exact = [exact_loss(X, y, kernel="matern32", **h)["loss"] for h in curve]
+    rec = {"_file": "fake.json", "started": "2026-01-01T00:00:00", "hyper_curve": curve[:-1],
+           "final_hyperparameters": curve[-1], "final_train_loss_common": exact[-1],
+           "seconds_curve": list(np.linspace(1.0, 2.0, epochs)),
+           # the run's own estimate: the exact loss plus a constant bias and noise
+           "loss_curve": list(np.asarray(exact[1:]) + 0.03 + 0.01 * np.sin(np.arange(epochs))),
+           "final_train_loss": exact[-1] + 0.03}
+    return rec, np.asarray(exact)
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 0.77, 1.0])
+def test_bisection_matches_a_linear_scan_and_resumes(bench_epoch, tmp_path, frac):
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0, 4, (150, 3))
+    y = np.sin(X[:, 0]) + 0.5 * np.cos(2 * X[:, 1]) + 0.05 * rng.standard_normal(150)
+    rec, exact = _record(X, y, epochs=24)
+    assert np.all(np.diff(exact) < 0)  # the premise of the bisection
+    target = exact[-1] if frac == 1.0 else exact[0] + frac * (exact[-1] - exact[0])
+    first = int(np.nonzero(exact <= target)[0][0])
+    store = tmp_path / "evals.jsonl"
+    got = bench_epoch.time_to_quality(rec, target, X, y, store)
+    assert got["epochs_to_quality"] == first
+    secs = np.concatenate([[0.0], np.cumsum(rec["seconds_curve"])])
+    assert got["time_to_quality_s"] == pytest.approx(secs[first])
+    assert got["evaluations"] <= 2 + int(np.ceil(np.log2(24)))  # bisection, not a scan
+    lines = store.read_text().splitlines() if store.exists() else []
+    assert len(lines) == got["new_evaluations"]
+    for line in lines:  # what was stored is what the evaluator gives
+        e = json.loads(line)
+        assert e["record"] == "fake.json" and e["loss"] == pytest.approx(exact[e["epoch"]])
+    again = bench_epoch.time_to_quality(rec, target, X, y, store)
+    assert again["new_evaluations"] == 0 and again["epochs_to_quality"] == first
+    # a rerun record (new start time) does not reuse the old one's evaluations
+    other = bench_epoch.time_to_quality(rec | {"started": "later"}, target, X, y, None)
+    assert other["new_evaluations"] == got["new_evaluations"]
+
+
+def test_target_never_reached(bench_epoch, tmp_path):
+    rng = np.random.default_rng(1)
+    X = rng.uniform(0, 4, (80, 3))
+    y = np.sin(X[:, 0]) + 0.05 * rng.standard_normal(80)
+    rec, exact = _record(X, y, epochs=6)
+    got = bench_epoch.time_to_quality(rec, exact[-1] - 1.0, X, y, tmp_path / "e.jsonl")
+    assert got["time_to_quality_s"] is None and got["epochs_to_quality"] is None
