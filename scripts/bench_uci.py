@@ -2,7 +2,13 @@
 
 One JSON record per (data set, split, method, backend, epochs) under ``results/uci/``; finished
 records are skipped, so a stopped batch resumes where it stopped. Each run is its own child
-process (its peak RSS is its own; a crash loses one run).
+process (its peak RSS is its own; a crash loses one run). A run also resumes: both methods
+checkpoint every epoch (model, optimiser state and random state) next to its record
+(``<record>.ckpt.npz`` / ``.ckpt.pt``), and a killed run, rerun with the same command,
+continues from its last finished epoch along the same trajectory, so a run longer than a
+working session (GPyTorch's 75 epochs on kin40k: ~3.75 h here) is done in pieces. Each piece
+is listed in the record's ``segments`` (first epoch, start time, load), and the timings are
+per epoch, so time to quality stays the sum of training seconds.
 
 Both methods see the same official split and preprocessing (inputs z-scored with training
 statistics, targets centred, not scaled), the same model (constant mean, output scale x
@@ -81,6 +87,11 @@ def record_path(out_dir: Path, ds: str, split: int, method: str, backend: str, e
     return out_dir / f"{ds}-split{split}-{method}-{backend}-{epochs}ep.json"
 
 
+def checkpoint_path(record: Path, method: str) -> Path:
+    """Where a run's per-epoch checkpoint lives while it is unfinished (beside its record)."""
+    return record.with_suffix(".ckpt.pt" if method == "gpytorch" else ".ckpt.npz")
+
+
 def seed_for(split: int) -> int:
     """Return split + 1: the paper averages seeds 1-3 (initial values and probes)."""
     return split + 1
@@ -123,17 +134,26 @@ def run_gpadjoint(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="gpadj_uci_") as tmp:
         out = Path(tmp) / "run.json"
-        config = bu.ROOT / "configs" / "paper.toml"
+        text = (bu.ROOT / "configs" / "paper.toml").read_text()
+        # a checkpoint after every epoch (it does not change the result), so a killed run resumes
+        text = text.replace("checkpoint_every = 10 ", "checkpoint_every = 1 ")
+        assert "checkpoint_every = 1 " in text
         if spec["method"] in ("gpadjoint-plogdet", "gpadjoint-deep"):
-            text = config.read_text().replace("precond_logdet = false", "precond_logdet = true")
+            text = text.replace("precond_logdet = false", "precond_logdet = true")
             assert "precond_logdet = true" in text
             if spec["method"] == "gpadjoint-deep":
                 # the estimator scripts/gradient_bias.py found nearly unbiased (0.8 % vs 5-10 %)
                 text = text.replace("lanczos_depth = 10 ", "lanczos_depth = 20 ").replace(
                     "cg_tol = 1.0 ", "cg_tol = 1e-3 ")
                 assert "lanczos_depth = 20 " in text and "cg_tol = 1e-3 " in text
-            config = Path(tmp) / f"paper-{spec['method']}.toml"
-            config.write_text(text)
+        config = Path(tmp) / f"paper-{spec['method']}.toml"
+        config.write_text(text)
+        ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else Path(tmp) / "ckpt.npz"
+        resume = ckpt.exists()
+        # test hook: the process dies once epoch k is checkpointed (as a session's end kills it)
+        die_after = int(os.environ.get("GPADJ_BENCH_DIE_AFTER_EPOCH", 0)) if not resume else 0
+        resumed_from = int(np.load(ckpt)["epoch"]) if resume else None
+        segments = _begin_segment(ckpt if spec.get("checkpoint") else None, resumed_from or 0)
         argv = [
             "fit",
             "--dataset",
@@ -145,20 +165,24 @@ def run_gpadjoint(spec: dict) -> dict:
             "--backend",
             spec["backend"],
             "--epochs",
-            str(spec["epochs"]),
+            str(die_after or spec["epochs"]),
             "--seed",
             str(seed_for(spec["split"])),
             "--quiet",
             "--out",
             str(out),
             "--checkpoint",
-            str(Path(tmp) / "ckpt.npz"),
-        ]
+            str(ckpt),
+        ] + (["--resume"] if resume else [])
         t0 = time.perf_counter()
         rc = cli.main(argv)
         wall = time.perf_counter() - t0
         if rc != 0:
-            raise RuntimeError(f"gpadjoint fit exited with {rc}")
+            raise RuntimeError(
+                f"gpadjoint fit exited with {rc}"
+                + (f" resuming from {ckpt} (delete it to start over)" if resume else ""))
+        if die_after:
+            os.kill(os.getpid(), signal.SIGKILL)
         rec = json.loads(out.read_text())
     s = _data(spec["dataset"], spec["split"])
     hist = rec["history"]
@@ -197,7 +221,28 @@ def run_gpadjoint(spec: dict) -> dict:
         "total_wall_seconds": wall,
         "n_train": rec["n_train"],
         "d": rec["d"],
+        "resumed_from_epoch": resumed_from,
+        "segments": segments,
     }
+
+
+def _segments_path(ckpt: Path) -> Path:
+    return ckpt.parent / (ckpt.name + ".segments.json")
+
+
+def _begin_segment(ckpt: Path | None, from_epoch: int) -> list[dict]:
+    """Append this process's piece of a run (first epoch, start, load) to the checkpoint's list."""
+    side = _segments_path(ckpt) if ckpt is not None else None
+    segs = (json.loads(side.read_text()) if side is not None and side.exists() and from_epoch > 0
+            else [])
+    segs.append({"from_epoch": from_epoch, "started": datetime.now(timezone.utc).isoformat(),
+                 "load_avg": load_avg(), "commit": bu.git_commit()})
+    if side is not None:
+        from gpadjoint._io import atomic_write
+
+        text = json.dumps(segs)
+        atomic_write(side, lambda fh, t=text: fh.write(t), binary=False)
+    return segs
 
 
 def _gpytorch_context(stack, settings: dict):
@@ -298,6 +343,12 @@ def gpytorch_model(spec: dict):
     return model, lik, Xtr, ytr, Xte, s, settings, base_cls, hypers
 
 
+def _gpytorch_fingerprint(spec: dict, settings: dict) -> dict:
+    """Return what a GPyTorch checkpoint must match to be resumed."""
+    return {k: spec[k] for k in ("dataset", "split", "method", "backend", "epochs")} | {
+        "settings": settings, "lr": LR, "seed": seed_for(spec["split"])}
+
+
 def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
     import contextlib
     import warnings
@@ -312,6 +363,20 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
     losses, secs, curve = [], [], []
     n_warn = 0
+    ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
+    prior = {"train_seconds": 0.0, "n_warn": 0}
+    if ckpt is not None and ckpt.exists():  # a killed run: continue where it stopped
+        state = torch.load(ckpt, weights_only=False)
+        if state["fingerprint"] != _gpytorch_fingerprint(spec, settings):
+            raise RuntimeError(f"checkpoint {ckpt} is of a different run "
+                               f"({state['fingerprint']}); delete it to start over")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        losses, secs, curve = state["losses"], state["secs"], state["curve"]
+        prior = {"train_seconds": state["train_seconds"], "n_warn": state["n_warn"]}
+    segments = _begin_segment(ckpt, len(losses))
+    die_after = int(os.environ.get("GPADJ_BENCH_DIE_AFTER_EPOCH", 0)) if not losses else 0
     model.train()
     lik.train()
     t_train = time.perf_counter()
@@ -321,17 +386,30 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
         from gpytorch.kernels.keops.keops_kernel import _use_keops
 
         used_keops = bool(_use_keops(Xtr, Xtr)) if keops else False
-        for _ in range(spec["epochs"]):
+        def warned():
+            return prior["n_warn"] + sum(
+                1 for w in caught if "CG" in str(w.message) or "conver" in str(w.message))
+
+        while len(losses) < spec["epochs"] and (not losses or math.isfinite(losses[-1])):
             curve.append(hypers())  # the parameters this epoch's loss is evaluated at
             loss, sec = gpytorch_epoch(model, mll, opt, Xtr, ytr)
             secs.append(sec)
             losses.append(loss)
             _save_progress(spec, {"stage": "train", "loss_curve": losses,
                                   "seconds_curve": secs, "hyper_curve": curve})
-            if not math.isfinite(losses[-1]):
-                break
-        n_warn = sum(1 for w in caught if "CG" in str(w.message) or "conver" in str(w.message))
-    train_seconds = time.perf_counter() - t_train
+            if ckpt is not None:
+                state = {"fingerprint": _gpytorch_fingerprint(spec, settings),
+                         "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "rng": torch.get_rng_state(), "losses": losses, "secs": secs,
+                         "curve": curve, "n_warn": warned(),
+                         "train_seconds": prior["train_seconds"] + time.perf_counter() - t_train}
+                from gpadjoint._io import atomic_write
+
+                atomic_write(ckpt, lambda fh, st=state: torch.save(st, fh))
+                if len(losses) == die_after:  # test hook, as for gpadjoint
+                    os.kill(os.getpid(), signal.SIGKILL)
+        n_warn = warned()
+    train_seconds = prior["train_seconds"] + time.perf_counter() - t_train
 
     final = hypers()
     res = {
@@ -356,6 +434,8 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
         "train_seconds": train_seconds,
         "n_train": int(n),
         "d": int(d),
+        "resumed_from_epoch": segments[-1]["from_epoch"] or None,
+        "segments": segments,
     }
     after_train(res)  # the common evaluator, saved before GPyTorch's prediction runs
     if os.environ.get("GPADJ_BENCH_CRASH_IN_PREDICT"):  # test hook: the kin40k segfault
@@ -562,7 +642,11 @@ def main(argv=None) -> int:
                     load_before = load_avg()
                     commit = bu.git_commit()  # the code the child imports, not what HEAD is after
                     progress = path.with_suffix(".progress")
-                    res = bu.run_child(Path(__file__), spec | {"progress": str(progress)},
+                    ckpt = checkpoint_path(path, method)
+                    if ckpt.exists():
+                        print(f"  resuming from {ckpt.name}", flush=True)
+                    res = bu.run_child(Path(__file__), spec | {"progress": str(progress),
+                                                                "checkpoint": str(ckpt)},
                                        args.timeout)
                     res = _recover(spec, res, progress, args.timeout)
                     rec = {
@@ -587,6 +671,9 @@ def main(argv=None) -> int:
 
                     text = json.dumps(rec, indent=1, default=float)
                     atomic_write(path, lambda fh, t=text: fh.write(t), binary=False)
+                    if rec["status"] == "ok":  # finished: nothing left to resume
+                        ckpt.unlink(missing_ok=True)
+                        _segments_path(ckpt).unlink(missing_ok=True)
                     print(
                         f"  -> {rec['status']}: rmse {rec.get('test_rmse')}, "
                         f"s/epoch {rec.get('seconds_per_epoch')}, "

@@ -157,3 +157,34 @@ def test_a_crash_in_prediction_keeps_the_fit_and_scores_it(records, tmp_path):
                                                          rel=1e-4)
     assert r["test_rmse"] == pytest.approx(ref["test_rmse"], rel=2e-2)
     assert not list(out.glob("*.progress"))
+
+
+@pytest.mark.parametrize("method", ["gpadjoint", "gpytorch"])
+def test_killed_run_resumes_on_the_same_trajectory(records, tmp_path, method):
+    """A run killed after its first epoch (as a session's end kills it) continues from its
+    checkpoint when the same command is run again: same losses as the uninterrupted run, the
+    pieces listed in ``segments``, and no checkpoint left behind."""
+    import os
+
+    _, recs = records
+    out = tmp_path / "uci"
+    cmd = [sys.executable, "scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0",
+           "--epochs", "2", "--methods", method, "--backends", "dense", "--out-dir", str(out)]
+    env = dict(os.environ, GPADJ_BENCH_DIE_AFTER_EPOCH="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # the run failed
+    name = f"yacht-split0-{method}-dense-2ep"
+    ckpt = out / (name + (".ckpt.pt" if method == "gpytorch" else ".ckpt.npz"))
+    assert ckpt.exists()
+    assert json.loads((out / f"{name}.json").read_text())["status"] != "ok"
+    stdout = _run(*cmd[1:])
+    assert "resuming from" in stdout
+    r = json.loads((out / f"{name}.json").read_text())
+    ref = recs[f"{name}.json"]
+    assert r["status"] == "ok" and r["resumed_from_epoch"] == 1
+    assert [s["from_epoch"] for s in r["segments"]] == [0, 1]
+    assert len(r["loss_curve"]) == len(r["seconds_curve"]) == 2
+    np.testing.assert_allclose(r["loss_curve"], ref["loss_curve"], rtol=1e-6)
+    assert r["final_train_loss_common"] == pytest.approx(ref["final_train_loss_common"],
+                                                         rel=1e-6)
+    assert not ckpt.exists() and not list(out.glob("*.segments.json"))
