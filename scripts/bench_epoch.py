@@ -118,7 +118,8 @@ def time_to_quality(rec: dict, target: float, X, y, evals_path: Path | None = No
     lo = 0  # invariant: loss(hi) <= target, and loss(lo) > target (checked lazily)
     # Each evaluation is a float64 Cholesky (~minutes at n = 36 000), so first try the epoch the
     # run's own loss curve points to (shifted by its final offset from the exact loss) and its
-    # predecessor: two evaluations when the guess is right, bisection within the bracket if not.
+    # predecessor (or successor): two evaluations when the guess is within one epoch, bisection
+    # within the bracket if not.
     own = np.asarray(rec["loss_curve"], np.float64)
     if len(own) and rec.get("final_train_loss") is not None:
         shifted = own + (rec["final_train_loss_common"] - rec["final_train_loss"])
@@ -129,8 +130,10 @@ def time_to_quality(rec: dict, target: float, X, y, evals_path: Path | None = No
                 hi = g
                 if loss(g - 1) > target:
                     lo = g - 1
-            else:
+            else:  # the own curve is a little optimistic as a rule: try the next epoch
                 lo = g
+                if g + 1 < hi and loss(g + 1) <= target:
+                    hi = g + 1
     if lo == 0 and loss(lo) <= target:
         hi = 0
     while hi - lo > 1:
