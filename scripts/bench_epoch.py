@@ -14,8 +14,9 @@ unchanged (same start times); a rerun record gets its row recomputed.
   passes (gpadjoint.fused), + depth adjoint passes + 1 fused parameter VJP (+ 1 build of K,
   dense). Older records, from before the fused pass, are counted by formula (2 × depth + CG
   iterations + 1 warm-start residual + the VJPs). ``passes_min_design`` = 2 × depth + 1 (+ 1
-  dense): the least this design can do. GPyTorch's, by the same rule, come from
-  ``results/gpytorch_passes.csv`` (scripts/count_gpytorch_passes.py);
+  dense): the least this design can do. GPyTorch's, by the same rule, are counted during its
+  KeOps runs (``passes_curve`` in its record, median over all its epochs) or else come from
+  ``results/gpytorch_passes.csv`` (scripts/count_gpytorch_passes.py, its first epochs);
 * ``time_to_quality_s``: wall-clock training seconds until gpadjoint's parameters reach, by the
   common float64 evaluator (:func:`gpadjoint.evaluate.exact_loss`), the loss GPyTorch's final
   parameters have after all its epochs; found by bisection over epochs (the evaluated loss
@@ -146,6 +147,12 @@ def time_to_quality(rec: dict, target: float, X, y, evals_path: Path | None = No
             "evaluations": len(cache), "new_evaluations": len(evaluated)}
 
 
+def peer_passes(g: dict, fallback):
+    """GPyTorch's median passes per epoch as counted in its own run, else ``fallback``."""
+    counted = [c for c in g.get("passes_curve") or [] if c is not None]
+    return float(np.median(counted)) if counted else fallback
+
+
 def gpytorch_passes(path: Path) -> dict:
     """{(dataset, backend): passes per epoch} from scripts/count_gpytorch_passes.py."""
     if not path.exists():
@@ -203,7 +210,7 @@ def main(argv=None) -> int:
                 and prev.get("gpytorch_record_started") == g["started"]):
             print(f"keep (unchanged): {r['_file']}")
             rows.append(prev | {"gpytorch_passes_per_epoch":
-                                gpt_passes.get((r["dataset"], peer_backend), "")})
+                                peer_passes(g, gpt_passes.get((r["dataset"], peer_backend), ""))})
             continue
         s = load_dataset(r["dataset"], r["split"], scale_y=False)
         print(f"row: {r['_file']} vs {g['_file']}", flush=True)
@@ -218,7 +225,8 @@ def main(argv=None) -> int:
             "gpytorch_seconds_per_epoch": g["seconds_per_epoch"],
             "seconds_per_epoch_ratio": r["seconds_per_epoch"] / g["seconds_per_epoch"],
             "passes_per_epoch": p, "passes_min_design": pmin,
-            "gpytorch_passes_per_epoch": gpt_passes.get((r["dataset"], peer_backend), ""),
+            "gpytorch_passes_per_epoch": peer_passes(
+                g, gpt_passes.get((r["dataset"], peer_backend), "")),
             "peak_rss_mib": r.get("peak_rss_mib"), "gpytorch_peak_rss_mib": g.get("peak_rss_mib"),
             "final_loss_common": r["final_train_loss_common"],
             "gpytorch_final_loss_common": g["final_train_loss_common"],

@@ -35,6 +35,7 @@ as ``final_train_loss_common`` next to each method's own last estimate ``final_t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -343,6 +344,41 @@ def gpytorch_model(spec: dict):
     return model, lik, Xtr, ytr, Xte, s, settings, base_cls, hypers
 
 
+class PassCounter:
+    """Passes over the n x n kernel pairs: KeOps reductions whose two index ranges are both n."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.products = 0  # dense products touching an n x n operand (count_gpytorch_passes)
+        self.keops = 0
+
+    def big(self, t) -> bool:
+        """Whether ``t`` is an n x n operand."""
+        shape = getattr(t, "shape", ())
+        return len(shape) >= 2 and shape[-1] == self.n and shape[-2] == self.n
+
+
+@contextlib.contextmanager
+def count_keops(counter: PassCounter):
+    """Count pykeops reductions over the training set (forward and backward) into ``counter``."""
+    from pykeops.torch.generic import generic_red
+
+    base = generic_red.GenredAutograd_base
+    orig = base._forward
+
+    def counted(params, *args):
+        rows = [a.shape[-2] for a in args if hasattr(a, "shape") and a.dim() >= 2]
+        if rows.count(counter.n) >= 2:
+            counter.keops += 1
+        return orig(params, *args)
+
+    base._forward = staticmethod(counted)
+    try:
+        yield
+    finally:
+        base._forward = staticmethod(orig)
+
+
 def _gpytorch_fingerprint(spec: dict, settings: dict) -> dict:
     """Return what a GPyTorch checkpoint must match to be resumed."""
     return {k: spec[k] for k in ("dataset", "split", "method", "backend", "epochs")} | {
@@ -350,7 +386,6 @@ def _gpytorch_fingerprint(spec: dict, settings: dict) -> dict:
 
 
 def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
-    import contextlib
     import warnings
 
     import gpytorch
@@ -361,7 +396,8 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
     keops = spec["backend"] == "keops"
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
-    losses, secs, curve = [], [], []
+    losses, secs, curve, npasses = [], [], [], []
+    counter = PassCounter(n)
     n_warn = 0
     ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
     prior = {"train_seconds": 0.0, "n_warn": 0}
@@ -374,6 +410,7 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         losses, secs, curve = state["losses"], state["secs"], state["curve"]
+        npasses = state.get("passes", [])
         prior = {"train_seconds": state["train_seconds"], "n_warn": state["n_warn"]}
     segments = _begin_segment(ckpt, len(losses))
     die_after = int(os.environ.get("GPADJ_BENCH_DIE_AFTER_EPOCH", 0)) if not losses else 0
@@ -386,22 +423,27 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
         from gpytorch.kernels.keops.keops_kernel import _use_keops
 
         used_keops = bool(_use_keops(Xtr, Xtr)) if keops else False
+        if keops:  # passes per epoch, counted as scripts/count_gpytorch_passes.py does
+            stack.enter_context(count_keops(counter))
         def warned():
             return prior["n_warn"] + sum(
                 1 for w in caught if "CG" in str(w.message) or "conver" in str(w.message))
 
         while len(losses) < spec["epochs"] and (not losses or math.isfinite(losses[-1])):
             curve.append(hypers())  # the parameters this epoch's loss is evaluated at
+            k0 = counter.keops
             loss, sec = gpytorch_epoch(model, mll, opt, Xtr, ytr)
             secs.append(sec)
             losses.append(loss)
+            if keops:
+                npasses.append(counter.keops - k0)
             _save_progress(spec, {"stage": "train", "loss_curve": losses,
                                   "seconds_curve": secs, "hyper_curve": curve})
             if ckpt is not None:
                 state = {"fingerprint": _gpytorch_fingerprint(spec, settings),
                          "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "rng": torch.get_rng_state(), "losses": losses, "secs": secs,
-                         "curve": curve, "n_warn": warned(),
+                         "curve": curve, "passes": npasses, "n_warn": warned(),
                          "train_seconds": prior["train_seconds"] + time.perf_counter() - t_train}
                 from gpadjoint._io import atomic_write
 
@@ -427,6 +469,8 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
         "loss_curve": losses,
         "seconds_curve": secs,
         "hyper_curve": curve,
+        # KeOps reductions over n x n per epoch (one per mBCG iteration, plus the backward's)
+        "passes_curve": npasses if keops else None,
         "cg_warnings": n_warn,
         "final_hyperparameters": final,
         "final_train_loss": losses[-1] if losses else None,

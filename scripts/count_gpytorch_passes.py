@@ -39,18 +39,7 @@ FIELDS = [
 _MM = {"mm", "bmm", "addmm", "matmul", "baddbmm", "addbmm", "dot", "mv"}
 
 
-class _Counter:
-    def __init__(self, n: int):
-        self.n = n
-        self.products = 0
-        self.keops = 0
-
-    def big(self, t) -> bool:
-        shape = getattr(t, "shape", ())
-        return len(shape) >= 2 and shape[-1] == self.n and shape[-2] == self.n
-
-
-def _dispatch_mode(counter: _Counter):
+def _dispatch_mode(counter: bench_uci.PassCounter):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Mode(TorchDispatchMode):
@@ -64,26 +53,6 @@ def _dispatch_mode(counter: _Counter):
     return Mode()
 
 
-@contextlib.contextmanager
-def _count_keops(counter: _Counter):
-    from pykeops.torch.generic import generic_red
-
-    base = generic_red.GenredAutograd_base
-    orig = base._forward
-
-    def counted(params, *args):
-        rows = [a.shape[-2] for a in args if hasattr(a, "shape") and a.dim() >= 2]
-        if rows.count(counter.n) >= 2:
-            counter.keops += 1
-        return orig(params, *args)
-
-    base._forward = staticmethod(counted)
-    try:
-        yield
-    finally:
-        base._forward = staticmethod(orig)
-
-
 def count(ds: str, split: int, backend: str, epochs: int) -> dict:
     import gpytorch
     import torch
@@ -92,7 +61,7 @@ def count(ds: str, split: int, backend: str, epochs: int) -> dict:
             "method": "gpytorch"}
     model, lik, Xtr, ytr, _, _, settings, _, _ = bench_uci.gpytorch_model(spec)
     n = Xtr.shape[0]
-    counter = _Counter(n)
+    counter = bench_uci.PassCounter(n)
     opt = torch.optim.Adam(model.parameters(), lr=bench_uci.LR)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
     model.train()
@@ -101,7 +70,7 @@ def count(ds: str, split: int, backend: str, epochs: int) -> dict:
     with contextlib.ExitStack() as stack:
         bench_uci._gpytorch_context(stack, settings)
         if backend == "keops":
-            stack.enter_context(_count_keops(counter))
+            stack.enter_context(bench_uci.count_keops(counter))
         else:
             stack.enter_context(_dispatch_mode(counter))
         for _ in range(epochs):

@@ -188,3 +188,25 @@ def test_killed_run_resumes_on_the_same_trajectory(records, tmp_path, method):
     assert r["final_train_loss_common"] == pytest.approx(ref["final_train_loss_common"],
                                                          rel=1e-6)
     assert not ckpt.exists() and not list(out.glob("*.segments.json"))
+
+
+def test_gpytorch_keops_run_counts_its_passes(tmp_path):
+    """GPyTorch's KeOps run counts its passes per epoch (every pykeops reduction over n x n) as
+    it trains, the same count scripts/count_gpytorch_passes.py makes in a separate run."""
+    out = tmp_path / "uci"
+    _run("scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0", "--epochs", "2",
+         "--methods", "gpytorch", "--backends", "keops", "--no-common",
+         "--skip-gpytorch-predict", "test: training passes only", "--out-dir", out)
+    r = json.loads((out / "yacht-split0-gpytorch-keops-2ep.json").read_text())
+    assert r["status"] == "ok" and r["settings"]["keops_used_in_training"]
+    passes = r["passes_curve"]
+    assert len(passes) == 2
+    # one reduction per mBCG iteration (at least 10 here: the paper's Lanczos depth), plus the
+    # backward's gradient reductions
+    assert all(p >= 10 for p in passes), passes
+    _run("scripts/count_gpytorch_passes.py", "--datasets", "yacht", "--backends", "keops",
+         "--epochs", "2", "--out", tmp_path / "passes.csv")
+    import csv
+
+    row = next(csv.DictReader(open(tmp_path / "passes.csv")))
+    assert float(row["passes_per_epoch"]) == float(np.median(passes))
