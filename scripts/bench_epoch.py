@@ -115,7 +115,8 @@ def time_to_quality(rec: dict, target: float, X, y, evals_path: Path | None = No
 
     hi = len(curve) - 1
     if loss(hi) > target:
-        return {"time_to_quality_s": None, "epochs_to_quality": None, "evaluations": len(cache)}
+        return {"time_to_quality_s": None, "epochs_to_quality": None, "evaluations": len(cache),
+                "new_evaluations": len(evaluated)}
     lo = 0  # invariant: loss(hi) <= target, and loss(lo) > target (checked lazily)
     # Each evaluation is a float64 Cholesky (~minutes at n = 36 000), so first try the epoch the
     # run's own loss curve points to (shifted by its final offset from the exact loss) and its

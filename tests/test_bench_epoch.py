@@ -75,3 +75,4 @@ def test_target_never_reached(bench_epoch, tmp_path):
     rec, exact = _record(X, y, epochs=6)
     got = bench_epoch.time_to_quality(rec, exact[-1] - 1.0, X, y, tmp_path / "e.jsonl")
     assert got["time_to_quality_s"] is None and got["epochs_to_quality"] is None
+    assert got["new_evaluations"] == 0  # the final loss is the record's own
