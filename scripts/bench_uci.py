@@ -228,7 +228,7 @@ def run_gpadjoint(spec: dict) -> dict:
 
 
 def _segments_path(ckpt: Path) -> Path:
-    return ckpt.parent / (ckpt.name + ".segments.json")
+    return ckpt.parent / (ckpt.name + ".segments")  # not *.json: the records are globbed
 
 
 def _begin_segment(ckpt: Path | None, from_epoch: int) -> list[dict]:
