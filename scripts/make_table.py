@@ -86,6 +86,9 @@ def summarise(recs: list[dict]) -> list[dict]:
         for key, col in [("test_rmse", "test_rmse"), ("test_nll", "test_nll"),
                          ("final_train_loss_common", "train_loss_common")]:
             row[f"{col}_mean"], row[f"{col}_std"] = _mean_std([r.get(key) for r in rs])
+            have = [str(r["split"]) for r in rs if r.get(key) is not None]
+            if have and len(have) < len(rs):  # say which splits a partial mean covers
+                row[f"{col}_note"] = f" (split{'s' if len(have) > 1 else ''} {' '.join(have)})"
         row["train_loss_own_mean"] = _mean_std([r.get("final_train_loss") for r in rs])[0]
         row["seconds_per_epoch_mean"] = _mean_std([r.get("seconds_per_epoch") for r in rs])[0]
         row["predict_seconds_mean"] = _mean_std([r.get("predict_seconds") for r in rs])[0]
@@ -190,7 +193,7 @@ def write_markdown(rows: list[dict], path: Path, recs: list[dict]) -> None:
         lines.append(
             f"| {r['dataset']} | {r['method']} | {r['backend']} | {r['epochs']} | "
             f"{r['splits']} | {_fmt(r['test_rmse_mean'], r['test_rmse_std'])} | "
-            f"{_fmt(r['test_nll_mean'], r['test_nll_std'], 3)} | "
+            f"{_fmt(r['test_nll_mean'], r['test_nll_std'], 3)}{r.get('test_nll_note', '')} | "
             f"{_fmt(r['train_loss_common_mean'], r['train_loss_common_std'])} | "
             f"{_fmt(r['train_loss_own_mean'])} | {_fmt(r['seconds_per_epoch_mean'], None, 2)} | "
             f"{_fmt(r['predict_seconds_mean'], None, 0)} | {_fmt(r['load'], None, 1)} | "
