@@ -425,6 +425,7 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
         used_keops = bool(_use_keops(Xtr, Xtr)) if keops else False
         if keops:  # passes per epoch, counted as scripts/count_gpytorch_passes.py does
             stack.enter_context(count_keops(counter))
+
         def warned():
             return prior["n_warn"] + sum(
                 1 for w in caught if "CG" in str(w.message) or "conver" in str(w.message))
