@@ -24,7 +24,7 @@ unchanged (same start times); a rerun record gets its row recomputed.
   ``time_to_quality_ratio`` = that ÷ GPyTorch's total training seconds. Every evaluation is
   appended to ``results/uci/exact_evals.jsonl`` (record, its start time, epoch, loss, seconds) as
   it finishes, and read back on the next run, so an interrupted bisection loses at most the
-  Cholesky in progress (``exact_evals.jsonl`` beside the records, ``--evals`` to move it).
+  Cholesky in progress (``--evals`` puts the file elsewhere).
 
     python scripts/bench_epoch.py
 """
@@ -35,6 +35,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,6 @@ def load_evals(path: Path | None) -> dict[tuple[str, str, int], float]:
 
 
 def time_to_quality(rec: dict, target: float, X, y, evals_path: Path | None = None) -> dict:
-    import time
-
     from gpadjoint.evaluate import exact_loss
 
     curve = rec["hyper_curve"] + [rec["final_hyperparameters"]]  # params after j epochs
