@@ -37,14 +37,41 @@ def test_cholesky_matches_scikit_learn():
         0.5 * (out["quad"] + out["logdet"] + n * math.log(2 * math.pi)) / n, rel=1e-12)
 
 
-def test_slq_agrees_with_cholesky_within_its_standard_error():
+@pytest.mark.parametrize("precond_rank", [0, 20])
+def test_slq_agrees_with_cholesky_within_its_standard_error(precond_rank):
     X, y, hp = _problem(n=400, seed=1)
     chol = evaluate.exact_loss(X, y, kernel="matern32", method="cholesky", **hp)
     slq = evaluate.exact_loss(X, y, kernel="matern32", method="slq", num_probes=64,
-                              lanczos_depth=60, **hp)
+                              lanczos_depth=60, precond_rank=precond_rank, **hp)
     assert slq["method"] == "slq" and slq["loss_se"] > 0
+    assert slq["precond_rank"] == precond_rank and slq["num_probes"] == 64
     assert abs(slq["loss"] - chol["loss"]) <= 4 * slq["loss_se"] + 1e-6
     assert slq["quad"] == pytest.approx(chol["quad"], rel=1e-6)  # the solve is to 1e-8
+    # 60 steps on a 400-point problem: the quadrature has converged, and says so
+    assert slq["loss_depth_change"] < slq["loss_se"]
+
+
+def test_slq_preconditioner_converges_sooner_and_probe_blocks_do_not_matter():
+    X, y, hp = _problem(n=500, seed=2)
+    chol = evaluate.exact_loss(X, y, kernel="matern32", method="cholesky", **hp)["loss"]
+    kw = dict(kernel="matern32", method="slq", num_probes=32, lanczos_depth=30, **hp)
+    plain = evaluate.exact_loss(X, y, precond_rank=0, **kw)
+    pre = evaluate.exact_loss(X, y, precond_rank=50, **kw)
+    # noise 0.05: K is ill-conditioned, 30 plain Lanczos steps have not converged (measured
+    # 1.5e-2 of change over the last 15); on P^-1/2 K P^-1/2 they have (~1e-5), and the probe
+    # spread is smaller too
+    assert plain["loss_depth_change"] > 1e-3
+    assert pre["loss_depth_change"] < 0.01 * plain["loss_depth_change"]
+    assert pre["loss_se"] < plain["loss_se"]
+    assert abs(pre["loss"] - chol) <= 4 * pre["loss_se"]
+    # probes run in blocks when the Lanczos basis would not fit: the same probes, the same
+    # estimate (blocks of 5 from the memory limit: 5 x 30 x 500 float64)
+    small = evaluate._slq_loss(np.asarray(X, np.float64), y - hp["mean"],
+                               evaluate._as_hypers(hp["lengthscale"], hp["outputscale"],
+                                                   hp["noise"]),
+                               "matern32", 32, 30, 0, 50, max_block_bytes=8 * 30 * 500 * 5)
+    assert small["logdet"] != pytest.approx(pre["logdet"], rel=1e-12)  # other probe draws
+    assert abs(small["logdet"] - pre["logdet"]) <= 4 * math.sqrt(2) * pre["loss_se"] * 2 * 500
 
 
 def test_auto_picks_cholesky_only_when_the_array_fits(monkeypatch):
