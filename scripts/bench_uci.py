@@ -53,11 +53,19 @@ import _benchutil as bu  # noqa: E402
 
 OUT_DIR = bu.ROOT / "results" / "uci"
 DATASETS = ["elevators", "protein", "kin40k", "keggdirected", "keggundirected"]
-METHODS = ["gpadjoint", "gpytorch", "gpadjoint-plogdet", "gpadjoint-deep"]
+METHODS = ["gpadjoint", "gpytorch", "gpadjoint-plogdet", "gpadjoint-deep", "gpadjoint-matched"]
 # gpadjoint-plogdet: configs/paper.toml with [mll] precond_logdet = true, i.e. SLQ on
 # P^{-1/2} K P^{-1/2} with the same rank-15 preconditioner the CG uses (and GPyTorch uses).
 # gpadjoint-deep: that, with Lanczos depth 20 and CG to tolerance 1e-3 (not the paper's
 # settings: a more accurate estimator at about twice the passes).
+# gpadjoint-matched: the paper's depth, probes and preconditioner rank, with the two things
+# GPyTorch's estimator does beyond the paper's matched: the log det preconditioned by the CG's
+# own rank-15 pivoted Cholesky (GPyTorch's inv_quad_logdet does this), and CG run to a real
+# tolerance, 1e-2 on the solve's relative residual. GPyTorch's cg_tolerance(1.0) is tested
+# against the *mean* relative residual over the solve and the 10 probe columns, so its CG runs
+# 20-27 iterations late in a kin40k run; the paper's tolerance 1 on the solve alone stops ours
+# at its 10-iteration minimum, and the lagging solve biases every gradient coordinate that
+# depends on it (scripts/gradient_bias.py).
 BACKENDS = ["dense", "blocked", "keops"]
 # "blocked" (row tiles of K built on the fly, O(n * tile) memory) is gpadjoint's fast CPU path
 # when K does not fit in memory (kin40k and larger here). GPyTorch has no counterpart: without
@@ -139,9 +147,12 @@ def run_gpadjoint(spec: dict) -> dict:
         # a checkpoint after every epoch (it does not change the result), so a killed run resumes
         text = text.replace("checkpoint_every = 10 ", "checkpoint_every = 1 ")
         assert "checkpoint_every = 1 " in text
-        if spec["method"] in ("gpadjoint-plogdet", "gpadjoint-deep"):
+        if spec["method"] in ("gpadjoint-plogdet", "gpadjoint-deep", "gpadjoint-matched"):
             text = text.replace("precond_logdet = false", "precond_logdet = true")
             assert "precond_logdet = true" in text
+            if spec["method"] == "gpadjoint-matched":
+                text = text.replace("cg_tol = 1.0 ", "cg_tol = 1e-2 ")
+                assert "cg_tol = 1e-2 " in text
             if spec["method"] == "gpadjoint-deep":
                 # the estimator scripts/gradient_bias.py found nearly unbiased (0.8 % vs 5-10 %)
                 text = text.replace("lanczos_depth = 10 ", "lanczos_depth = 20 ").replace(
@@ -209,6 +220,9 @@ def run_gpadjoint(spec: dict) -> dict:
             {k: h[k] for k in ("lengthscale", "outputscale", "noise", "mean")} for h in hist
         ],
         "cg_iterations_curve": [h["cg_iterations"] for h in hist],
+        # relative residual |r - K alpha| / |r| of each epoch's solve: the paper's CG stops
+        # after 10 iterations, and how accurate that leaves alpha drives the gradient's bias
+        "cg_residual_curve": [h.get("cg_residual") for h in hist],
         "passes_curve": [h.get("passes") for h in hist],
         "final_hyperparameters": final,
         "final_train_loss": rec["final_train_loss"],

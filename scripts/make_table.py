@@ -242,7 +242,8 @@ def loss_figures(recs: list[dict], folder: Path) -> list[Path]:
     for r in recs:
         by_ds[r["dataset"]].append(r)
     colours = {"gpadjoint": "tab:blue", "gpytorch": "tab:orange",
-               "gpadjoint-plogdet": "tab:green"}
+               "gpadjoint-plogdet": "tab:green", "gpadjoint-deep": "tab:purple",
+               "gpadjoint-matched": "tab:red"}
     styles = {"dense": "-", "keops": "--"}
     for ds, rs in sorted(by_ds.items()):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
