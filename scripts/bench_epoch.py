@@ -19,8 +19,10 @@ unchanged (same start times); a rerun record gets its row recomputed.
   ``results/gpytorch_passes.csv`` (scripts/count_gpytorch_passes.py, its first epochs);
 * ``time_to_quality_s``: wall-clock training seconds until gpadjoint's parameters reach, by the
   common float64 evaluator (:func:`gpadjoint.evaluate.exact_loss`), the loss GPyTorch's final
-  parameters have after all its epochs; found by bisection over epochs (the evaluated loss
-  falls monotonically along these runs; each probe is one Cholesky); empty if never reached.
+  parameters have after all its epochs; found by bracketing over epochs (the evaluated loss
+  falls monotonically along these runs; each probe is one Cholesky): a first guess from the
+  run's own loss curve, then regula falsi on the exact losses with bisection steps as a
+  safeguard; empty if never reached.
   ``time_to_quality_ratio`` = that ÷ GPyTorch's total training seconds. Every evaluation is
   appended to ``results/uci/exact_evals.jsonl`` (record, its start time, epoch, loss, seconds) as
   it finishes, and read back on the next run, so an interrupted bisection loses at most the
@@ -131,18 +133,36 @@ def time_to_quality(rec: dict, target: float, X, y, evals_path: Path | None = No
                 hi = g
                 if loss(g - 1) > target:
                     lo = g - 1
+                else:
+                    hi = g - 1
             else:  # the own curve is a little optimistic as a rule: try the next epoch
                 lo = g
-                if g + 1 < hi and loss(g + 1) <= target:
-                    hi = g + 1
+                if g + 1 < hi:
+                    if loss(g + 1) <= target:
+                        hi = g + 1
+                    else:
+                        lo = g + 1
     if lo == 0 and loss(lo) <= target:
         hi = 0
+    # Within the bracket, step to where the exact losses at its two ends, joined by a line,
+    # cross the target (regula falsi: the loss falls smoothly along a run, so this lands near
+    # the crossing); after two steps that moved the same end, bisect once, since a convex
+    # stretch makes the line overshoot from one side every time.
+    last = same = 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if loss(mid) <= target:
+        if same < 2 and lo in cache and cache[lo] > cache[hi]:
+            f = (cache[lo] - target) / (cache[lo] - cache[hi])
+            mid = min(max(lo + int(round(f * (hi - lo))), lo + 1), hi - 1)
+        else:
+            same = 0
+        side = 1 if loss(mid) <= target else -1
+        if side == 1:
             hi = mid
         else:
             lo = mid
+        same = same + 1 if side == last else 1
+        last = side
     return {"time_to_quality_s": float(secs[hi]), "epochs_to_quality": hi,
             "evaluations": len(cache), "new_evaluations": len(evaluated)}
 

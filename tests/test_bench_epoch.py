@@ -76,3 +76,31 @@ def test_target_never_reached(bench_epoch, tmp_path):
     got = bench_epoch.time_to_quality(rec, exact[-1] - 1.0, X, y, tmp_path / "e.jsonl")
     assert got["time_to_quality_s"] is None and got["epochs_to_quality"] is None
     assert got["new_evaluations"] == 0  # the final loss is the record's own
+
+
+@pytest.mark.parametrize("first", [10, 40, 82, 119])
+def test_search_needs_few_choleskys_when_the_own_curve_misleads(bench_epoch, monkeypatch, first):
+    """kin40k-like: 120 epochs, a smooth exact-loss curve, and an own-estimate curve whose offset
+    from it drifts (so the first guess misses by up to ~15 epochs). Regula falsi on the exact
+    losses finds the linear scan's epoch in at most 7 evaluations; plain bisection took 8-10."""
+    import gpadjoint.evaluate as ev
+
+    E = 120
+    exact = np.array([1.414 - 1.95 * (1 - np.exp(-j / 140.0)) ** 1.3 for j in range(E + 1)])
+    calls = []
+
+    def fake_exact_loss(X, y, kernel, lengthscale, **kw):
+        calls.append(int(lengthscale[0]))
+        return {"loss": float(exact[int(lengthscale[0])])}
+
+    monkeypatch.setattr(ev, "exact_loss", fake_exact_loss)
+    curve = [{"lengthscale": [j], "outputscale": 1.0, "noise": 0.1, "mean": 0.0}
+             for j in range(E + 1)]
+    own = exact[1:] + 0.09 - 0.001 * np.arange(E)
+    rec = {"_file": "f.json", "started": "s", "hyper_curve": curve[:-1],
+           "final_hyperparameters": curve[-1], "final_train_loss_common": exact[-1],
+           "seconds_curve": [1.0] * E, "loss_curve": list(own), "final_train_loss": own[-1]}
+    target = (exact[first] + exact[first - 1]) / 2
+    got = bench_epoch.time_to_quality(rec, target, None, None, None)
+    assert got["epochs_to_quality"] == first
+    assert len(calls) == len(set(calls)) <= 7, calls
