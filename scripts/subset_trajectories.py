@@ -38,7 +38,7 @@ OUT = bu.ROOT / "results" / "subset_trajectories.csv"
 FIG_DIR = bu.ROOT / "results" / "figures"
 FIELDS = ["dataset", "split", "n", "method", "seed", "epoch", "exact_loss", "own_loss",
           "seconds", "commit", "machine"]
-GPADJOINT_METHODS = [m for m in bench_uci.METHOD_OVERRIDES]
+GPADJOINT_METHODS = list(bench_uci.METHOD_OVERRIDES)
 METHODS = ["exact", *GPADJOINT_METHODS, "gpytorch"]
 
 
@@ -52,7 +52,7 @@ def _mll_config(method: str):
 
 
 def gpadjoint_run(method: str, X, y, epochs: int, init_seed: int, seed: int):
-    """Raw parameters after each epoch (list of float64 Params) and each epoch's own loss."""
+    """Raw parameters after each epoch (float64 Params), each epoch's own loss and seconds."""
     import jax.numpy as jnp
     import optax
 
@@ -81,7 +81,7 @@ def gpadjoint_run(method: str, X, y, epochs: int, init_seed: int, seed: int):
 
 
 def gpytorch_run(X, y, epochs: int, init_seed: int, seed: int):
-    """GPyTorch with the paper's settings: raw parameters after each epoch and its own losses."""
+    """GPyTorch with the paper's settings: as :func:`gpadjoint_run`."""
     import contextlib
 
     import gpytorch
