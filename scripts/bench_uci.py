@@ -318,6 +318,19 @@ def make_gp(X, y, base_cls=None):
     return GP(X, y, lik), lik
 
 
+def set_initial_raw(model, lik, seed: int, dtype) -> None:
+    """Give a :func:`make_gp` model gpadjoint's initial raw values for ``seed`` (same start)."""
+    import torch
+
+    raw = _initial_raw(model.covar_module.base_kernel.raw_lengthscale.shape[-1], seed)
+    with torch.no_grad():
+        model.covar_module.base_kernel.raw_lengthscale.copy_(
+            torch.tensor(raw["raw_lengthscale"], dtype=dtype).reshape(1, -1))
+        model.covar_module.raw_outputscale.copy_(torch.tensor(raw["raw_outputscale"], dtype=dtype))
+        lik.noise_covar.raw_noise.copy_(torch.tensor([raw["raw_noise"]], dtype=dtype))
+        model.mean_module.raw_constant.copy_(torch.tensor(raw["mean"], dtype=dtype))
+
+
 def gpytorch_epoch(model, mll, opt, X, y) -> tuple[float, float]:
     """One full-batch Adam step on -mll; returns (loss, seconds)."""
     t0 = time.perf_counter()
@@ -356,14 +369,7 @@ def gpytorch_model(spec: dict):
     base_cls = gpytorch.kernels.keops.MaternKernel if keops else gpytorch.kernels.MaternKernel
 
     model, lik = make_gp(Xtr, ytr, base_cls)
-    raw = _initial_raw(d, seed)
-    with torch.no_grad():
-        model.covar_module.base_kernel.raw_lengthscale.copy_(
-            torch.tensor(raw["raw_lengthscale"], dtype=dt).reshape(1, d)
-        )
-        model.covar_module.raw_outputscale.copy_(torch.tensor(raw["raw_outputscale"], dtype=dt))
-        lik.noise_covar.raw_noise.copy_(torch.tensor([raw["raw_noise"]], dtype=dt))
-        model.mean_module.raw_constant.copy_(torch.tensor(raw["mean"], dtype=dt))
+    set_initial_raw(model, lik, seed, dt)
     model = model.to(dt)
 
     def hypers() -> dict:

@@ -92,15 +92,8 @@ def gpytorch_run(X, y, epochs: int, init_seed: int, seed: int):
     torch.manual_seed(seed)
     Xt = torch.tensor(X, dtype=torch.float32)
     yt = torch.tensor(y, dtype=torch.float32)
-    d = X.shape[1]
     model, lik = bench_uci.make_gp(Xt, yt)
-    raw = bench_uci._initial_raw(d, init_seed)
-    with torch.no_grad():
-        model.covar_module.base_kernel.raw_lengthscale.copy_(
-            torch.tensor(raw["raw_lengthscale"]).reshape(1, d))
-        model.covar_module.raw_outputscale.copy_(torch.tensor(raw["raw_outputscale"]))
-        lik.noise_covar.raw_noise.copy_(torch.tensor([raw["raw_noise"]]))
-        model.mean_module.raw_constant.copy_(torch.tensor(raw["mean"]))
+    bench_uci.set_initial_raw(model, lik, init_seed, torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=bench_uci.LR)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
     model.train()
