@@ -167,6 +167,27 @@ def keops_available() -> tuple[bool, str]:
     return True, ""
 
 
+# The pair weight u_i . v_j is summed in independent pieces of this many columns.
+DOT_CHUNK = 8
+
+
+def _dot(m: int) -> str:
+    """KeOps formula of the m-wide dot product u . v, as a sum of ``DOT_CHUNK``-wide dots.
+
+    KeOps' CPU code evaluates ``(u|v)`` as one chain of m dependent multiply-adds per pair, and
+    that chain, not the kernel, is what the parameter VJP pays for: at n = 12 000, d = 8,
+    float32, m = 80, the reduction took 14.9 s against 0.96 s without the weight (and 0.97 s
+    for an 11-column matvec). Split into independent 8-wide dots it took 9.4 s (20-wide: 12.4 s,
+    5-wide: 9.7 s); the sum is the same up to rounding order.
+    """
+    if m <= DOT_CHUNK:
+        return "(u|v)"
+    return "+".join(
+        f"(Extract(u,{c},{min(DOT_CHUNK, m - c)})|Extract(v,{c},{min(DOT_CHUNK, m - c)}))"
+        for c in range(0, m, DOT_CHUNK)
+    )
+
+
 @functools.cache
 def _genred(kind: str, kernel: str, d: int, m: int, dtype: str):
     """Build the Genred for ``kind`` 'kv' (out (n, m)) or 'grad' (out (n, d + 1))."""
@@ -177,7 +198,7 @@ def _genred(kind: str, kernel: str, d: int, m: int, dtype: str):
     else:
         common, parts, _ = _GRAD[kernel]
         # One pass: per i, sum_j w_ij [G(z_i, z_j) (d,), k(z_i, z_j) / factor (1,)].
-        formula = f"((u|v)*{common})*Concat({parts})"
+        formula = f"(({_dot(m)})*{common})*Concat({parts})"
         aliases = [f"x = Vi(0,{d})", f"y = Vj(1,{d})", f"u = Vi(2,{m})", f"v = Vj(3,{m})"]
     return pknp.Genred(formula, aliases, reduction_op="Sum", axis=1, **_ACC_OPTIONS[dtype])
 
