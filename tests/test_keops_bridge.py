@@ -3,7 +3,8 @@
 Compilation budget: every distinct (kernel, dtype, d, width) costs a matvec formula and every
 (kernel, dtype, d, gradient bucket) a hyperparameter-gradient formula, ~10 s of g++ each on a
 cold cache. This file uses d = 3 throughout, and few widths: 1, 3 and 4 columns (gradient
-buckets 1 and 4), in float64 for all kernels and float32 for matern32 and matern12.
+buckets 1 and 4), in float64 for all kernels and float32 for matern32 and matern12, plus one
+24-column matern32 float64 case (gradient bucket 32) for the split dot product.
 """
 
 import jax
