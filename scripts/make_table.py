@@ -250,7 +250,8 @@ def loss_figures(recs: list[dict], folder: Path) -> list[Path]:
         for r in sorted(rs, key=lambda r: (r["method"], r["backend"], r["split"])):
             loss = r.get("loss_curve") or []
             secs = r.get("seconds_curve") or []
-            label = f"{r['method']} {r['backend']} split {r['split']}"
+            # a data set can have several runs per split (10 and 15 epochs): name each
+            label = f"{r['method']} {r['backend']} split {r['split']}, {r['epochs']} ep"
             kw = dict(color=colours.get(r["method"]), ls=styles.get(r["backend"], "-"),
                       alpha=0.8, lw=1.2, label=label)
             a1.plot(range(1, len(loss) + 1), loss, **kw)
