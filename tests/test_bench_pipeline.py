@@ -192,6 +192,35 @@ def test_killed_run_resumes_on_the_same_trajectory(records, tmp_path, method):
     assert not ckpt.exists() and not list(out.glob("*.segments"))
 
 
+def test_run_killed_in_prediction_reuses_its_common_loss(records, tmp_path):
+    """A session's end kills the batch and its child together after the common evaluator (over
+    an hour on keggundirected) has finished: the rerun resumes from the complete checkpoint,
+    takes the saved common loss instead of computing it again, says so, and then predicts."""
+    import os
+
+    _, recs = records
+    out = tmp_path / "uci"
+    cmd = [sys.executable, "scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0",
+           "--epochs", "2", "--methods", "gpytorch", "--backends", "dense", "--out-dir", str(out)]
+    env = dict(os.environ, GPADJ_BENCH_KILL_ALL_IN_PREDICT="1")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    name = "yacht-split0-gpytorch-dense-2ep"
+    assert not (out / f"{name}.json").exists()  # nobody was left to write the record
+    saved = json.loads((out / f"{name}.progress").read_text())
+    assert saved["stage"] == "predict" and "reused_from_progress" not in saved["common_evaluator"]
+    _run(*cmd[1:])
+    r = json.loads((out / f"{name}.json").read_text())
+    ref = recs[f"{name}.json"]
+    assert r["status"] == "ok" and r["resumed_from_epoch"] == 2
+    assert r["common_evaluator"]["reused_from_progress"] is True
+    assert r["common_evaluator"]["seconds"] == saved["common_evaluator"]["seconds"]
+    assert r["final_train_loss_common"] == pytest.approx(ref["final_train_loss_common"],
+                                                         rel=1e-6)
+    assert r["test_rmse"] == pytest.approx(ref["test_rmse"], rel=1e-5)
+    assert not list(out.glob("*.progress")) and not list(out.glob("*.ckpt.*"))
+
+
 def test_gpytorch_keops_run_counts_its_passes(tmp_path):
     """GPyTorch's KeOps run counts its passes per epoch (every pykeops reduction over n x n) as
     it trains, the same count scripts/count_gpytorch_passes.py makes in a separate run."""
