@@ -601,7 +601,7 @@ def common_predict(spec: dict, final: dict, variance: bool = True) -> dict:
 
 
 def _earlier_common_loss(spec: dict, res: dict) -> dict | None:
-    """The common evaluator's result from an earlier attempt at this run, if it has one.
+    """Return the common evaluator's result from an earlier attempt at this run, if any.
 
     A session's end kills the batch and its child alike, so nothing recovers the run then; its
     progress file stays behind at the stage the child had reached. When that stage is the

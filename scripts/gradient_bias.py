@@ -1,8 +1,8 @@
 """How far each method's stochastic gradient is from the exact one, at a point on a real trajectory.
 
-Takes the hyperparameters a bench_uci gpadjoint run had at a given epoch, the first ``--n``
-training points of that split, and compares, per raw parameter (softplus lengthscales, output
-scale, noise; the constant mean) -- the coordinates Adam steps in:
+Takes the hyperparameters a bench_uci run (either method's record) had at a given epoch, the
+first ``--n`` training points of that split, and compares, per raw parameter (softplus
+lengthscales, output scale, noise; the constant mean) -- the coordinates Adam steps in:
 
 * ``exact``: the gradient of -log p(y)/n by float64 Cholesky (:func:`gpadjoint.mll.neg_mll_exact`);
 * ``gpadjoint``: the Lanczos-adjoint gradient with ``configs/paper.toml``'s estimator settings
@@ -17,7 +17,7 @@ each stochastic one averaged over ``--reps`` probe draws (mean and standard erro
 noise, is what Adam cannot average away. One row per (estimator, coordinate) in
 ``results/gradient_bias.csv`` plus a summary row per estimator (coordinate ``ALL``: |mean -
 exact| / |exact| over all coordinates); existing rows of the same (data set, split, epoch, n,
-estimator) are replaced, others kept.
+record, estimator) are replaced, others kept.
 
     python scripts/gradient_bias.py --dataset elevators --split 1 --epoch 36 --n 2500
 """
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="elevators")
     ap.add_argument("--split", type=int, default=1)
     ap.add_argument("--epoch", type=int, default=36, help="index into the run's hyper_curve")
-    ap.add_argument("--record", help="gpadjoint bench_uci record (default: the dense 75-epoch)")
+    ap.add_argument("--record",
+                    help="bench_uci record of either method (default: gpadjoint's dense 75-epoch)")
     ap.add_argument("--n", type=int, default=2500)
     ap.add_argument("--reps", type=int, default=24)
     ap.add_argument("--out", type=Path, default=OUT)
@@ -152,9 +153,10 @@ def main(argv=None) -> int:
             rows.append(base | {"estimator": est, "coordinate": nm, "exact": exact[i],
                                 "mean": mean[i], "se": se[i], "rel_bias": rb})
         print(f"{est:18s} |mean - exact| / |exact| = {rows[-len(names) - 1]['rel_bias']:.4f}")
-    key = (args.dataset, str(args.split), str(args.epoch), str(args.n))
+    key = (args.dataset, str(args.split), str(args.epoch), str(args.n), rec_path.name)
     bu.replace_rows(args.out, rows, FIELDS, lambda r: (
-        (r["dataset"], r["split"], r["epoch"], r["n"]) == key and r["estimator"] in draws))
+        (r["dataset"], r["split"], r["epoch"], r["n"], r["record"]) == key
+        and r["estimator"] in draws))
     return 0
 
 
