@@ -19,6 +19,11 @@ noise, is what Adam cannot average away. One row per (estimator, coordinate) in
 exact| / |exact| over all coordinates); existing rows of the same (data set, split, epoch, n,
 record, estimator) are replaced, others kept.
 
+``--full-exact`` instead writes the exact gradient on the *whole* training split in the output
+scale, the noise and the mean (:func:`gpadjoint.evaluate.exact_scale_gradient`; protein's
+n = 41 157 takes one 12.6 GiB array), next to the step the run took from that epoch: the
+first ``--n`` points can disagree with the full data on the output scale's direction.
+
     python scripts/gradient_bias.py --dataset elevators --split 1 --epoch 36 --n 2500
 """
 
@@ -125,12 +130,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gpytorch", action="store_true", help="skip GPyTorch's gradient")
     ap.add_argument("--cg-tol", type=float, default=1.0,
                     help="CG tolerance of the --depths estimators (paper: 1.0)")
+    ap.add_argument("--full-exact", action="store_true",
+                    help="only the exact gradient on the whole training split, in the output "
+                         "scale, noise and mean (float64 Cholesky + tr K^-1: one n x n array)")
     args = ap.parse_args(argv)
     rec_path = Path(args.record) if args.record else (
         bench_uci.OUT_DIR / f"{args.dataset}-split{args.split}-gpadjoint-dense-75ep.json")
     rec = json.loads(rec_path.read_text())
     h = rec["hyper_curve"][args.epoch]
     s = bench_uci._data(args.dataset, args.split)
+    if args.full_exact:
+        return _full_exact(args, rec_path, rec, h, s)
     X = np.asarray(s.X_train[: args.n], np.float64)
     y = np.asarray(s.y_train[: args.n], np.float64)
     exact, draws = _gpadjoint_grads(X, y, h, args.reps, precond_logdet=True,
@@ -157,6 +167,38 @@ def main(argv=None) -> int:
     bu.replace_rows(args.out, rows, FIELDS, lambda r: (
         (r["dataset"], r["split"], r["epoch"], r["n"], r["record"]) == key
         and r["estimator"] in draws))
+    return 0
+
+
+def _full_exact(args, rec_path, rec, h, s) -> int:
+    """Write rows ``exact-full``: the exact gradient on all n training points (no subset).
+
+    Next to it, the step the run then took in each coordinate (``mean`` holds hyper_curve[epoch
+    + 1] - hyper_curve[epoch]; Adam moves against the gradient's sign when it is steady).
+    """
+    from gpadjoint.evaluate import exact_scale_gradient
+
+    X = np.asarray(s.X_train, np.float64)
+    y = np.asarray(s.y_train, np.float64)
+    g = exact_scale_gradient(X, y, kernel=bench_uci.KERNEL, lengthscale=h["lengthscale"],
+                             outputscale=h["outputscale"], noise=h["noise"], mean=h["mean"],
+                             noise_floor=bench_uci.NOISE_FLOOR)
+    curve = rec["hyper_curve"] + [rec["final_hyperparameters"]]
+    nxt = curve[args.epoch + 1] if args.epoch + 1 < len(curve) else None
+    base = {"dataset": args.dataset, "split": args.split, "epoch": args.epoch, "n": len(y),
+            "reps": 0, "record": rec_path.name, "commit": bu.git_commit(),
+            "machine": bu.machine(), "estimator": "exact-full", "se": "", "rel_bias": ""}
+    rows = []
+    for coord, key, hk in (("outputscale", "raw_outputscale", "outputscale"),
+                           ("noise", "raw_noise", "noise"), ("mean", "mean", "mean")):
+        step = nxt[hk] - h[hk] if nxt is not None else ""
+        rows.append(base | {"coordinate": coord, "exact": g[key], "mean": step})
+        print(f"{coord:12s} exact gradient (raw) {g[key]:+.6g}   next step {step}")
+    print(f"n = {len(y)}, {g['seconds']:.0f} s")
+    key = (args.dataset, str(args.split), str(args.epoch), str(len(y)), rec_path.name)
+    bu.replace_rows(args.out, rows, FIELDS, lambda r: (
+        (r["dataset"], r["split"], r["epoch"], r["n"], r["record"]) == key
+        and r["estimator"] == "exact-full"))
     return 0
 
 

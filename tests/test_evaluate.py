@@ -108,6 +108,10 @@ def test_blocked_cholesky_and_substitution_match_numpy(n, block):
     np.testing.assert_allclose(np.tril(A), L0, rtol=0, atol=1e-12 * np.abs(L0).max())
     z = evaluate._forward_substitution(A, r, block)
     np.testing.assert_allclose(z, sla.solve_triangular(L0, r, lower=True), atol=1e-12)
+    a = evaluate._backward_substitution(A, z, block)
+    np.testing.assert_allclose(a, np.linalg.solve(L0 @ L0.T, r), rtol=1e-9, atol=1e-14)
+    Ai = np.linalg.inv(L0 @ L0.T)
+    assert evaluate._trace_of_inverse(A, block) == pytest.approx(np.trace(Ai), rel=1e-10)
 
 
 def test_blocked_cholesky_reports_an_indefinite_block():
@@ -115,3 +119,34 @@ def test_blocked_cholesky_reports_an_indefinite_block():
     A[200, 200] = -1.0
     with pytest.raises(np.linalg.LinAlgError, match="pivot block 128:256"):
         evaluate.blocked_cholesky(A, 128)
+
+
+@pytest.mark.parametrize("block", [64, 2048])
+def test_scale_gradient_matches_autodiff_of_the_dense_loss(block):
+    """The large-n diagnostic's gradient (output scale, noise, mean; raw and constrained)
+    against jax.grad of the dense float64 loss, blocked and unblocked."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpadjoint.kernels import unconstrain
+    from gpadjoint.mll import neg_mll_exact
+
+    X, y, hp = _problem(n=257)
+    g = evaluate.exact_scale_gradient(X, y, kernel="matern32", block=block, **hp)
+    p = unconstrain(hp["lengthscale"], hp["outputscale"], hp["noise"], hp["mean"],
+                    noise_floor=1e-4, dtype=jnp.float64)
+    ref = jax.grad(neg_mll_exact)(p, jnp.asarray(X), jnp.asarray(y), kernel="matern32",
+                                  noise_floor=1e-4)
+    assert g["raw_outputscale"] == pytest.approx(float(ref.raw_outputscale), rel=1e-8)
+    assert g["raw_noise"] == pytest.approx(float(ref.raw_noise), rel=1e-8)
+    assert g["mean"] == pytest.approx(float(ref.mean), rel=1e-8)
+    # the constrained ones by central differences of the Cholesky loss
+    for name, key in (("outputscale", "outputscale"), ("noise", "noise"), ("mean", "mean_value")):
+        eps = 1e-5 * abs(hp[name])
+        up = evaluate.exact_loss(X, y, kernel="matern32", method="cholesky",
+                                 **(hp | {name: hp[name] + eps}))["loss"]
+        dn = evaluate.exact_loss(X, y, kernel="matern32", method="cholesky",
+                                 **(hp | {name: hp[name] - eps}))["loss"]
+        assert g[key] == pytest.approx((up - dn) / (2 * eps), rel=1e-5, abs=1e-9)
+    with pytest.raises(ValueError, match="noise above"):
+        evaluate.exact_scale_gradient(X, y, kernel="matern32", **(hp | {"noise": 1e-5}))
