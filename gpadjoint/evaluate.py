@@ -67,6 +67,21 @@ def _as_hypers(lengthscale, outputscale, noise) -> Hypers:
     )
 
 
+def _checked(X, y, lengthscale, outputscale, noise, mean, noise_above: float):
+    """float64 X and residual y - mean with their shapes checked, and positive hyperparameters."""
+    X = np.asarray(X, np.float64)
+    r = np.asarray(y, np.float64) - float(mean)
+    n = X.shape[0]
+    if X.ndim != 2 or r.shape != (n,):
+        raise ValueError(f"X must be (n, d) and y (n,); got {X.shape} and {r.shape}")
+    h = _as_hypers(lengthscale, outputscale, noise)
+    if not (float(h.noise) > noise_above and float(h.outputscale) > 0
+            and bool(jnp.all(h.lengthscale > 0))):
+        above = f" (noise above {noise_above})" if noise_above else ""
+        raise ValueError(f"hyperparameters must be positive{above}; got {h}")
+    return X, r, h
+
+
 def exact_loss(
     X,
     y,
@@ -95,14 +110,8 @@ def exact_loss(
         ``lanczos_depth``, ``precond_rank`` and ``cg_residual``.
 
     """
-    X = np.asarray(X, np.float64)
-    r = np.asarray(y, np.float64) - float(mean)
+    X, r, h = _checked(X, y, lengthscale, outputscale, noise, mean, noise_above=0.0)
     n = X.shape[0]
-    if X.ndim != 2 or r.shape != (n,):
-        raise ValueError(f"X must be (n, d) and y (n,); got {X.shape} and {r.shape}")
-    h = _as_hypers(lengthscale, outputscale, noise)
-    if not (float(h.noise) > 0 and float(h.outputscale) > 0 and bool(jnp.all(h.lengthscale > 0))):
-        raise ValueError(f"hyperparameters must be positive; got {h}")
     if method == "auto":
         method, reason = choose_method(n)
     elif method in ("cholesky", "slq"):
@@ -236,15 +245,9 @@ def exact_scale_gradient(
     coordinates Adam steps in (softplus outputscale, softplus of noise above ``noise_floor``,
     the mean itself), as ``raw_outputscale``, ``raw_noise``, ``mean``.
     """
-    X = np.asarray(X, np.float64)
-    r = np.asarray(y, np.float64) - float(mean)
+    X, r, h = _checked(X, y, lengthscale, outputscale, noise, mean, noise_above=noise_floor)
     n = X.shape[0]
-    if X.ndim != 2 or r.shape != (n,):
-        raise ValueError(f"X must be (n, d) and y (n,); got {X.shape} and {r.shape}")
-    h = _as_hypers(lengthscale, outputscale, noise)
     s, sig = float(outputscale), float(noise)
-    if not (sig > noise_floor and s > 0 and bool(jnp.all(h.lengthscale > 0))):
-        raise ValueError(f"hyperparameters must be positive (noise above {noise_floor}); got {h}")
     t0 = time.perf_counter()
     L = _factor(X, h, kernel, block)
     alpha = _backward_substitution(L, _forward_substitution(L, r, block), block)
