@@ -27,6 +27,11 @@ unchanged (same start times); a rerun record gets its row recomputed.
   appended to ``results/uci/exact_evals.jsonl`` (record, its start time, epoch, loss, seconds) as
   it finishes, and read back on the next run, so an interrupted bisection loses at most the
   Cholesky in progress (``--evals`` puts the file elsewhere).
+  ``time_to_quality_kind``: ``exact`` for that search; ``upper bound`` where the record's common
+  evaluator had to be SLQ (one float64 n x n array does not fit, keggundirected): each
+  earlier epoch would then cost an SLQ evaluation of over an hour, so only the final
+  parameters are scored and the time is that of the whole run (the target is reached at the
+  last epoch or before it).
 
     python scripts/bench_epoch.py
 """
@@ -52,7 +57,8 @@ FIELDS = KEY + [
     "gpytorch_seconds_per_epoch", "seconds_per_epoch_ratio",
     "passes_per_epoch", "passes_min_design", "gpytorch_passes_per_epoch", "peak_rss_mib",
     "gpytorch_peak_rss_mib", "final_loss_common", "gpytorch_final_loss_common",
-    "time_to_quality_s", "gpytorch_train_s", "time_to_quality_ratio", "epochs_to_quality",
+    "time_to_quality_s", "time_to_quality_kind", "gpytorch_train_s", "time_to_quality_ratio",
+    "epochs_to_quality",
     "test_rmse", "gpytorch_test_rmse", "load_avg", "gpytorch_load_avg", "evaluations", "record",
     "gpytorch_record", "record_started", "gpytorch_record_started", "machine", "commit",
 ]
@@ -117,7 +123,12 @@ def time_to_quality(rec: dict, target: float, X, y, evals_path: Path | None = No
     hi = len(curve) - 1
     if loss(hi) > target:
         return {"time_to_quality_s": None, "epochs_to_quality": None, "evaluations": len(cache),
-                "new_evaluations": len(evaluated)}
+                "new_evaluations": len(evaluated), "time_to_quality_kind": None}
+    if (rec.get("common_evaluator") or {}).get("method") == "slq":
+        # no Cholesky fits: the final parameters reach the target, earlier ones are not scored
+        return {"time_to_quality_s": float(secs[hi]), "epochs_to_quality": hi,
+                "evaluations": len(cache), "new_evaluations": 0,
+                "time_to_quality_kind": "upper bound"}
     lo = 0  # invariant: loss(hi) <= target, and loss(lo) > target (checked lazily)
     # Each evaluation is a float64 Cholesky (~minutes at n = 36 000), so first try the epoch the
     # run's own loss curve points to (shifted by its final offset from the exact loss) and its
@@ -164,7 +175,8 @@ def time_to_quality(rec: dict, target: float, X, y, evals_path: Path | None = No
         same = same + 1 if side == last else 1
         last = side
     return {"time_to_quality_s": float(secs[hi]), "epochs_to_quality": hi,
-            "evaluations": len(cache), "new_evaluations": len(evaluated)}
+            "evaluations": len(cache), "new_evaluations": len(evaluated),
+            "time_to_quality_kind": "exact"}
 
 
 def peer_passes(g: dict, fallback):
@@ -229,8 +241,11 @@ def main(argv=None) -> int:
         if (prev and prev.get("status") == "ok" and prev.get("record_started") == r["started"]
                 and prev.get("gpytorch_record_started") == g["started"]):
             print(f"keep (unchanged): {r['_file']}")
+            kind = prev.get("time_to_quality_kind") or ("exact" if prev.get("time_to_quality_s")
+                                                         else "")
             rows.append(prev | {"gpytorch_passes_per_epoch":
-                                peer_passes(g, gpt_passes.get((r["dataset"], peer_backend), ""))})
+                                peer_passes(g, gpt_passes.get((r["dataset"], peer_backend), "")),
+                                "time_to_quality_kind": kind})
             continue
         s = load_dataset(r["dataset"], r["split"], scale_y=False)
         print(f"row: {r['_file']} vs {g['_file']}", flush=True)

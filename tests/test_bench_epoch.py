@@ -104,3 +104,33 @@ def test_search_needs_few_choleskys_when_the_own_curve_misleads(bench_epoch, mon
     got = bench_epoch.time_to_quality(rec, target, None, None, None)
     assert got["epochs_to_quality"] == first
     assert len(calls) == len(set(calls)) <= 7, calls
+
+
+@pytest.mark.parametrize("reached", [True, False])
+def test_slq_scored_run_gets_an_upper_bound_without_evaluations(bench_epoch, monkeypatch,
+                                                                 reached):
+    """keggundirected-like: the common evaluator had to be SLQ (no Cholesky fits), so no earlier
+    epoch is scored; a run whose final loss reaches the target reports its whole training time
+    as an upper bound, and one that does not reports nothing."""
+    import gpadjoint.evaluate as ev
+
+    def no_evaluations(*a, **kw):
+        raise AssertionError("an SLQ-scored record must not trigger an evaluation")
+
+    monkeypatch.setattr(ev, "exact_loss", no_evaluations)
+    E = 10
+    curve = [{"lengthscale": [1.0], "outputscale": 1.0, "noise": 0.1, "mean": 0.0}] * (E + 1)
+    own = list(np.linspace(1.0, 0.83, E))
+    rec = {"_file": "k.json", "started": "s", "hyper_curve": curve[:-1],
+           "final_hyperparameters": curve[-1], "final_train_loss_common": 0.8123,
+           "common_evaluator": {"method": "slq", "loss_se": 1.1e-4},
+           "seconds_curve": list(np.linspace(100.0, 110.0, E)), "loss_curve": own,
+           "final_train_loss": own[-1]}
+    target = 0.8136 if reached else 0.8100
+    got = bench_epoch.time_to_quality(rec, target, None, None, None)
+    if reached:
+        assert got["time_to_quality_kind"] == "upper bound" and got["epochs_to_quality"] == E
+        assert got["time_to_quality_s"] == pytest.approx(sum(rec["seconds_curve"]))
+    else:
+        assert got["time_to_quality_s"] is None and got["time_to_quality_kind"] is None
+    assert got["new_evaluations"] == 0
