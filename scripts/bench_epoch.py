@@ -241,11 +241,8 @@ def main(argv=None) -> int:
         if (prev and prev.get("status") == "ok" and prev.get("record_started") == r["started"]
                 and prev.get("gpytorch_record_started") == g["started"]):
             print(f"keep (unchanged): {r['_file']}")
-            kind = prev.get("time_to_quality_kind") or ("exact" if prev.get("time_to_quality_s")
-                                                         else "")
             rows.append(prev | {"gpytorch_passes_per_epoch":
-                                peer_passes(g, gpt_passes.get((r["dataset"], peer_backend), "")),
-                                "time_to_quality_kind": kind})
+                                peer_passes(g, gpt_passes.get((r["dataset"], peer_backend), ""))})
             continue
         s = load_dataset(r["dataset"], r["split"], scale_y=False)
         print(f"row: {r['_file']} vs {g['_file']}", flush=True)

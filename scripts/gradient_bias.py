@@ -163,11 +163,16 @@ def main(argv=None) -> int:
             rows.append(base | {"estimator": est, "coordinate": nm, "exact": exact[i],
                                 "mean": mean[i], "se": se[i], "rel_bias": rb})
         print(f"{est:18s} |mean - exact| / |exact| = {rows[-len(names) - 1]['rel_bias']:.4f}")
-    key = (args.dataset, str(args.split), str(args.epoch), str(args.n), rec_path.name)
+    _write(args, rows, args.n, rec_path, set(draws))
+    return 0
+
+
+def _write(args, rows, n, rec_path, estimators) -> None:
+    """Replace the rows of this (data set, split, epoch, n, record) and these estimators."""
+    key = (args.dataset, str(args.split), str(args.epoch), str(n), rec_path.name)
     bu.replace_rows(args.out, rows, FIELDS, lambda r: (
         (r["dataset"], r["split"], r["epoch"], r["n"], r["record"]) == key
-        and r["estimator"] in draws))
-    return 0
+        and r["estimator"] in estimators))
 
 
 def _full_exact(args, rec_path, rec, h, s) -> int:
@@ -195,10 +200,7 @@ def _full_exact(args, rec_path, rec, h, s) -> int:
         rows.append(base | {"coordinate": coord, "exact": g[key], "mean": step})
         print(f"{coord:12s} exact gradient (raw) {g[key]:+.6g}   next step {step}")
     print(f"n = {len(y)}, {g['seconds']:.0f} s")
-    key = (args.dataset, str(args.split), str(args.epoch), str(len(y)), rec_path.name)
-    bu.replace_rows(args.out, rows, FIELDS, lambda r: (
-        (r["dataset"], r["split"], r["epoch"], r["n"], r["record"]) == key
-        and r["estimator"] == "exact-full"))
+    _write(args, rows, len(y), rec_path, {"exact-full"})
     return 0
 
 
