@@ -188,6 +188,7 @@ class OptimConfig(_Section):
         "optimizer": str, "lr": float, "schedule": str, "decay_epochs": int,
         "final_lr_fraction": float, "decay_rate": float, "warmup_epochs": int, "b1": float,
         "b2": float, "eps": float, "momentum": float, "weight_decay": float, "clip_norm": float,
+        "lbfgs_memory": int, "lbfgs_rtol": float, "lbfgs_gtol": float,
     }
 
     optimizer: str = "adam"
@@ -203,11 +204,15 @@ class OptimConfig(_Section):
     momentum: float = 0.0
     weight_decay: float = 0.0
     clip_norm: float = 0.0
+    lbfgs_memory: int = 10
+    lbfgs_rtol: float = 1e-6
+    lbfgs_gtol: float = 1e-5
 
     def _validate(self):
         self._choice("optimizer", OPTIMIZERS)
         self._choice("schedule", SCHEDULES)
-        self._positive("lr", "eps")
+        self._positive("lr", "eps", "lbfgs_memory")
+        self._non_negative("lbfgs_rtol", "lbfgs_gtol")
         self._non_negative(
             "decay_epochs", "final_lr_fraction", "warmup_epochs", "momentum", "weight_decay",
             "clip_norm",
@@ -369,12 +374,20 @@ def load_config(path) -> RunConfig:
 
 
 def resolve_optimizer(name: str, estimator: str) -> tuple[str, str]:
-    """Resolve ``optimizer = "auto"``: L-BFGS for the deterministic exact loss, else Adam."""
+    """Resolve ``optimizer = "auto"``: L-BFGS with a line search for either estimator.
+
+    The exact loss is deterministic; the SLQ loss is made so by drawing its probes once per run
+    (:class:`gpadjoint.train.LBFGS`), so its value and gradient agree and a line search is sound.
+    """
     if name != "auto":
         return name, "requested"
     if estimator == "exact":
         return "lbfgs", "auto: the exact loss is deterministic, so L-BFGS with a line search"
-    return "adam", "auto: the SLQ loss is stochastic, so Adam"
+    return "lbfgs", (
+        "auto: SLQ with its probes fixed for the run is a deterministic objective whose exact "
+        "gradient the adjoint gives, so L-BFGS with a line search (it fits to the optimum; Adam "
+        "stops wherever its epochs end)"
+    )
 
 
 def lbfgs():
@@ -393,9 +406,10 @@ def make_optimizer(cfg: OptimConfig, epochs: int | None = None, estimator: str =
     """Build the ``optax.GradientTransformation`` described by ``cfg`` (one step = one epoch).
 
     ``optimizer = "auto"`` is resolved by :func:`resolve_optimizer` for the given (resolved)
-    estimator. ``lbfgs`` is ``optax.lbfgs`` with its zoom line search; it ignores ``lr`` and the
-    schedule (the line search sets the step) and needs a deterministic loss (``estimator =
-    "exact"``; with SLQ each step's line search sees that step's probes only).
+    estimator. ``lbfgs`` ignores ``lr`` and the schedule (the line search sets the step): with the
+    exact estimator it is ``optax.lbfgs`` with its zoom line search; with SLQ it is
+    :class:`gpadjoint.train.LBFGS` (probes fixed for the run, CG warm-started from the previous
+    evaluation, every evaluation reused; stop rule ``lbfgs_rtol`` / ``lbfgs_gtol``).
 
     Schedules: ``constant`` (lr); ``cosine`` from lr to ``lr * final_lr_fraction`` over
     ``decay_epochs`` (0 = ``epochs``, which must then be given); ``exponential`` lr *
@@ -405,6 +419,13 @@ def make_optimizer(cfg: OptimConfig, epochs: int | None = None, estimator: str =
     import optax
 
     name, _ = resolve_optimizer(cfg.optimizer, estimator)
+    if name == "lbfgs" and estimator != "exact":
+        from .train import LBFGS
+
+        if cfg.clip_norm > 0:
+            raise ValueError("[optim] clip_norm does not apply to lbfgs with the slq estimator "
+                             "(its line search sets the step); set clip_norm = 0")
+        return LBFGS(memory_size=cfg.lbfgs_memory, rtol=cfg.lbfgs_rtol, gtol=cfg.lbfgs_gtol)
     if name == "lbfgs":
         opt = lbfgs()
         if cfg.clip_norm > 0:

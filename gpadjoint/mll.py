@@ -116,6 +116,7 @@ def neg_mll(
     config: MLLConfig = MLLConfig(),
     probes: jax.Array | None = None,
     x0: jax.Array | None = None,
+    precond_params: Params | None = None,
 ):
     """-log p(y | theta) / n (per datum, 2 pi constant included), estimated by SLQ + PCG.
 
@@ -130,6 +131,12 @@ def neg_mll(
             estimator is (1/p) sum_i |z_i|^2 e_1^T log(T_i) e_1, so sqrt(n) times the n unit
             vectors with depth n gives log det K exactly.
         x0: optional warm start for CG (e.g. the previous step's solution).
+        precond_params: build the preconditioner P (the CG preconditioner, and the log-det
+            split with ``precond_logdet``) at these parameters instead of ``params``. P never
+            receives a gradient; held fixed over several evaluations it makes the estimate a
+            smooth function of ``params`` whose gradient is exactly the one computed (rebuilt
+            at every ``params``, its pivots and values move with ``params`` but no gradient
+            says so). The L-BFGS trainer uses this.
 
     Returns:
         (value, aux) with aux a dict of diagnostics: ``logdet``, ``quad`` (y^T K^-1 y),
@@ -151,7 +158,9 @@ def neg_mll(
         probes = rademacher(key, n, config.num_probes, X.dtype)
     depth = min(config.lanczos_depth, n)
 
-    h0 = jax.tree.map(lax.stop_gradient, hypers)
+    h_cur = jax.tree.map(lax.stop_gradient, hypers)
+    h0 = h_cur if precond_params is None else jax.tree.map(
+        lax.stop_gradient, constrain(precond_params, config.noise_floor))
     precond = L = None
     if config.precond_rank > 0:
         rank = min(config.precond_rank, n)
@@ -163,9 +172,11 @@ def neg_mll(
         precond = make_preconditioner(L, h0.noise)
     if config.precond_logdet and L is not None:
         half, logdet_P, lower = half_inverse_factors(L, h0.noise, X.dtype)
+        # the bound assumes K >= (P's shift) I; with P from other parameters K >= noise I
+        lower = lower * jnp.minimum(1.0, h_cur.noise / h0.noise)
     else:
         # Ritz values of K can never be below sigma2; round-off (float32) can push them there.
-        half, logdet_P, lower = None, 0.0, 0.5 * h0.noise
+        half, logdet_P, lower = None, 0.0, 0.5 * h_cur.noise
     # One pass per step serves every probe's Lanczos process and the CG solve (gpadjoint.fused).
     tri, quad, alpha, info, passes = slq_and_solve(
         mv,

@@ -92,9 +92,10 @@ def _make_optimizer(name, lr, estimator: str) -> tuple[optax.GradientTransformat
     from .config import OptimConfig, make_optimizer, resolve_optimizer
 
     name, _ = resolve_optimizer(name, estimator)
-    key = (name, float(lr))
+    key = (name, float(lr), estimator == "exact")
     if key not in _OPTIMIZER_CACHE:  # the same builder as the configs, defaults included
-        _OPTIMIZER_CACHE[key] = make_optimizer(OptimConfig(optimizer=name, lr=float(lr)))
+        _OPTIMIZER_CACHE[key] = make_optimizer(
+            OptimConfig(optimizer=name, lr=float(lr)), estimator=estimator)
     return _OPTIMIZER_CACHE[key], name
 
 

@@ -114,6 +114,53 @@ class FitResult(NamedTuple):
     info: dict
 
 
+class LBFGS(NamedTuple):
+    """L-BFGS on a fixed objective: the settings of :func:`make_lbfgs_trainer`.
+
+    With SLQ the probes are drawn once per run (common random numbers), so the loss is one
+    deterministic function whose value and gradient agree, and a quasi-Newton step with a line
+    search is sound. The direction is ``optax.scale_by_lbfgs``; the step length comes from a
+    weak-Wolfe line search that starts at 1 and reuses every evaluation (the accepted point's
+    value, gradient and CG solution carry over to the next step, so no point is evaluated
+    twice).
+
+    memory_size: curvature pairs kept by L-BFGS.
+    max_linesearch_steps: loss evaluations allowed per step before the line search gives up.
+    c1: sufficient-decrease (Armijo) constant.
+    c2: curvature constant (weak Wolfe); guarantees positive curvature pairs.
+    rtol: stop once the loss changes by less than ``rtol * max(1, |loss|)`` per step ...
+    patience: ... for this many consecutive steps,
+    gtol: or once the gradient's 2-norm (raw parameters, per datum) is at most this.
+    refresh: rebuild the preconditioner (held fixed between rebuilds, so that the objective is
+        smooth and its gradient exact) once a raw parameter has moved more than this since it
+        was built; the step then starts from a fresh evaluation.
+    """
+
+    memory_size: int = 10
+    max_linesearch_steps: int = 10
+    c1: float = 1e-4
+    c2: float = 0.9
+    rtol: float = 1e-6
+    patience: int = 3
+    gtol: float = 1e-5
+    refresh: float = 0.5
+
+
+class LBFGSState(NamedTuple):
+    """Optimiser state of the L-BFGS trainer (a pytree, checkpointed as such).
+
+    inner: ``optax.scale_by_lbfgs`` state (curvature memory).
+    value: loss at the current parameters (NaN until first evaluated).
+    grad: its gradient (raw parameters).
+    anchor: the parameters the preconditioner is built at (see :class:`LBFGS`).
+    """
+
+    inner: Any
+    value: jax.Array
+    grad: Params
+    anchor: Params
+
+
 # --------------------------------------------------------------------------------------------
 # Trainer
 
@@ -258,6 +305,209 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in leaves]))
 
 
+def make_lbfgs_trainer(
+    X,
+    y,
+    *,
+    backend: Backend,
+    mll_config: MLLConfig = _DEFAULT_MLL,
+    lbfgs: LBFGS = LBFGS(),
+    warm_start: bool = True,
+) -> Trainer:
+    """Build the init/step pair of L-BFGS on a fixed-probe objective (see :class:`LBFGS`).
+
+    One step is one L-BFGS iteration: the direction from ``optax.scale_by_lbfgs``, then a
+    weak-Wolfe line search of at most ``lbfgs.max_linesearch_steps`` evaluations of
+    ``value_and_grad(neg_mll)``, each compiled once and warm-started (CG) from the previous
+    evaluation's solution. All evaluations use the probes of ``fold_in(key, 0)``: value and
+    gradient belong to one deterministic objective over the whole run.
+
+    ``metrics`` of a step, besides those of :func:`make_trainer`'s step: ``evaluations`` (loss
+    evaluations this step, line search included), ``refreshed`` (the preconditioner was rebuilt
+    at this step's start, so ``loss`` is a new evaluation), ``step_size``, ``new_loss`` and
+    ``new_grad_norm`` (at the accepted point), ``linesearch_ok`` (False when no evaluation
+    decreased the loss: the state is returned unchanged and the run should stop).
+    """
+    X = jnp.asarray(X)
+    y = jnp.asarray(y)
+    dtype = X.dtype
+    direction = optax.scale_by_lbfgs(memory_size=lbfgs.memory_size)
+    traces = [0]
+    compiled: dict = {}
+
+    def _evaluate(params, key, x0, anchor, X, y):
+        traces[0] += 1  # runs only while tracing
+
+        def loss(p):
+            return neg_mll(p, X, y, key, backend=backend, config=mll_config, x0=x0,
+                           precond_params=anchor)
+
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        keep = ("cg_iterations", "cg_residual", "passes", "alpha")
+        return value, grads, {k: aux[k] for k in keep}
+
+    def evaluate(params, key, x0, anchor):
+        args = (params, key, x0, anchor, X, y)
+        sig = _signature(args)
+        exe = compiled.get(sig)
+        if exe is None:
+            exe = jax.jit(_evaluate).lower(*args).compile()
+            compiled[sig] = exe
+        return exe(*args)
+
+    def init(params: Params, key) -> TrainState:
+        params = Params(*(jnp.asarray(p, dtype) for p in params))
+        if params.raw_lengthscale.shape != (X.shape[1],):
+            raise ValueError(
+                f"params.raw_lengthscale has shape {params.raw_lengthscale.shape}, "
+                f"expected ({X.shape[1]},) for d = {X.shape[1]} inputs"
+            )
+        opt_state = LBFGSState(
+            inner=direction.init(params),
+            value=jnp.asarray(jnp.nan, dtype),
+            grad=jax.tree.map(jnp.zeros_like, params),
+            anchor=params,
+        )
+        return TrainState(
+            params=params,
+            opt_state=opt_state,
+            epoch=jnp.asarray(0, jnp.int32),
+            key=key,
+            last_alpha=jnp.zeros(X.shape[0], dtype) if warm_start else None,
+        )
+
+    def compile(state: TrainState) -> float:
+        t0 = time.perf_counter()
+        key = jax.random.fold_in(state.key, 0)
+        args = (state.params, key, state.last_alpha, state.opt_state.anchor, X, y)
+        sig = _signature(args)
+        if sig not in compiled:
+            compiled[sig] = jax.jit(_evaluate).lower(*args).compile()
+        return time.perf_counter() - t0
+
+    def step(state: TrainState):
+        key = jax.random.fold_in(state.key, 0)  # the same probes at every evaluation
+        s = state.opt_state
+        params, x0, anchor = state.params, state.last_alpha, s.anchor
+        counts = {"evaluations": 0, "cg_iterations": 0, "passes": 0, "cg_residual": 0.0}
+
+        def run(p, x0):
+            v, g, aux = evaluate(p, key, x0, anchor)
+            v, g, aux = jax.device_get((v, g, aux))
+            counts["evaluations"] += 1
+            counts["cg_iterations"] += int(aux["cg_iterations"])
+            counts["passes"] += int(aux["passes"])
+            counts["cg_residual"] = max(counts["cg_residual"], float(aux["cg_residual"]))
+            finite = bool(np.isfinite(v)) and _tree_finite(g)
+            alpha = aux["alpha"]
+            if x0 is not None and finite and np.all(np.isfinite(alpha)):
+                x0 = jnp.asarray(alpha, dtype)
+            return float(v), g, finite, x0
+
+        value, grad = float(s.value), s.grad
+        moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(params, anchor))
+        refreshed = bool(moved > lbfgs.refresh) and bool(np.isfinite(value))
+        if refreshed:  # the preconditioner is stale: rebuild it here
+            anchor, value = params, math.nan
+        counts["refreshed"] = refreshed
+        finite = np.isfinite(value)
+        if not finite:  # first step, or a new preconditioner
+            value, grad, finite, x0 = run(params, x0)
+        gnorm = _tree_norm(grad)
+        metrics = _lbfgs_metrics(state.params, value, gnorm, mll_config, finite)
+        if not finite:
+            metrics.update(counts, linesearch_ok=False, step_size=0.0, new_loss=value,
+                           new_grad_norm=gnorm)
+            return state, metrics
+
+        upd, inner = direction.update(grad, s.inner, params)
+        desc = jax.tree.map(lambda a: -np.asarray(a), jax.device_get(upd))
+        slope = _tree_vdot(grad, desc)
+        if not (np.isfinite(slope) and slope < 0):  # lost descent: restart from the gradient
+            inner = direction.init(params)
+            scale = min(1.0, 1.0 / max(gnorm, 1e-30))
+            desc = jax.tree.map(lambda g: -scale * np.asarray(g), grad)
+            slope = _tree_vdot(grad, desc)
+
+        t, lo, hi = 1.0, 0.0, math.inf
+        best = None  # (t, value, grad, x0) of the best point meeting sufficient decrease
+        wolfe = False
+        for _ in range(lbfgs.max_linesearch_steps):
+            p_t = Params(*(np.asarray(a) + t * b for a, b in zip(params, desc)))
+            v_t, g_t, fin_t, x0_t = run(p_t, x0)
+            if fin_t:
+                x0 = x0_t
+            if not fin_t or v_t > value + lbfgs.c1 * t * slope:
+                hi = t  # too long: interpolate (quadratic model), kept inside (lo, hi)
+                if fin_t:
+                    denom = 2.0 * (v_t - value - slope * t)
+                    t_q = -slope * t * t / denom if denom > 0 else 0.5 * (lo + hi)
+                else:
+                    t_q = lo + 0.25 * (hi - lo)
+                t = min(max(t_q, lo + 0.1 * (hi - lo)), lo + 0.5 * (hi - lo))
+                continue
+            best = (t, v_t, g_t, p_t)
+            if _tree_vdot(g_t, desc) >= lbfgs.c2 * slope:
+                wolfe = True
+                break
+            lo = t  # still steep: too short
+            t = 2.0 * t if math.isinf(hi) else 0.5 * (lo + hi)
+
+        if best is None:
+            metrics.update(counts, linesearch_ok=False, step_size=0.0, new_loss=value,
+                           new_grad_norm=gnorm)
+            kept = LBFGSState(s.inner, jnp.asarray(value, dtype), grad, anchor)
+            return TrainState(state.params, kept, state.epoch, state.key, x0), metrics
+        t, v_new, g_new, p_new = best
+        sy = t * (_tree_vdot(g_new, desc) - slope)
+        if not (wolfe or sy > 0):
+            inner = direction.init(p_new)  # no positive curvature pair: forget the memory
+        new_params = Params(*(jnp.asarray(a, dtype) for a in p_new))
+        new_grad = Params(*(jnp.asarray(a, dtype) for a in g_new))
+        new_state = TrainState(
+            params=new_params,
+            opt_state=LBFGSState(inner, jnp.asarray(v_new, dtype), new_grad, anchor),
+            epoch=state.epoch + 1,
+            key=state.key,
+            last_alpha=x0,
+        )
+        metrics.update(counts, linesearch_ok=True, step_size=t, new_loss=v_new,
+                       new_grad_norm=_tree_norm(g_new))
+        return new_state, metrics
+
+    return Trainer(init, step, compile, lambda: traces[0])
+
+
+def _tree_vdot(a, b) -> float:
+    return float(sum(np.vdot(np.asarray(x), np.asarray(z)) for x, z in zip(
+        jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def _tree_norm(a) -> float:
+    return math.sqrt(_tree_vdot(a, a))
+
+
+def _tree_finite(a) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(a))
+
+
+def _lbfgs_metrics(params: Params, value: float, gnorm: float, cfg: MLLConfig, ok: bool):
+    hypers = jax.device_get(constrain(params, cfg.noise_floor))
+    return {
+        "loss": value,
+        "grad_norm": gnorm,
+        "lengthscale": hypers.lengthscale,
+        "outputscale": hypers.outputscale,
+        "noise": hypers.noise,
+        "mean": params.mean,
+        "ok": ok,
+        "finite_loss": bool(np.isfinite(value)),
+        "finite_grad": bool(np.isfinite(gnorm)),
+        "finite_update": True,
+    }
+
+
 def initial_params(init: str, d: int, dtype, seed: int = 0) -> Params:
     """Return starting parameters by name.
 
@@ -363,9 +613,16 @@ def fit(
     if estimator == "exact" and early_stopping is None and converge_tol > 0:
         early_stopping = EarlyStopping(patience=5, min_delta=float(converge_tol))
 
-    trainer = make_trainer(
-        X, y, backend=backend, mll_config=mll_config, optimizer=optimizer, warm_start=warm_start
-    )
+    if isinstance(optimizer, LBFGS):
+        trainer = make_lbfgs_trainer(
+            X, y, backend=backend, mll_config=mll_config, lbfgs=optimizer, warm_start=warm_start
+        )
+        early_stopping = None  # L-BFGS has its own stop rule (LBFGS.rtol, patience, gtol)
+    else:
+        trainer = make_trainer(
+            X, y, backend=backend, mll_config=mll_config, optimizer=optimizer,
+            warm_start=warm_start,
+        )
     params0 = init_params(d, dtype) if params0 is None else params0
     state = trainer.init(params0, jax.random.PRNGKey(seed))
     fingerprint = _fingerprint(X, y, kernel, backend, mll_config, seed, state, settings)
@@ -398,12 +655,16 @@ def fit(
         f"step compiled in {compile_seconds:.1f} s"
     )
     best, wait = _replay_early_stopping(history, early_stopping)
+    lbfgs_stop = _LBFGSStop(optimizer, history) if isinstance(optimizer, LBFGS) else None
     cg_warned = False
     stopped_reason = f"completed {epochs} epochs"
     start = int(state.epoch)
     if early_stopping is not None and wait >= early_stopping.patience:
         start = epochs  # the checkpointed run had already stopped early
         stopped_reason = _early_reason(len(history), early_stopping, best)
+    elif lbfgs_stop is not None and lbfgs_stop.reason:
+        start = epochs  # the checkpointed run had already converged
+        stopped_reason = lbfgs_stop.reason
     elif start >= epochs:
         stopped_reason = f"the checkpoint is already at epoch {start} (epochs={epochs})"
 
@@ -415,6 +676,14 @@ def fit(
         if not m["ok"]:
             stopped_reason = _nonfinite_reason(e + 1, m)
             break
+        if not m.get("linesearch_ok", True):
+            state = new_state
+            stopped_reason = (
+                f"L-BFGS line search found no decrease of the loss in {m['evaluations']} "
+                f"evaluations at step {e + 1} (gradient norm {float(m['grad_norm']):.3g}): the "
+                "objective is resolved as far as its CG tolerance allows; parameters kept"
+            )
+            break
         state = new_state
         rec = _record(e + 1, m, seconds, mll_config)
         history.append(rec)
@@ -425,6 +694,9 @@ def fit(
         bar.update(rec)
         if checkpoint_path is not None and checkpoint_every and (e + 1) % checkpoint_every == 0:
             save_checkpoint(checkpoint_path, state, history, fingerprint)
+        if lbfgs_stop is not None and lbfgs_stop.update(rec):
+            stopped_reason = lbfgs_stop.reason
+            break
         if early_stopping is not None:
             best, wait = _early_update(best, wait, rec["loss"], early_stopping)
             if wait >= early_stopping.patience:
@@ -464,8 +736,42 @@ def _resolve_backend(backend, kernel, n, dtype) -> tuple[Backend, str]:
     return make_backend(backend, kernel), "requested"
 
 
+class _LBFGSStop:
+    """The L-BFGS stop rule over history records (replayed on resume)."""
+
+    def __init__(self, lbfgs: LBFGS, history: list[dict]):
+        self.lbfgs = lbfgs
+        self.small = 0
+        self.reason = ""
+        for rec in history:
+            self.update(rec)
+
+    def update(self, rec: dict) -> bool:
+        if "new_loss" not in rec:
+            return False
+        cfg = self.lbfgs
+        change = abs(rec["new_loss"] - rec["loss"])
+        self.small = self.small + 1 if change <= cfg.rtol * max(1.0, abs(rec["loss"])) else 0
+        if rec["new_grad_norm"] <= cfg.gtol:
+            self.reason = (
+                f"converged after step {rec['epoch']}: gradient norm "
+                f"{rec['new_grad_norm']:.3g} <= gtol = {cfg.gtol:g}"
+            )
+        elif self.small >= cfg.patience:
+            self.reason = (
+                f"converged after step {rec['epoch']}: the loss changed by less than "
+                f"rtol = {cfg.rtol:g} (relative) for {cfg.patience} steps"
+            )
+        return bool(self.reason)
+
+
+_LBFGS_KEYS = ("evaluations", "step_size", "new_loss", "new_grad_norm", "refreshed")
+
+
 def _record(epoch: int, m: dict, seconds: float, cfg: MLLConfig) -> dict:
     res = float(m["cg_residual"])
+    kinds = {"evaluations": int, "refreshed": bool}
+    extra = {k: kinds.get(k, float)(m[k]) for k in _LBFGS_KEYS if k in m}
     return {
         "epoch": epoch,
         "loss": float(m["loss"]),
@@ -479,7 +785,7 @@ def _record(epoch: int, m: dict, seconds: float, cfg: MLLConfig) -> dict:
         "cg_converged": bool(res <= cfg.cg_tol),
         "passes": int(m["passes"]),
         "seconds": seconds,
-    }
+    } | extra
 
 
 def _nonfinite_reason(epoch: int, m: dict) -> str:
