@@ -311,7 +311,7 @@ def make_lbfgs_trainer(
     *,
     backend: Backend,
     mll_config: MLLConfig = _DEFAULT_MLL,
-    lbfgs: LBFGS = LBFGS(),
+    lbfgs: LBFGS | None = None,
     warm_start: bool = True,
 ) -> Trainer:
     """Build the init/step pair of L-BFGS on a fixed-probe objective (see :class:`LBFGS`).
@@ -328,6 +328,7 @@ def make_lbfgs_trainer(
     ``new_grad_norm`` (at the accepted point), ``linesearch_ok`` (False when no evaluation
     decreased the loss: the state is returned unchanged and the run should stop).
     """
+    lbfgs = LBFGS() if lbfgs is None else lbfgs
     X = jnp.asarray(X)
     y = jnp.asarray(y)
     dtype = X.dtype
