@@ -1,0 +1,693 @@
+"""The maximum-likelihood hyperparameters of the paper's model, by float64 Cholesky and L-BFGS.
+
+    python scripts/exact_optimum.py DATASET SPLIT [--init FILE] [--subset 4000]
+
+writes ``results/optimum/<dataset>-split<k>.json``: the optimum of -log p(y | theta) / n (per
+datum, 2 pi included; :func:`gpadjoint.mll.neg_mll_exact`) for the constant mean, output scale x
+Matern-3/2 ARD kernel with noise >= 1e-4 (softplus + floor), inputs z-scored and targets centred
+but not scaled, to a gradient 2-norm <= 1e-6 in the raw (unconstrained) coordinates; with the
+test RMSE and NLL (predictive, noise included, target units) at that optimum.
+
+One value + gradient (:func:`make_value_and_grad`): K built in float64 by JAX
+(:func:`gpadjoint.kernels.dense_cov`), factorised in place by LAPACK ``dpotrf``; log det K from
+the factor's diagonal, alpha = K^-1 (y - mean) by ``dpotrs``; K^-1 in place by ``dpotri`` (n^3
+flops with the factorisation, half of a solve against the identity), symmetrised into the
+cotangent Kbar = (K^-1 - alpha alpha^T) / (2n) in the same array; then ONE ``jax.vjp`` of the
+builder params -> K with Kbar gives every kernel parameter's gradient, and -sum(alpha) / n the
+mean's. scipy's L-BFGS-B steps on the flattened raw parameters.
+
+Warm start: the same L-BFGS first runs to convergence on the first ``--subset`` training points
+(default 4000), and the full-n run starts from that optimum (or from ``--init FILE``, a JSON with
+lengthscale / outputscale / noise / mean, e.g. another fit's ``final_hyperparameters``).
+
+Every evaluation is appended to ``<dataset>-split<k>.progress.jsonl`` (raw parameters, loss,
+gradient, its norm, seconds). Run the same command again after an interruption and it restarts
+from the best point recorded (the full-n stage's if it began, else the subset stage's); Ctrl-C
+finishes the evaluation under way, records it, then stops.
+
+Memory: one n x n float64 array (K, its factor and K^-1 in turn, in place; the builder and its
+VJP go by row blocks) plus ~2 GiB. The script refuses before starting when that does not fit in
+the available memory, or when n > ``--max-n`` (20 000: a whole-matrix dpotrf segfaulted at
+kin40k's n = 36 000 on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy  # noqa: E402
+import scipy.linalg as sla  # noqa: E402
+from scipy.linalg import lapack  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchutil as bu  # noqa: E402
+
+from gpadjoint.kernels import (  # noqa: E402
+    NOISE_FLOOR,
+    PROFILE_DERIVATIVES,
+    Hypers,
+    Params,
+    constrain,
+    cross_cov,
+    get_profile,
+    sq_diff_basis,
+    sq_diff_sums,
+    sq_dist,
+    unconstrain,
+)
+
+ROOT = bu.ROOT
+OUT_DIR = ROOT / "results" / "optimum"
+KERNEL = "matern32"
+GRAD_TOL = 1e-6  # 2-norm of the gradient in raw coordinates
+SUBSET = 4000
+BLOCK = 1024  # rows per block of the K builder and its VJP
+# Memory: the one n x n float64 array (K, its factor, K^-1, all in place) plus the process
+# (JAX, compiled code) and a few (BLOCK, n) arrays of the builder and its VJP; OVERHEAD_GIB
+# covers the last two (measured: see the record's peak_rss_gib against nxn_array_gib).
+OVERHEAD_GIB = 2.0
+# One dpotrf call on the whole matrix segfaulted at n = 36 000 (kin40k) on this machine
+# (gpadjoint/evaluate.py, blocked_cholesky); this script is tested to n = 14 940, and refuses
+# above MAX_N unless --max-n raises it.
+MAX_N = 20000
+LOG2PI = math.log(2 * math.pi)
+# OpenBLAS threads for dpotrf/dpotri. On the shared 2-core machine (load average ~8 from other
+# jobs) one thread measured 0.67 s for dpotrf at n = 4000 against 1.1-5.4 s with two (threads
+# that wait for each other while the other core is taken); --blas-threads 2 on an idle machine.
+BLAS_THREADS = 1
+
+
+# --------------------------------------------------------------------------------------------
+# value and gradient
+
+
+def flatten(p: Params) -> np.ndarray:
+    """[raw_lengthscale (d), raw_outputscale, raw_noise, mean] as one float64 vector."""
+    return np.concatenate([np.asarray(p.raw_lengthscale, np.float64).ravel(),
+                           np.asarray([p.raw_outputscale, p.raw_noise, p.mean], np.float64)])
+
+
+def unflatten(theta) -> Params:
+    """Inverse of :func:`flatten` (float64 JAX arrays)."""
+    t = jnp.asarray(np.asarray(theta, np.float64))
+    return Params(t[:-3], t[-3], t[-2], t[-1])
+
+
+def hypers_of(theta, noise_floor: float = NOISE_FLOOR) -> dict:
+    """Return the constrained hyperparameters of a raw vector, as plain floats."""
+    p = unflatten(theta)
+    h = constrain(p, noise_floor)
+    return {"lengthscale": [float(v) for v in np.asarray(h.lengthscale)],
+            "outputscale": float(h.outputscale), "noise": float(h.noise),
+            "mean": float(p.mean)}
+
+
+class NotPositiveDefinite(np.linalg.LinAlgError):
+    """dpotrf found K not positive definite (cannot happen in exact arithmetic: noise >= floor)."""
+
+
+@functools.lru_cache(maxsize=8)
+def make_block_builder(kernel: str = KERNEL, noise_floor: float = NOISE_FLOOR):
+    """Build K by row blocks: ``(fill, pullback)`` for raw kernel parameters (d + 2,).
+
+    ``fill(raw, X, A, block)`` writes the upper triangle of K (rows i:e, columns i:, block by
+    block, C order) into the n x n array A; ``pullback(raw, X, Wfun, block)`` returns the
+    gradient sum_ij Kbar_ij dK_ij / d raw, where ``Wfun(i, e)`` gives the rows i:e, columns i:
+    of Kbar with the columns from e on doubled (Kbar is symmetric, so the upper triangle
+    counted twice and the diagonal blocks once is the whole sum: half of the pairs). Each block
+    is ONE ``jax.vjp`` of the builder raw -> K[i:e, i:], whose VJP is written by hand like
+    :func:`gpadjoint.kernels.dense_cov`'s (one elementwise pass and one (b, m) x (m, 2d + 1)
+    product); autodiff through the profile would store several block-sized intermediates.
+    Memory: K itself plus a few (block, n) arrays, where a VJP of the whole n x n builder took
+    five n x n arrays (8.7 GiB at n = 14 940, measured).
+    """
+    prof = get_profile(kernel)
+    dprof = PROFILE_DERIVATIVES[kernel]
+
+    def eye(b, m):
+        return jnp.arange(b)[:, None] == jnp.arange(m)[None, :]
+
+    def core(h, Xb, Xc):
+        return cross_cov(kernel, Xb, Xc, h, diag_offset=0) + jnp.where(
+            eye(Xb.shape[0], Xc.shape[0]), h.noise, 0.0)
+
+    @jax.custom_vjp
+    def block_of(h, Xb, Xc):
+        return core(h, Xb, Xc)
+
+    def fwd(h, Xb, Xc):
+        return core(h, Xb, Xc), (h, Xb, Xc)
+
+    def bwd(res, W):
+        h, Xb, Xc = res
+        ls = h.lengthscale
+        Bs, Cs = Xb / ls, Xc / ls
+        r2 = sq_dist(Bs, Cs, diag_offset=0)
+        s2bar = jnp.sum(W * prof(r2))  # dK/ds2 = k(r2)
+        nbar = jnp.sum(jnp.where(eye(*W.shape), W, 0.0))  # dK/dnoise = I
+        G = W * dprof(r2)
+        quad = sq_diff_sums(G @ sq_diff_basis(Cs), Bs)  # sum_ij G_ij (b_i - c_j)^2 per dim
+        lbar = -2.0 * h.outputscale * quad / ls
+        return Hypers(lbar, s2bar, nbar), jnp.zeros_like(Xb), jnp.zeros_like(Xc)
+
+    block_of.defvjp(fwd, bwd)
+
+    def from_raw(raw, Xb, Xc):
+        p = Params(raw[:-2], raw[-2], raw[-1], jnp.zeros((), raw.dtype))
+        return block_of(constrain(p, noise_floor), Xb, Xc)
+
+    build = jax.jit(from_raw)
+
+    @jax.jit
+    def pull(raw, Xb, Xc, W):
+        return jax.vjp(lambda r: from_raw(r, Xb, Xc), raw)[1](W)[0]
+
+    def fill(raw, X, A, block):
+        n = X.shape[0]
+        for i in range(0, n, block):
+            e = min(i + block, n)
+            A[i:e, i:] = np.asarray(build(raw, X[i:e], X[i:]))
+
+    def pullback(raw, X, Wfun, block):
+        n = X.shape[0]
+        g = np.zeros(raw.shape[0])
+        for i in range(0, n, block):
+            e = min(i + block, n)
+            g += np.asarray(pull(raw, X[i:e], X[i:], jnp.asarray(Wfun(i, e))))
+        return g
+
+    return fill, pullback
+
+
+def make_value_and_grad(X, y, *, kernel: str = KERNEL, noise_floor: float = NOISE_FLOOR,
+                        block: int = BLOCK, timings: dict | None = None):
+    """Return ``f(theta) -> (loss, grad)`` for flattened raw parameters (see :func:`flatten`).
+
+    loss = -log p(y | theta) / n (2 pi included), grad its gradient in theta, both float64.
+    One n x n float64 array: K's upper triangle (C order; the lower triangle of its Fortran
+    view) is built into it, factorised in place by dpotrf and inverted in place by dpotri.
+    ``timings``, if given, receives the seconds of each part of the last call.
+    """
+    X = jnp.asarray(np.asarray(X, np.float64))
+    y = np.asarray(y, np.float64)
+    n = X.shape[0]
+    fill, pullback = make_block_builder(kernel, noise_floor)
+    A = None  # allocated on the first call, reused (its contents are rebuilt every time)
+
+    def value_and_grad(theta):
+        nonlocal A
+        T = {}
+        t = time.perf_counter()
+        theta = np.asarray(theta, np.float64)
+        raw = jnp.asarray(theta[:-1])
+        mean = float(theta[-1])
+        if A is None:
+            A = np.empty((n, n), np.float64)
+        fill(raw, X, A, block)
+        T["build"] = time.perf_counter() - t
+        t = time.perf_counter()
+        F = A.T  # the same memory in Fortran order; its lower triangle is A's upper one
+        c, info = lapack.dpotrf(F, lower=1, overwrite_a=1, clean=0)
+        if info != 0:
+            raise NotPositiveDefinite(f"dpotrf info={info}: K is not positive definite at "
+                                      f"{hypers_of(theta, noise_floor)}")
+        if not np.shares_memory(c, A):
+            raise RuntimeError("dpotrf copied K instead of factorising it in place")
+        T["potrf"] = time.perf_counter() - t
+        logdet = 2.0 * float(np.sum(np.log(np.diagonal(c))))
+        r = y - mean
+        alpha, info = lapack.dpotrs(c, r, lower=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dpotrs info={info}")
+        quad = float(r @ alpha)
+        t = time.perf_counter()
+        inv, info = lapack.dpotri(c, lower=1, overwrite_c=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dpotri info={info}")
+        del c, inv, F
+        T["potri"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scale = 1.0 / (2.0 * n)
+
+        def W(i, e):  # Kbar = (K^-1 - alpha alpha^T) / (2n), rows i:e, columns i:, off-diag x2
+            w = np.array(A[i:e, i:])
+            D = w[:, : e - i]
+            D[:] = np.triu(D) + np.triu(D, 1).T  # dpotri filled the upper triangle only
+            w -= np.outer(alpha[i:e], alpha[i:])
+            w *= scale
+            w[:, e - i:] *= 2.0
+            return w
+
+        g_raw = pullback(raw, X, W, block)
+        T["pullback"] = time.perf_counter() - t
+        g_mean = -float(np.sum(alpha)) / n
+        value = 0.5 * (quad + logdet + n * LOG2PI) / n
+        if timings is not None:
+            timings.clear()
+            timings.update(T)
+        return value, np.concatenate([g_raw, [g_mean]])
+
+    return value_and_grad
+
+
+def predict(theta, X, y, X_test, *, kernel: str = KERNEL, noise_floor: float = NOISE_FLOOR,
+            block: int = BLOCK):
+    """Posterior predictive mean and variance (noise included) at X_test, by one Cholesky."""
+    Xj = jnp.asarray(np.asarray(X, np.float64))
+    Xt = np.asarray(X_test, np.float64)
+    n = Xj.shape[0]
+    theta = np.asarray(theta, np.float64)
+    p = unflatten(theta)
+    h = constrain(p, noise_floor)
+    fill, _ = make_block_builder(kernel, noise_floor)
+    A = np.empty((n, n), np.float64)
+    fill(jnp.asarray(theta[:-1]), Xj, A, block)
+    c, info = lapack.dpotrf(A.T, lower=1, overwrite_a=1, clean=1)  # clean: zero the rest
+    if info != 0:
+        raise NotPositiveDefinite(f"dpotrf info={info}")
+    alpha, _ = lapack.dpotrs(c, np.asarray(y, np.float64) - float(p.mean), lower=1)
+    mean = np.empty(len(Xt))
+    var = np.empty(len(Xt))
+    for i in range(0, len(Xt), block):
+        Ks = np.asarray(cross_cov(kernel, jnp.asarray(Xt[i:i + block]), Xj, h))  # (m, n)
+        mean[i:i + block] = float(p.mean) + Ks @ alpha
+        V = sla.solve_triangular(c, Ks.T, lower=True, check_finite=False)
+        var[i:i + block] = float(h.outputscale) - np.sum(V * V, axis=0) + float(h.noise)
+    return mean, var
+
+
+def score_test(theta, split, **kw) -> dict:
+    """Test RMSE and mean NLL in target units."""
+    mu, var = predict(theta, split.X_train, split.y_train, split.X_test, **kw)
+    mu_u = split.unscale_y(mu)
+    var_u = split.unscale_y_var(var)
+    y_u = split.unscale_y(split.y_test)
+    err = y_u - mu_u
+    return {"test_rmse": float(np.sqrt(np.mean(err**2))),
+            "test_nll": float(np.mean(0.5 * np.log(2 * math.pi * var_u) + 0.5 * err**2 / var_u)),
+            "min_predictive_variance": float(np.min(var))}
+
+# --------------------------------------------------------------------------------------------
+# progress file and optimiser
+
+
+def read_progress(path: Path) -> list[dict]:
+    """Read a progress file's records; a torn last line (killed mid-write) is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_record(path: Path, rec: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(rec) + "\n"
+    with open(path, "a") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def evaluations(records: list[dict], stage: str) -> list[dict]:
+    return [r for r in records
+            if r.get("stage") == stage and "event" not in r and "raw" in r and "loss" in r]
+
+
+def best_record(records: list[dict], stage: str) -> dict | None:
+    ev = [r for r in evaluations(records, stage) if math.isfinite(r["loss"])]
+    return min(ev, key=lambda r: r["loss"]) if ev else None
+
+
+class _Interrupt:
+    """SIGINT sets a flag; the objective stops after recording the evaluation under way."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.flag:  # a second Ctrl-C: stop now (the reader skips a torn line)
+                raise KeyboardInterrupt
+            self.flag = True
+            print("\nSIGINT: finishing this evaluation, then stopping (again to stop now)",
+                  file=sys.stderr, flush=True)
+
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GRAD_TOL,
+             restarts: int = 3, maxiter: int = 5000, interrupt: _Interrupt | None = None,
+             log=print) -> dict:
+    """L-BFGS-B on ``fg`` from ``theta0`` until |grad|_2 <= gtol, recording every evaluation.
+
+    scipy stops on the largest gradient entry, so it is given gtol / sqrt(p) (which implies the
+    2-norm bound). When it stops earlier (a line search that cannot decrease the loss any more
+    within round-off), it is restarted from the best point up to ``restarts`` times while that
+    still lowers the loss; the result says honestly where it ended.
+    """
+    p = len(theta0)
+    state = {"best": None, "count": 0, "seconds": 0.0}
+
+    def obj(theta):
+        t0 = time.perf_counter()
+        f, g = fg(theta)
+        dt = time.perf_counter() - t0
+        gn = float(np.linalg.norm(g))
+        state["count"] += 1
+        state["seconds"] += dt
+        rec = {"stage": stage, "n": n, "eval": state["count"], "loss": float(f),
+               "grad_norm": gn, "seconds": round(dt, 4),
+               "raw": [float(v) for v in theta], "grad": [float(v) for v in g],
+               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        append_record(progress, rec)
+        if state["best"] is None or f < state["best"]["loss"]:
+            state["best"] = rec
+        log(f"  [{stage} n={n}] eval {state['count']:4d}  loss {f:.12f}  |g| {gn:.3e}  "
+            f"{dt:6.2f} s  peak {bu.peak_rss_mib() / 1024:.2f} GiB", flush=True)
+        if interrupt is not None and interrupt.flag:
+            raise KeyboardInterrupt
+        return f, g
+
+    attempts = []
+    x = np.asarray(theta0, np.float64)
+    for attempt in range(restarts + 1):
+        before = state["best"]["loss"] if state["best"] else math.inf
+        res = minimize(obj, x, jac=True, method="L-BFGS-B",
+                       options={"gtol": gtol / math.sqrt(p), "ftol": 0.0, "maxiter": maxiter,
+                                "maxfun": 10 * maxiter, "maxcor": 20, "maxls": 40})
+        best = state["best"]
+        attempts.append({"message": str(res.message), "status": int(res.status),
+                         "iterations": int(res.nit), "evaluations": int(res.nfev),
+                         "best_loss": best["loss"], "best_grad_norm": best["grad_norm"]})
+        x = np.asarray(best["raw"])
+        if best["grad_norm"] <= gtol:
+            break
+        if attempt and not best["loss"] < before:
+            break  # a restart that lowered nothing: round-off is all that is left
+        log(f"  [{stage}] L-BFGS stopped at |g| = {best['grad_norm']:.3e} > {gtol:g} "
+            f"({res.message}); restarting from the best point", flush=True)
+    best = state["best"]
+    converged = best["grad_norm"] <= gtol
+    return {
+        "theta": np.asarray(best["raw"]), "loss": best["loss"], "grad_norm": best["grad_norm"],
+        "converged": converged,
+        "message": (f"converged: |grad|_2 = {best['grad_norm']:.3e} <= {gtol:g}" if converged
+                    else f"NOT converged: |grad|_2 = {best['grad_norm']:.3e} > {gtol:g} at the "
+                         f"best point; L-BFGS-B: {attempts[-1]['message']}"),
+        "attempts": attempts, "evaluations": state["count"], "seconds": state["seconds"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def memory_check(n: int, max_n: int = MAX_N) -> tuple[bool, str]:
+    """Whether one n x n float64 array (+ OVERHEAD_GIB) fits in the available memory."""
+    from gpadjoint.matvec import _available_memory_bytes
+
+    need = 8.0 * n * n + OVERHEAD_GIB * 2**30
+    avail = _available_memory_bytes()
+    msg = (f"n = {n}: the n x n float64 array is {8.0 * n * n / 2**30:.1f} GiB, and with the "
+           f"process and the builder's blocks this needs about {need / 2**30:.1f} GiB; "
+           f"{avail / 2**30:.1f} GiB is available")
+    if need > avail:
+        return False, msg
+    if n > max_n:
+        return False, (f"{msg}, but n > --max-n = {max_n}: one dpotrf on the whole matrix "
+                       "segfaulted at n = 36 000 on this machine (see gpadjoint/evaluate.py, "
+                       "blocked_cholesky); raise --max-n to try anyway")
+    return True, msg
+
+
+def agreement_check(X, y, noise_floor: float, n: int = 300) -> dict:
+    """Compare the value and gradient with jax.value_and_grad(neg_mll_exact) at small n."""
+    from gpadjoint.mll import neg_mll_exact
+
+    X, y = np.asarray(X[:n]), np.asarray(y[:n])
+    d = X.shape[1]
+    rng = np.random.default_rng(0)
+    theta = np.concatenate([rng.normal(0.5, 0.3, d), [0.2, -1.0, 0.05]])
+    f, g = make_value_and_grad(X, y, noise_floor=noise_floor, block=128)(theta)  # 3 blocks
+    ref_f, ref_g = jax.value_and_grad(
+        lambda t: neg_mll_exact(unflatten_jax(t), jnp.asarray(X), jnp.asarray(y), kernel=KERNEL,
+                                noise_floor=noise_floor))(jnp.asarray(theta))
+    ref_g = np.asarray(ref_g)
+    return {"n": n, "loss_abs_diff": abs(f - float(ref_f)),
+            "grad_max_rel_diff": float(np.max(np.abs(g - ref_g)) / np.max(np.abs(ref_g)))}
+
+
+def unflatten_jax(t) -> Params:
+    """:func:`unflatten` for a traced JAX vector."""
+    return Params(t[:-3], t[-3], t[-2], t[-1])
+
+
+def init_theta(d: int, init_file: str | None, noise_floor: float) -> tuple[np.ndarray, str]:
+    if init_file is None:
+        # raw 0 everywhere (softplus(0) = 0.693), mean 0 (the targets are centred)
+        return np.zeros(d + 3), "raw parameters 0 (lengthscales, output scale 0.693, noise " \
+                                "0.693 + floor), mean 0"
+    h = json.loads(Path(init_file).read_text())
+    h = h.get("final_hyperparameters", h)
+    ls = np.asarray(h["lengthscale"], np.float64).reshape(-1)
+    if ls.size == 1:
+        ls = np.full(d, float(ls[0]))
+    if ls.size != d:
+        raise SystemExit(f"--init {init_file}: {ls.size} lengthscales, the data have d = {d}")
+    p = unconstrain(ls, h["outputscale"], h["noise"], h.get("mean", 0.0),
+                    noise_floor=noise_floor, dtype=jnp.float64)
+    return flatten(p), f"--init {init_file}"
+
+
+def _relative(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def load_avg() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def run(dataset: str, split: int, *, out_dir: Path = OUT_DIR, init: str | None = None,
+        subset: int = SUBSET, gtol: float = GRAD_TOL, noise_floor: float = NOISE_FLOOR,
+        restarts: int = 3, blas_threads: int | None = BLAS_THREADS, max_n: int = MAX_N,
+        agreement: bool = True, data=None, argv=None, log=print) -> dict:
+    """Fit one split; write and return the record.
+
+    ``data``: a Split, to skip loading; ``agreement``: first compare the value and gradient
+    with ``jax.value_and_grad(neg_mll_exact)`` on 300 points (recorded).
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return _run(dataset, split, out_dir=out_dir, init=init, subset=subset, gtol=gtol,
+                    noise_floor=noise_floor, restarts=restarts, blas_threads=blas_threads,
+                    max_n=max_n, agreement=agreement, data=data, argv=argv, log=log)
+
+
+def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, blas_threads,
+         max_n, agreement, data, argv, log) -> dict:
+    from gpadjoint.data import load_dataset
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_before = load_avg()
+    t_start = time.perf_counter()
+    sp = data if data is not None else load_dataset(dataset, split, scale_y=False)
+    X, y = np.asarray(sp.X_train, np.float64), np.asarray(sp.y_train, np.float64)
+    n, d = X.shape
+    ok, mem_msg = memory_check(n, max_n)
+    if not ok:
+        raise SystemExit(f"refusing {dataset} split {split}: {mem_msg}.")
+    log(mem_msg)
+    out_dir = Path(out_dir)
+    stem = f"{dataset}-split{split}"
+    progress = out_dir / f"{stem}.progress.jsonl"
+    out_path = out_dir / f"{stem}.json"
+    commit = bu.git_commit()
+    subset = min(subset, n) if subset and subset < n else 0
+    records = read_progress(progress)
+    header = {"event": "start", "dataset": dataset, "split": split, "n": n, "d": d,
+              "subset": subset, "kernel": KERNEL, "noise_floor": noise_floor,
+              "command": argv, "commit": commit, "started": started}
+    for r in records:
+        if r.get("event") == "start" and (r["n"], r["d"], r.get("noise_floor")) != (
+                n, d, noise_floor):
+            raise SystemExit(f"{progress} was written for another problem ({r}); move it away")
+    append_record(progress, header)
+
+    agree = None
+    if agreement:
+        agree = agreement_check(X, y, noise_floor)
+        log(f"agreement with jax.value_and_grad(neg_mll_exact) at n = {agree['n']}: |dloss| "
+            f"{agree['loss_abs_diff']:.2e}, grad max rel diff {agree['grad_max_rel_diff']:.2e}")
+
+    theta0, origin = init_theta(d, init, noise_floor)
+    stages = {}
+    interrupt = _Interrupt()
+    with interrupt:
+        best_full = best_record(records, "full")
+        subset_ended = [r for r in records if r.get("event") == "stage_end"
+                        and r.get("stage") == "subset"]
+        if best_full is not None:
+            x_full, full_origin = np.asarray(best_full["raw"]), (
+                f"resumed from the best full-n point recorded (loss {best_full['loss']:.12f})")
+        else:
+            if subset and not subset_ended:
+                b = best_record(records, "subset")
+                x_sub, sub_origin = ((np.asarray(b["raw"]), "resumed from the best subset point "
+                                      f"recorded (loss {b['loss']:.12f})") if b is not None
+                                     else (theta0, origin))
+                log(f"stage subset: first {subset} of {n} training points, from {sub_origin}")
+                fg = make_value_and_grad(X[:subset], y[:subset], noise_floor=noise_floor)
+                res = optimise(fg, x_sub, progress=progress, stage="subset", n=subset,
+                               gtol=gtol, restarts=restarts, interrupt=interrupt, log=log)
+                append_record(progress, {"event": "stage_end", "stage": "subset",
+                                         "loss": res["loss"], "grad_norm": res["grad_norm"],
+                                         "message": res["message"]})
+                records = read_progress(progress)
+                stages["subset"] = {"origin": sub_origin}
+            if subset:
+                b = best_record(records, "subset")
+                x_full, full_origin = np.asarray(b["raw"]), (
+                    f"the subset stage's optimum (first {subset} points)")
+            else:
+                x_full, full_origin = theta0, origin
+        log(f"stage full: n = {n}, from {full_origin}")
+        fg = make_value_and_grad(X, y, noise_floor=noise_floor)
+        res = optimise(fg, x_full, progress=progress, stage="full", n=n, gtol=gtol,
+                       restarts=restarts, interrupt=interrupt, log=log)
+        append_record(progress, {"event": "stage_end", "stage": "full", "loss": res["loss"],
+                                 "grad_norm": res["grad_norm"], "message": res["message"]})
+    peak = bu.peak_rss_mib() / 1024
+    records = read_progress(progress)
+
+    def stage_summary(stage, n_stage):
+        ev = evaluations(records, stage)
+        if not ev:
+            return None
+        secs = np.asarray([r["seconds"] for r in ev])
+        b = best_record(records, stage)
+        ends = [r for r in records if r.get("event") == "stage_end" and r.get("stage") == stage]
+        return {"n": n_stage, "evaluations": len(ev), "evaluation_seconds_total": float(secs.sum()),
+                "seconds_per_evaluation_median": float(np.median(secs)),
+                "seconds_per_evaluation_min": float(secs.min()),
+                "loss": b["loss"], "grad_norm": b["grad_norm"],
+                "message": ends[-1]["message"] if ends else None,
+                "hyperparameters": hypers_of(b["raw"], noise_floor)}
+
+    stages_out = {}
+    if subset:
+        stages_out["subset"] = stage_summary("subset", subset) | stages.get("subset", {})
+    stages_out["full"] = stage_summary("full", n) | {"origin": full_origin,
+                                                     "attempts_this_session": res["attempts"]}
+    del fg  # its n x n array: predict() builds its own
+    log("test predictions at the optimum ...", flush=True)
+    metrics = score_test(res["theta"], sp, noise_floor=noise_floor)
+    ev_all = evaluations(records, "subset") + evaluations(records, "full")
+    rec = {
+        "dataset": dataset, "split": split, "n": n, "d": d, "n_test": int(sp.n_test),
+        "model": {"kernel": KERNEL, "mean": "constant", "outputscale": True, "ard": True,
+                  "noise_floor": noise_floor, "constraint": "softplus (+ floor for the noise)",
+                  "inputs": "z-scored (training statistics)",
+                  "targets": "centred on the training mean, not scaled (scale_y=False)"},
+        "loss_definition": "-log p(y | theta) / n, 2 pi included (gpadjoint.mll.neg_mll_exact)",
+        "loss": res["loss"], "grad_norm": res["grad_norm"], "grad_tol": gtol,
+        "converged": res["converged"], "message": res["message"],
+        "raw": [float(v) for v in res["theta"]],
+        "raw_layout": f"raw_lengthscale[{d}], raw_outputscale, raw_noise, mean",
+        "hyperparameters": hypers_of(res["theta"], noise_floor),
+        **metrics,
+        "test_metrics_units": "target units (posterior by float64 Cholesky; noise in the "
+                              "predictive variance)",
+        "evaluations": len(ev_all),
+        "evaluation_seconds_total": float(sum(r["seconds"] for r in ev_all)),
+        "stages": stages_out,
+        "peak_rss_gib": round(peak, 3),
+        "nxn_array_gib": round(8.0 * n * n / 2**30, 3),
+        "memory": mem_msg,
+        "agreement_with_neg_mll_exact": agree,
+        "init": origin,
+        "command": argv, "commit": commit, "machine": bu.machine(), "host": socket.gethostname(),
+        "versions": bu.versions() | {"scipy": scipy.__version__},
+        "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
+        "load_avg_before": load_before, "load_avg_after": load_avg(),
+        "progress_file": _relative(progress),
+        "blas_threads": blas_threads,
+        "script": "scripts/exact_optimum.py",
+    }
+    from gpadjoint._io import atomic_write
+
+    text = json.dumps(rec, indent=1)
+    atomic_write(out_path, lambda fh: fh.write(text), binary=False)
+    log(f"wrote {out_path}: loss {res['loss']:.12f}, |g| {res['grad_norm']:.3e}, "
+        f"RMSE {metrics['test_rmse']:.6f}, NLL {metrics['test_nll']:.6f}; {res['message']}")
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dataset")
+    ap.add_argument("split", type=int)
+    ap.add_argument("--init", help="JSON with lengthscale, outputscale, noise, mean to start "
+                                   "from (or a record with final_hyperparameters)")
+    ap.add_argument("--subset", type=int, default=SUBSET,
+                    help="warm-start stage on the first N training points (0: none)")
+    ap.add_argument("--gtol", type=float, default=GRAD_TOL)
+    ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument("--out-dir", default=str(OUT_DIR))
+    ap.add_argument("--max-n", type=int, default=MAX_N,
+                    help="refuse larger n (whole-matrix LAPACK untested beyond)")
+    ap.add_argument("--blas-threads", type=int, default=BLAS_THREADS,
+                    help="OpenBLAS threads for the factorisation and inverse")
+    args = ap.parse_args(argv)
+    cmd = "python scripts/exact_optimum.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        rec = run(args.dataset, args.split, out_dir=Path(args.out_dir), init=args.init,
+                  subset=args.subset, gtol=args.gtol, restarts=args.restarts,
+                  blas_threads=args.blas_threads, max_n=args.max_n, argv=cmd)
+    except KeyboardInterrupt:
+        print("interrupted; every evaluation so far is in the progress file; run the same "
+              "command again to resume from the best point", file=sys.stderr)
+        return 130
+    return 0 if rec["converged"] else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""scripts/exact_optimum.py: its LAPACK + one-VJP value and gradient equal neg_mll_exact and
+jax.grad of it (and finite differences); L-BFGS reaches |grad| <= 1e-6 at a minimum; a rerun
+resumes from the best recorded point; an interrupt leaves whole records; too large n is refused."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpadjoint.data import Split
+from gpadjoint.mll import neg_mll_exact
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def eo():
+    spec = importlib.util.spec_from_file_location("exact_optimum",
+                                                  ROOT / "scripts/exact_optimum.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _data(n=160, d=3, seed=0, n_test=40):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-2, 2, (n + n_test, d))
+    y = np.sin(1.5 * X[:, 0]) + 0.5 * np.cos(X[:, 1]) * X[:, 2] + 0.1 * rng.standard_normal(
+        n + n_test)
+    Xtr, ytr = X[:n], y[:n]
+    xm, xs, ym = Xtr.mean(0), Xtr.std(0), float(ytr.mean())
+    return Split("synthetic", 0, (Xtr - xm) / xs, ytr - ym, (X[n:] - xm) / xs, y[n:] - ym,
+                 xm, xs, ym, 1.0)
+
+
+def _reference(eo, X, y):
+    def f(t):
+        return neg_mll_exact(eo.unflatten_jax(t), jnp.asarray(X), jnp.asarray(y),
+                             kernel="matern32")
+    return jax.value_and_grad(f)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_value_and_gradient_match_neg_mll_exact_and_finite_differences(eo, seed):
+    sp = _data(n=200, d=4, seed=seed)
+    rng = np.random.default_rng(10 + seed)
+    theta = np.concatenate([rng.normal(0.3, 0.5, 4), [rng.normal(), -1.5 + rng.normal(), 0.2]])
+    fg = eo.make_value_and_grad(sp.X_train, sp.y_train)
+    f, g = fg(theta)
+    ref_f, ref_g = _reference(eo, sp.X_train, sp.y_train)(jnp.asarray(theta))
+    np.testing.assert_allclose(f, float(ref_f), rtol=1e-10)
+    np.testing.assert_allclose(g, np.asarray(ref_g), rtol=1e-8, atol=1e-12)
+    assert g.shape == (4 + 3,) and np.all(g != 0)
+    eps = 1e-5
+    fd = np.array([(fg(theta + eps * e)[0] - fg(theta - eps * e)[0]) / (2 * eps)
+                   for e in np.eye(len(theta))])
+    np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_optimum_reaches_gradient_tolerance_and_resumes_from_best(eo, tmp_path):
+    sp = _data()
+    rec = eo.run("synthetic", 0, out_dir=tmp_path, subset=60, data=sp, argv="test",
+                 agreement=False, log=_quiet)
+    assert rec["converged"] and rec["grad_norm"] <= 1e-6
+    theta = np.asarray(rec["raw"])
+    fg = eo.make_value_and_grad(sp.X_train, sp.y_train)
+    f, g = fg(theta)  # recomputed independently of the record
+    assert f == pytest.approx(rec["loss"], abs=1e-12)
+    assert np.linalg.norm(g) <= 1e-6
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        assert f <= fg(theta + 0.05 * rng.standard_normal(theta.size))[0]
+    assert np.isfinite(rec["test_rmse"]) and np.isfinite(rec["test_nll"])
+    assert rec["stages"]["subset"]["n"] == 60 and rec["stages"]["subset"]["evaluations"] > 1
+    on_disk = json.loads((tmp_path / "synthetic-split0.json").read_text())
+    assert on_disk["loss"] == rec["loss"] and on_disk["hyperparameters"] == rec["hyperparameters"]
+
+    # resume: a second run starts the full stage at the best full-n point recorded, no subset
+    prog = tmp_path / "synthetic-split0.progress.jsonl"
+    before = eo.read_progress(prog)
+    # plant a better-looking "best" record at a known, non-optimal point: the rerun must start
+    # there (the resume uses the recorded best, it does not recompute it)
+    planted = theta + 0.1
+    eo.append_record(prog, {"stage": "full", "n": sp.n_train, "eval": 0, "loss": f - 1.0,
+                            "grad_norm": 1.0, "seconds": 0.0, "raw": list(planted)})
+    eo.run("synthetic", 0, out_dir=tmp_path, subset=60, data=sp, argv="test", agreement=False,
+           log=_quiet)
+    new = eo.read_progress(prog)[len(before) + 1:]
+    evals = [r for r in new if "raw" in r and "event" not in r]
+    assert evals[0]["stage"] == "full"
+    np.testing.assert_array_equal(evals[0]["raw"], planted)
+    assert not [r for r in new if r.get("stage") == "subset"]
+
+
+def _quiet(*args, **kw):
+    pass
+
+
+def test_interrupt_leaves_whole_records(eo, tmp_path):
+    sp = _data(n=80)
+    fg = eo.make_value_and_grad(sp.X_train, sp.y_train)
+    intr = eo._Interrupt()
+    calls = []
+
+    def counting(theta):
+        calls.append(1)
+        if len(calls) == 3:
+            intr.flag = True  # as the SIGINT handler would
+        return fg(theta)
+
+    prog = tmp_path / "p.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        eo.optimise(counting, np.zeros(6), progress=prog, stage="full", n=80, interrupt=intr,
+                    log=_quiet)
+    recs = eo.read_progress(prog)
+    assert len(recs) == 3 and len(prog.read_text().splitlines()) == 3
+    assert all(np.isfinite(r["loss"]) and len(r["raw"]) == 6 for r in recs)
+
+
+def test_refuses_when_the_arrays_do_not_fit(eo, tmp_path, monkeypatch):
+    import gpadjoint.matvec as mv
+
+    monkeypatch.setattr(mv, "_available_memory_bytes", lambda: 64 * 2**30)
+    assert eo.memory_check(15000)[0]
+    ok, msg = eo.memory_check(25000)  # fits, but beyond the tested LAPACK size
+    assert not ok and "--max-n" in msg
+    monkeypatch.setattr(mv, "_available_memory_bytes", lambda: 2**30)
+    ok, msg = eo.memory_check(36000)
+    assert not ok and "GiB" in msg and "--max-n" not in msg
+    with pytest.raises(SystemExit, match="refusing"):
+        eo.run("synthetic", 0, out_dir=tmp_path, data=_data(n=12000, n_test=1), log=_quiet)
+    assert not list(tmp_path.iterdir())
