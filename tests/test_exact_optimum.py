@@ -49,8 +49,12 @@ def test_value_and_gradient_match_neg_mll_exact_and_finite_differences(eo, seed)
     sp = _data(n=200, d=4, seed=seed)
     rng = np.random.default_rng(10 + seed)
     theta = np.concatenate([rng.normal(0.3, 0.5, 4), [rng.normal(), -1.5 + rng.normal(), 0.2]])
-    fg = eo.make_value_and_grad(sp.X_train, sp.y_train)
+    # blocks of 64 rows: 200 = 3 x 64 + 8, so the doubled off-diagonal columns and a ragged
+    # last block are exercised
+    fg = eo.make_value_and_grad(sp.X_train, sp.y_train, block=64)
     f, g = fg(theta)
+    f1, g1 = eo.make_value_and_grad(sp.X_train, sp.y_train)(theta)  # one block
+    np.testing.assert_allclose(g1, g, rtol=1e-10, atol=1e-14)
     ref_f, ref_g = _reference(eo, sp.X_train, sp.y_train)(jnp.asarray(theta))
     np.testing.assert_allclose(f, float(ref_f), rtol=1e-10)
     np.testing.assert_allclose(g, np.asarray(ref_g), rtol=1e-8, atol=1e-12)
