@@ -371,6 +371,10 @@ class _Converged(Exception):
     """Raised by the objective at the first point with |grad|_2 <= gtol."""
 
 
+class _NonFinite(Exception):
+    """Raised by the objective at a non-finite loss (a step far outside the model's range)."""
+
+
 def hessian_preconditioner(fg, theta, *, step: float = 1e-4, floor: float = 1e-6,
                            record=None) -> tuple[np.ndarray, dict]:
     """M with theta = theta_c + M v making the Hessian at theta_c about the identity in v.
@@ -442,6 +446,8 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
             f"{dt:6.2f} s  peak {bu.peak_rss_mib() / 1024:.2f} GiB", flush=True)
         if interrupt is not None and interrupt.flag:
             raise KeyboardInterrupt
+        if not math.isfinite(f):
+            raise _NonFinite
         if gn <= gtol and (best is None or f <= best["loss"] + 1e-12):
             state["best"] = rec  # a stationary point no worse than any seen (round-off)
             raise _Converged
@@ -452,10 +458,13 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
                                  "grad_norm": float(np.linalg.norm(g)),
                                  "raw": [float(v) for v in theta],
                                  "grad": [float(v) for v in g]})
+        if interrupt is not None and interrupt.flag:
+            raise KeyboardInterrupt
 
     attempts = []
     x = np.asarray(theta0, np.float64)
     converged = False
+    damp = 1.0  # shrinks the first step tenfold after each non-finite loss
     for attempt in range(restarts + 1):
         before = state["best"]["loss"] if state["best"] else math.inf
         M, hinfo = None, None
@@ -469,16 +478,27 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
         limit = first_maxiter if (hess_fg is not None and M is None) else maxiter
         x_c = x.copy()
 
-        if M is None:
-            fun, v0 = obj, x_c
-        else:
-            def fun(v, M=M, x_c=x_c):
-                f, g = obj(x_c + M @ v)
-                return f, M.T @ g
-            v0 = np.zeros(x.size)
-        msg, status, nit, nfev = "", -1, 0, 0
+        msg, status, nit = "", -1, 0
         count0 = state["count"]
         try:
+            if M is None:
+                fun, v0 = obj, x_c
+            else:
+                best = state["best"]
+                if best is not None and np.array_equal(best["raw"], x_c):
+                    f_c, g_c = best["loss"], np.asarray(best["grad"])
+                else:
+                    f_c, g_c = obj(x_c)
+                # scipy's first step has unit length; scaling v by |M^T g| makes it the Newton
+                # step -M M^T g of the model Hessian (L-BFGS rescales itself after that)
+                M = M * (damp * float(np.linalg.norm(M.T @ g_c)))
+
+                def fun(v, M=M, x_c=x_c, f_c=f_c, g_c=g_c):
+                    if not np.any(v):  # the centre, evaluated just above
+                        return f_c, M.T @ g_c
+                    f, g = obj(x_c + M @ v)
+                    return f, M.T @ g
+                v0 = np.zeros(x.size)
             res = minimize(fun, v0, jac=True, method="L-BFGS-B",
                            options={"gtol": 0.0, "ftol": 0.0, "maxiter": limit,
                                     "maxfun": 10 * limit, "maxcor": 20, "maxls": 40})
@@ -486,6 +506,9 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
         except _Converged:
             converged = True
             msg, status = f"|grad|_2 <= {gtol:g} (this script's test)", 0
+        except _NonFinite:
+            damp *= 0.1
+            msg = f"non-finite loss at a trial point; restarting with the first step x{damp:g}"
         nfev = state["count"] - count0
         best = state["best"]
         attempts.append({"message": msg, "status": status, "iterations": nit,
@@ -495,7 +518,7 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
         x = np.asarray(best["raw"])
         if converged:
             break
-        if attempt and not best["loss"] < before:
+        if attempt and not best["loss"] < before and "non-finite" not in msg:
             break  # a restart that lowered nothing: round-off is all that is left
         log(f"  [{stage}] L-BFGS stopped at |g| = {best['grad_norm']:.3e} > {gtol:g} "
             f"({msg}); restarting from the best point", flush=True)
