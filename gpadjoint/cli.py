@@ -207,6 +207,15 @@ def cmd_fit(args) -> int:
                                    if k != "epochs"}
     params0 = initial_params(cfg.train.init, d, dtype, cfg.train.seed)
     t_start = time.time()
+    init_info = None
+    if cfg.train.init_subset and n > cfg.train.init_subset and not args.resume:
+        from .train import subset_start
+
+        params0, init_info = subset_start(
+            X, y, params0, kernel=cfg.model.kernel, size=cfg.train.init_subset,
+            seed=cfg.train.seed, noise_floor=cfg.model.noise_floor)
+        _say(f"start: exact fit on {init_info['size']} random rows ({init_info['evaluations']} "
+             f"evaluations, {init_info['seconds']:.1f} s, loss {init_info['loss']:.4f})", q)
     with _StopFlag(q) as stop:
         result = fit(
             X, y, kernel=cfg.model.kernel, backend=backend, mll_config=mll_cfg,
@@ -247,9 +256,14 @@ def cmd_fit(args) -> int:
         "d": d,
         "checkpoint": str(ckpt),
         "stopped_reason": result.stopped_reason,
+        # the subset fit the run started from ([train] init_subset), its seconds included in
+        # train_seconds
+        "init_subset": init_info,
         "complete": not interrupted and len(hist) > 0,
         "history": hist,
-        "final_train_loss": hist[-1]["loss"] if hist else None,
+        # L-BFGS records the value at the parameters it returns; Adam the one entering its last
+        # step
+        "final_train_loss": hist[-1].get("new_loss", hist[-1]["loss"]) if hist else None,
         "seconds_per_epoch": (float(np.median([h["seconds"] for h in hist])) if hist else None),
         "train_seconds": train_seconds,
         "compile_seconds": result.info.get("compile_seconds"),

@@ -233,6 +233,7 @@ class TrainConfig(_Section):
     _TYPES: ClassVar[dict[str, type]] = {
         "epochs": int, "seed": int, "early_stopping": bool, "patience": int, "min_delta": float,
         "checkpoint_every": int, "init": str, "log_every": int, "converge_tol": float,
+        "init_subset": int,
     }
 
     epochs: int = 75
@@ -244,10 +245,12 @@ class TrainConfig(_Section):
     init: str = "softplus0"
     log_every: int = 1
     converge_tol: float = 1e-5
+    init_subset: int = 0
 
     def _validate(self):
         self._positive("epochs", "patience", "log_every")
-        self._non_negative("seed", "min_delta", "checkpoint_every", "converge_tol")
+        self._non_negative("seed", "min_delta", "checkpoint_every", "converge_tol",
+                           "init_subset")
         self._choice("init", INITS)
 
 

@@ -13,6 +13,7 @@ from gpadjoint.config import (
     make_optimizer,
 )
 from gpadjoint.mll import MLLConfig
+from gpadjoint.train import LBFGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,7 +42,7 @@ def test_shipped_configs_load_and_every_key_is_a_field(name):
         assert set(raw.get(section, {})) == fields, (name, section)
     assert isinstance(cfg.mll_config(), MLLConfig)
     assert isinstance(make_optimizer(cfg.optim, epochs=cfg.train.epochs),
-                      optax.GradientTransformation)
+                      (optax.GradientTransformation, LBFGS))
 
 
 def test_paper_config_is_the_papers_setup():
@@ -177,7 +178,7 @@ def test_auto_optimizer_follows_the_estimator():
     from gpadjoint.config import OptimConfig, make_optimizer, resolve_optimizer
 
     assert resolve_optimizer("auto", "exact")[0] == "lbfgs"
-    assert resolve_optimizer("auto", "slq")[0] == "adam"
+    assert resolve_optimizer("auto", "slq")[0] == "lbfgs"
     assert resolve_optimizer("sgd", "exact") == ("sgd", "requested")
     opt = make_optimizer(OptimConfig(optimizer="auto"), estimator="exact")
     assert isinstance(opt, optax.GradientTransformationExtraArgs)
