@@ -412,7 +412,8 @@ def hessian_preconditioner(fg, theta, *, step: float = 1e-4, floor: float = 1e-6
 def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GRAD_TOL,
              restarts: int = 3, maxiter: int = 5000, hess_fg=None, hess_n: int | None = None,
              precondition_first=False, first_maxiter: int = 100,
-             interrupt: _Interrupt | None = None, log=print) -> dict:
+             interrupt: _Interrupt | None = None, timings: dict | None = None,
+             log=print) -> dict:
     """L-BFGS-B on ``fg`` from ``theta0`` until |grad|_2 <= gtol, recording every evaluation.
 
     The test is this function's own, at every evaluation, on the 2-norm of the gradient in the
@@ -438,6 +439,8 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
                "grad_norm": gn, "seconds": round(dt, 4),
                "raw": [float(v) for v in theta], "grad": [float(v) for v in g],
                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if timings:  # seconds of the parts of this evaluation (make_value_and_grad)
+            rec["parts"] = {k: round(v, 3) for k, v in timings.items()}
         append_record(progress, rec)
         best = state["best"]
         if best is None or f < best["loss"]:
@@ -664,7 +667,9 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
     interrupt = _Interrupt()
     # the preconditioner's Hessian is taken on the first hess_n points (cheap next to n)
     hess_n = subset if subset else min(n, SUBSET)
-    hess_fg = make_value_and_grad(X[:hess_n], y[:hess_n], noise_floor=noise_floor)
+    t_sub, t_full = {}, {}
+    hess_fg = make_value_and_grad(X[:hess_n], y[:hess_n], noise_floor=noise_floor,
+                                  timings=t_sub)
     with interrupt:
         best_full = best_record(records, "full")
         subset_ended = [r for r in records if r.get("event") == "stage_end"
@@ -681,7 +686,8 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
                 log(f"stage subset: first {subset} of {n} training points, from {sub_origin}")
                 res = optimise(hess_fg, x_sub, progress=progress, stage="subset", n=subset,
                                gtol=gtol, restarts=restarts, hess_fg=hess_fg, hess_n=hess_n,
-                               precondition_first=b is not None, interrupt=interrupt, log=log)
+                               precondition_first=b is not None, interrupt=interrupt,
+                               timings=t_sub, log=log)
                 append_record(progress, {"event": "stage_end", "stage": "subset",
                                          "loss": res["loss"], "grad_norm": res["grad_norm"],
                                          "message": res["message"]})
@@ -694,10 +700,11 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
             else:
                 x_full, full_origin = theta0, origin
         log(f"stage full: n = {n}, from {full_origin}")
-        fg = make_value_and_grad(X, y, noise_floor=noise_floor)
+        fg = make_value_and_grad(X, y, noise_floor=noise_floor, timings=t_full)
         res = optimise(fg, x_full, progress=progress, stage="full", n=n, gtol=gtol,
                        restarts=restarts, hess_fg=hess_fg, hess_n=hess_n,
-                       precondition_first=True, interrupt=interrupt, log=log)
+                       precondition_first=True, interrupt=interrupt, timings=t_full,
+                       log=log)
         append_record(progress, {"event": "stage_end", "stage": "full", "loss": res["loss"],
                                  "grad_norm": res["grad_norm"], "message": res["message"]})
     peak = bu.peak_rss_mib() / 1024
@@ -713,6 +720,10 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
         return {"n": n_stage, "evaluations": len(ev), "evaluation_seconds_total": float(secs.sum()),
                 "seconds_per_evaluation_median": float(np.median(secs)),
                 "seconds_per_evaluation_min": float(secs.min()),
+                "parts_seconds_median": {
+                    k: float(np.median([r["parts"][k] for r in ev if "parts" in r]))
+                    for k in ("build", "potrf", "potri", "pullback")
+                    if any("parts" in r for r in ev)},
                 "loss": b["loss"], "grad_norm": b["grad_norm"],
                 "message": ends[-1]["message"] if ends else None,
                 "hyperparameters": hypers_of(b["raw"], noise_floor)}

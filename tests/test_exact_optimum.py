@@ -80,6 +80,8 @@ def test_optimum_reaches_gradient_tolerance_and_resumes_from_best(eo, tmp_path):
         assert f <= fg(theta + 0.05 * rng.standard_normal(theta.size))[0]
     assert np.isfinite(rec["test_rmse"]) and np.isfinite(rec["test_nll"])
     assert rec["stages"]["subset"]["n"] == 60 and rec["stages"]["subset"]["evaluations"] > 1
+    assert set(rec["stages"]["full"]["parts_seconds_median"]) == {
+        "build", "potrf", "potri", "pullback"}
     on_disk = json.loads((tmp_path / "synthetic-split0.json").read_text())
     assert on_disk["loss"] == rec["loss"] and on_disk["hyperparameters"] == rec["hyperparameters"]
 
