@@ -150,6 +150,7 @@ METHOD_BASE = {"gpadjoint-default": "default.toml", "gpadjoint-adam": "default.t
 METHOD_OVERRIDES = {
     "gpadjoint-default": {},
     "gpadjoint-adam": {"optim.optimizer": '"adam"', "train.epochs": "100",
+                       "model.dtype": '"float32"', "train.init_subset": "0",
                        "mll.cg_tol": "1e-2", "mll.cg_min_iter": "10", "mll.lanczos_depth": "10",
                        "mll.precond_rank": "30", "mll.num_probes": "10"},
     "gpadjoint": {},
