@@ -239,9 +239,9 @@ def run_gpadjoint(spec: dict) -> dict:
         from gpadjoint.data import normalisation
 
         ys = float(normalisation(s.X_train, s.y_train, True)[3])
-    shift = math.log(ys)  # -log p(y / ys) / n = -log p(y) / n + log ys
+    shift = math.log(ys)  # -log p(y) / n = -log p(y / ys) / n + log ys
     hist = [h | {"outputscale": h["outputscale"] * ys**2, "noise": h["noise"] * ys**2,
-                 "mean": h["mean"] * ys, "loss": h["loss"] - shift} for h in hist]
+                 "mean": h["mean"] * ys, "loss": h["loss"] + shift} for h in hist]
     # The run record gives hyperparameters in original units; the common evaluator works on the
     # standardised training data both methods trained on.
     hp = rec["hyperparameters"]
@@ -272,7 +272,7 @@ def run_gpadjoint(spec: dict) -> dict:
         "evaluations_curve": [h.get("evaluations") for h in hist],
         "stopped_reason": rec.get("stopped_reason"),
         "final_hyperparameters": final,
-        "final_train_loss": rec["final_train_loss"] - shift,
+        "final_train_loss": rec["final_train_loss"] + shift,
         "seconds_per_epoch": rec["seconds_per_epoch"],
         "train_seconds": rec["train_seconds"],
         "compile_seconds": rec.get("compile_seconds"),
