@@ -763,6 +763,9 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
         "command": argv, "commit": commit, "machine": bu.machine(), "host": socket.gethostname(),
         "versions": bu.versions() | {"scipy": scipy.__version__},
         "started": started,
+        # every session that worked on this progress file (a resumed run has several)
+        "sessions": [{k: r.get(k) for k in ("started", "commit", "command")}
+                     for r in records if r.get("event") == "start"],
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds_this_session": round(time.perf_counter() - t_start, 1),
         "load_avg_before": load_before, "load_avg_after": load_avg(),

@@ -84,6 +84,7 @@ def test_optimum_reaches_gradient_tolerance_and_resumes_from_best(eo, tmp_path):
         "build", "potrf", "potri", "pullback"}
     on_disk = json.loads((tmp_path / "synthetic-split0.json").read_text())
     assert on_disk["loss"] == rec["loss"] and on_disk["hyperparameters"] == rec["hyperparameters"]
+    assert len(on_disk["sessions"]) == 1 and on_disk["sessions"][0]["command"] == "test"
 
     # resume: a second run starts the full stage at the best full-n point recorded, no subset
     prog = tmp_path / "synthetic-split0.progress.jsonl"
