@@ -16,7 +16,8 @@ factorisation, half of a solve against the identity); the cotangent Kbar = (K^-1
 alpha^T) / (2n) is formed block row by block row and pulled back through ``jax.vjp`` of the
 row-block builder raw params -> K[i:e, i:] (off-diagonal blocks doubled: one pass over half the
 pairs gives every kernel parameter's gradient), and -sum(alpha) / n is the mean's. A single VJP
-of the whole n x n builder measured 8.7 GiB peak at n = 14 940 (five n x n arrays); this 3.3.
+of the whole n x n builder measured 8.7 GiB peak at n = 14 940 (five n x n arrays); this
+way the peak is 3.3 GiB.
 
 Optimiser: scipy's L-BFGS-B on the flattened raw parameters, stopped by this script's own test
 |grad|_2 <= 1e-6 (raw coordinates) at every evaluation. The lengthscales of weak inputs drift to
