@@ -64,7 +64,7 @@ AXIS = "rows"
 
 
 def make_mesh(devices: int | str | Sequence | None) -> Mesh | None:
-    """A 1-D mesh (axis :data:`AXIS`) from ``devices``: None, an int N, "all", or a device list.
+    """Return a 1-D mesh (axis :data:`AXIS`) for ``devices``: None, an int N, "all" or a list.
 
     ``None`` means no mesh (the single-device path). An int takes the first N of
     ``jax.devices()`` (all processes' devices in a multi-host run).
@@ -191,26 +191,46 @@ def _global(mesh: Mesh, body: Callable, V, X, hypers):
 # --- blocked ----------------------------------------------------------------------------------
 
 
-def _local_kv(kernel, tile, Xloc, Xall, Vall, offset):
-    """Rows of K V (noise-free) for the local rows Xloc against all columns, tile by tile."""
-    nloc = Xloc.shape[0]
-    t = min(tile, nloc)
-    Xp = _pad_to(Xloc, t)
-    nb = Xp.shape[0] // t
+def _ring(fn, carry, Xloc, Vloc):
+    """Fold ``fn(carry, Xc, Vc, src)`` over every column shard, passing shards round a ring.
 
-    def tile_rows(s, h):
-        Xt = lax.dynamic_slice_in_dim(Xp, s, t)
-        return cross_cov(kernel, Xt, Xall, h, diag_offset=offset + s) @ Vall
+    At round r device p holds the rows of column shard src = (p + r) mod D (X and V), computes
+    with it, and hands it to device p - 1: each device holds one column shard at a time, so its
+    memory stays O(n/D * tile), and no device ever gathers all n columns.
+    """
+    D = lax.axis_size(AXIS)
+    p = lax.axis_index(AXIS)
+    perm = [(i, (i - 1) % D) for i in range(D)]
 
-    return tile_rows, t, nb, Xp
+    def body(r, state):
+        carry, Xc, Vc = state
+        carry = fn(carry, Xc, Vc, (p + r) % D)
+        return carry, lax.ppermute(Xc, AXIS, perm), lax.ppermute(Vc, AXIS, perm)
+
+    return lax.fori_loop(0, D, body, (carry, Xloc, Vloc))[0]
+
+
+def _tiles(A, t):
+    Ap = _pad_to(A, t)
+    return Ap, Ap.shape[0] // t
 
 
 def _blocked_body(kernel, tile):
     def body(Vloc, Xloc, hypers):
         nloc = Xloc.shape[0]
-        Xall, Vall = _gather(Xloc), _gather(Vloc)
-        tile_rows, t, nb, _ = _local_kv(kernel, tile, Xloc, Xall, Vall, _row_offset(nloc))
-        blocks = lax.map(lambda s: tile_rows(s, hypers), jnp.arange(nb) * t)
+        t = min(tile, nloc)
+        Xp, nb = _tiles(Xloc, t)
+        row0 = _row_offset(nloc)
+
+        def with_shard(acc, Xc, Vc, src):
+            def tile_rows(s):
+                Xt = lax.dynamic_slice_in_dim(Xp, s, t)
+                return cross_cov(kernel, Xt, Xc, hypers, diag_offset=row0 + s - src * nloc) @ Vc
+
+            return acc + lax.map(tile_rows, jnp.arange(nb) * t)
+
+        zero = jnp.zeros((nb, t) + Vloc.shape[1:], Vloc.dtype)
+        blocks = _ring(with_shard, _varying(zero), Xloc, Vloc)
         out = blocks.reshape((nb * t,) + Vloc.shape[1:])[:nloc]
         return out + hypers.noise * Vloc
 
@@ -222,45 +242,52 @@ def _blocked_hbar_body(kernel, tile):
 
     def body(Uloc, Vloc, Xloc, hypers):
         nloc, d = Xloc.shape
-        offset = _row_offset(nloc)
-        Xall, Vall = _gather(Xloc), _gather(Vloc)
+        row0 = _row_offset(nloc)
         t = min(tile, nloc)
-        Up = _pad_to(Uloc, t)
-        nb = Up.shape[0] // t
+        Up, nb = _tiles(Uloc, t)
         starts = jnp.arange(nb) * t
         if kernel in PROFILE_DERIVATIVES:
             ls = hypers.lengthscale
-            Xs, Xsl = Xall / ls, _pad_to(Xloc / ls, t)
+            Xsl, _ = _tiles(Xloc / ls, t)
             prof, dprof = get_profile(kernel), PROFILE_DERIVATIVES[kernel]
-            B = sq_diff_basis(Xs)
 
-            def step(acc, s):
-                s2bar, quad = acc
-                Xt = lax.dynamic_slice_in_dim(Xsl, s, t)
-                Ut = lax.dynamic_slice_in_dim(Up, s, t)
-                R2 = sq_dist(Xt, Xs, offset + s)
-                W = Ut @ Vall.T
-                s2bar = s2bar + jnp.sum(W * prof(R2))
-                quad = quad + sq_diff_sums((W * dprof(R2)) @ B, Xt)
-                return (s2bar, quad), None
+            def with_shard(acc, Xc, Vc, src):
+                Xs = Xc / ls
+                B = sq_diff_basis(Xs)
+
+                def step(acc, s):
+                    s2bar, quad = acc
+                    Xt = lax.dynamic_slice_in_dim(Xsl, s, t)
+                    Ut = lax.dynamic_slice_in_dim(Up, s, t)
+                    R2 = sq_dist(Xt, Xs, row0 + s - src * nloc)
+                    W = Ut @ Vc.T
+                    s2bar = s2bar + jnp.sum(W * prof(R2))
+                    quad = quad + sq_diff_sums((W * dprof(R2)) @ B, Xt)
+                    return (s2bar, quad), None
+
+                return lax.scan(step, acc, starts)[0]
 
             zero = _varying((jnp.zeros((), Xloc.dtype), jnp.zeros((d,), Xloc.dtype)))
-            (s2bar, quad), _ = lax.scan(step, zero, starts)
+            s2bar, quad = _ring(with_shard, zero, Xloc, Vloc)
             part = Hypers(-2.0 * hypers.outputscale * quad / ls, s2bar, jnp.zeros_like(s2bar))
         else:  # matern12: autodiff through each tile
-            tile_rows, _, _, _ = _local_kv(kernel, tile, Xloc, Xall, Vall, offset)
-
+            Xp, _ = _tiles(Xloc, t)
             # differentiate w.r.t. a per-device copy of hypers: w.r.t. the replicated hypers
             # shard_map's transpose would already sum the cotangent over devices
             hv = _varying(hypers)
 
-            def step(acc, s):
-                Ut = lax.dynamic_slice_in_dim(Up, s, t)
-                _, vjp = jax.vjp(lambda h: tile_rows(s, h), hv)
-                (g,) = vjp(Ut)
-                return jax.tree.map(jnp.add, acc, g), None
+            def with_shard(acc, Xc, Vc, src):
+                def step(acc, s):
+                    Xt = lax.dynamic_slice_in_dim(Xp, s, t)
+                    Ut = lax.dynamic_slice_in_dim(Up, s, t)
+                    off = row0 + s - src * nloc
+                    _, vjp = jax.vjp(lambda h: cross_cov(kernel, Xt, Xc, h, off) @ Vc, hv)
+                    (g,) = vjp(Ut)
+                    return jax.tree.map(jnp.add, acc, g), None
 
-            part, _ = lax.scan(step, _varying(jax.tree.map(jnp.zeros_like, hypers)), starts)
+                return lax.scan(step, acc, starts)[0]
+
+            part = _ring(with_shard, _varying(jax.tree.map(jnp.zeros_like, hypers)), Xloc, Vloc)
         part = part._replace(noise=part.noise + jnp.sum(Uloc * Vloc))
         return jax.tree.map(lambda a: lax.psum(a, AXIS), part)
 
