@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 CHILD = HERE / "_sharding_child.py"
 
 
-def run_child(*checks, devices=4, timeout=600):
+def run_child(*checks, devices=4, timeout=1800):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
