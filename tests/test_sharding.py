@@ -114,6 +114,7 @@ def test_cli_says_how_many_devices_exist(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.keops
 def test_keops_shards_run_per_device_and_match_one_device():
     from gpadjoint.keops_bridge import keops_available
 
