@@ -178,9 +178,18 @@ def cmd_fit(args) -> int:
         reason = f"auto: {why}"
     else:
         bname, reason = cfg.model.backend, "requested"
-    backend = make_backend(bname, cfg.model.kernel, tile=cfg.model.tile)
+    from .sharding import describe_mesh, make_mesh, mesh_record, shard_rows
+
+    try:
+        mesh = make_mesh(args.devices)
+    except ValueError as err:
+        raise SystemExit(f"error: --devices: {err}") from None
+    if mesh is not None:
+        X, y = shard_rows(mesh, X), shard_rows(mesh, y)
+    backend = make_backend(bname, cfg.model.kernel, tile=cfg.model.tile, mesh=mesh)
     _say(f"backend: {bname} ({reason}); kernel {cfg.model.kernel}, {cfg.model.dtype}, "
          f"config {cfg_source}", q)
+    _say(f"mesh: {describe_mesh(mesh)}", q)
 
     # ---- estimator and optimiser: explicit, or chosen and reported
     from .config import make_optimizer, resolve_optimizer
@@ -237,6 +246,7 @@ def cmd_fit(args) -> int:
         "split": args.split,
         "backend": bname,
         "backend_reason": reason,
+        "mesh": mesh_record(mesh),
         "estimator": estimator,
         "estimator_reason": est_reason,
         "optimizer": opt_name,
@@ -404,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data: fraction held out for testing (default 0.1)")
     f.add_argument("--config", help="TOML config (default configs/default.toml)")
     f.add_argument("--backend", choices=["auto", "dense", "blocked", "keops"])
+    f.add_argument("--devices", help="shard the rows over N devices, or 'all' "
+                   "(default: one device; see gpadjoint.sharding)")
     f.add_argument("--kernel", choices=["rbf", "matern12", "matern32", "matern52"])
     f.add_argument("--epochs", type=int)
     f.add_argument("--lr", type=float)

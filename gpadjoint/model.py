@@ -36,6 +36,7 @@ from ._io import atomic_write
 from .kernels import KERNEL_NAMES, NOISE_FLOOR, Params, constrain
 from .matvec import BACKENDS, choose_backend, make_backend
 from .mll import ESTIMATORS, MLLConfig, choose_estimator
+from .sharding import describe_mesh, make_mesh, shard_rows
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
@@ -135,6 +136,10 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         random_state: int seed, a ``numpy.random.RandomState``, or None (a fresh seed per fit,
             recorded in ``seed_``).
         verbose: print the backend choice and a progress line while training.
+        devices: None (one device, default), a number N or "all": shard the rows of the data
+            and of every kernel block and Lanczos / CG vector over a mesh of that many devices
+            (:mod:`gpadjoint.sharding`; described in ``mesh_``). Training with the SLQ estimator
+            and prediction use the mesh; the exact estimator's dense Cholesky is not split.
 
     Fitted attributes: ``params_`` (unconstrained, internal units), ``alpha_`` (K^{-1}(y_n -
     mu)), ``hyperparameters_`` (original units), ``X_train_``, ``y_train_`` (as given),
@@ -169,6 +174,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         love_rank=100,
         random_state=None,
         verbose=False,
+        devices=None,
     ):
         self.kernel = kernel
         self.backend = backend
@@ -191,6 +197,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         self.love_rank = love_rank
         self.random_state = random_state
         self.verbose = verbose
+        self.devices = devices
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -278,7 +285,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             reason = f"auto: {reason}"
         else:
             name, reason = self.backend, "requested"
-        backend = make_backend(name, self.kernel)
+        mesh = make_mesh(self.devices)
+        self.mesh_ = describe_mesh(mesh)
+        backend = make_backend(name, self.kernel, mesh=mesh)
         self.backend_, self.backend_reason_ = name, reason
         if self.variance == "auto":
             self.variance_, why = gpred.choose_variance(n)
@@ -292,7 +301,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             print(f"GPRegressor: n={n}, d={d}, {self.dtype}, kernel {self.kernel}; "
                   f"backend {name} ({reason}); estimator {self.estimator_} "
                   f"({self.estimator_reason_}); optimiser {self.optimizer_}; "
-                  f"variance {self.variance_}")
+                  f"variance {self.variance_}; mesh: {self.mesh_}")
 
         self.seed_ = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         init = "softplus0" if self.init == "zero" else "normal"
@@ -354,6 +363,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     def _internal_train(self, dtype):
         Xn = jnp.asarray((self.X_train_ - self.x_mean_) / self.x_std_, dtype)
         yn = jnp.asarray((self.y_train_ - self.y_mean_) / self.y_std_, dtype)
+        mesh = make_mesh(getattr(self, "devices", None))
+        if mesh is not None:
+            Xn, yn = shard_rows(mesh, Xn), shard_rows(mesh, yn)
         return Xn, yn
 
     def _predict_dtype(self) -> str:
@@ -394,7 +406,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         mean = np.asarray(mean, np.float64) * self.y_std_ + self.y_mean_
         if not return_std:
             return mean
-        backend = make_backend(self.backend_, self.kernel)
+        backend = make_backend(
+            self.backend_, self.kernel, mesh=make_mesh(getattr(self, "devices", None))
+        )
         love_R = None
         if self.variance_ == "love":
             love_R = self._love_root(Xn, yn, params, backend)
