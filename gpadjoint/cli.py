@@ -418,9 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the ``gpadjoint`` console script."""
+    import jax
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with jax.enable_x64(True):  # float64 runs and the exact estimator; scoped to this call
+            return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ carries the cotangent of K back to theta); for the other two they are ``(X, hype
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,14 +72,7 @@ class Backend:
         if self.name == "blocked":
             return _blocked_mv_fn(self.kernel, self.tile), (X, hypers)
         if self.name == "keops":
-            from .keops_bridge import keops_matvec
-
-            kernel = self.kernel
-
-            def mv(V, X, hypers):
-                return keops_matvec(X, V, hypers, kernel)
-
-            return mv, (X, hypers)
+            return _keops_mv_fn(self.kernel), (X, hypers)
         raise ValueError(f"unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}")
 
     def matvec(self, X, V, hypers: Hypers):
@@ -174,8 +168,24 @@ def _pad_rows(A, multiple):
     return jnp.concatenate([A, jnp.zeros((pad,) + A.shape[1:], A.dtype)], axis=0)
 
 
+@functools.cache
+def _keops_mv_fn(kernel: str) -> Callable:
+    """``mv(V, X, hypers)`` by KeOps; one function per kernel (see :func:`_blocked_mv_fn`)."""
+    from .keops_bridge import keops_matvec
+
+    def mv(V, X, hypers):
+        return keops_matvec(X, V, hypers, kernel)
+
+    return mv
+
+
+@functools.cache
 def _blocked_mv_fn(kernel: str, tile: int) -> Callable:
-    """Build ``mv(V, X, hypers)`` computing K V tile by tile with a memory-light custom VJP."""
+    """Build ``mv(V, X, hypers)`` computing K V tile by tile with a memory-light custom VJP.
+
+    Cached per (kernel, tile): callers pass ``mv`` to jitted functions as a static argument,
+    so the same settings must give the same function object, or every call would recompile.
+    """
 
     def tile_rows(start, Xt, X, V, hypers):
         # rows [start, start+tile) of K V; padded rows beyond n are discarded by the caller

@@ -1,7 +1,9 @@
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import optax
 import pytest
 
@@ -143,25 +145,56 @@ def test_bad_toml_names_file(tmp_path):
         load_config(_write(tmp_path, "[mll\n"))
 
 
+def _lr(t, *, lr=0.1, schedule="constant", decay_epochs=10, final_lr_fraction=0.1,
+        decay_rate=0.97, warmup_epochs=0, **_):
+    """The learning rate of step t, written out from the schedules' definitions."""
+    if t < warmup_epochs:
+        return lr * t / warmup_epochs
+    t -= warmup_epochs
+    if schedule == "cosine":
+        c = 0.5 * (1 + math.cos(math.pi * min(t, decay_epochs) / decay_epochs))
+        return lr * (final_lr_fraction + (1 - final_lr_fraction) * c)
+    if schedule == "exponential":
+        return lr * decay_rate**t
+    return lr
+
+
 @pytest.mark.parametrize(
     "kw",
     [
-        {},
-        {"schedule": "cosine"},
-        {"schedule": "exponential", "decay_rate": 0.9},
-        {"schedule": "cosine", "decay_epochs": 7, "warmup_epochs": 2},
+        {"optimizer": "adam"},
+        {"optimizer": "adam", "schedule": "cosine"},
+        {"optimizer": "adam", "schedule": "exponential", "decay_rate": 0.9},
+        {"optimizer": "adam", "schedule": "cosine", "decay_epochs": 7, "warmup_epochs": 2},
         {"optimizer": "sgd", "momentum": 0.9},
         {"optimizer": "adamw", "weight_decay": 1e-3, "clip_norm": 1.0},
     ],
 )
 def test_make_optimizer(kw):
+    # A constant gradient g = 1 at fixed parameters p = 1 makes each update a closed form in
+    # the step's learning rate lr_t: Adam's bias-corrected moments are exactly g and g^2, so
+    # its update is -lr_t g / (|g| + eps); SGD with momentum m accumulates sum_i m^i g;
+    # AdamW adds -lr_t wd p; clipping to norm 1 scales g, which Adam's ratio then cancels.
     import jax.numpy as jnp
 
-    opt = make_optimizer(OptimConfig(**kw), epochs=10)
-    p = {"a": jnp.ones(3)}
+    kw = {"lr": 0.1, **kw}
+    cfg = OptimConfig(**kw)
+    opt = make_optimizer(cfg, epochs=10)
+    p = {"a": jnp.ones(3, jnp.float64)}
     state = opt.init(p)
-    up, _ = opt.update({"a": jnp.ones(3)}, state, p)
-    assert jnp.all(jnp.isfinite(up["a"]))
+    spec = {**kw, "decay_epochs": kw.get("decay_epochs") or 10}
+    velocity = 0.0
+    for t in range(10):
+        up, state = opt.update({"a": jnp.ones(3, jnp.float64)}, state, p)
+        lr_t = _lr(t, **spec)
+        if cfg.optimizer == "sgd":
+            velocity = 1.0 + cfg.momentum * velocity
+            want = -lr_t * velocity
+        else:
+            g = 1 / math.sqrt(3) if cfg.clip_norm else 1.0
+            want = -lr_t * (g / (g + cfg.eps) + cfg.weight_decay * 1.0)
+        np.testing.assert_allclose(np.asarray(up["a"]), want, rtol=1e-6, atol=1e-12,
+                                   err_msg=f"step {t}")
 
 
 def test_cosine_without_length_is_an_error():
