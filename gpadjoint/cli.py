@@ -131,6 +131,20 @@ class _StopFlag:
         return False
 
 
+def record_path(out: str | None, run_id: str, now: datetime | None = None) -> Path:
+    """Where ``fit --out OUT`` writes the run record.
+
+    No ``--out``: ``results/runs/<run_id>-<UTC time>.json``. An existing directory (or a path
+    ending in a separator) receives that same file name inside it. Anything else is the file.
+    """
+    name = f"{run_id}-{(now or datetime.now(timezone.utc)):%Y%m%dT%H%M%SZ}.json"
+    if not out:
+        return REPO / "results" / "runs" / name
+    if Path(out).is_dir() or out.endswith(("/", os.sep)):
+        return Path(out) / name
+    return Path(out)
+
+
 def cmd_fit(args) -> int:
     """`gpadjoint fit`: train, evaluate on the test split, write the run record."""
     import jax.numpy as jnp
@@ -263,8 +277,7 @@ def cmd_fit(args) -> int:
         "mean": float(params.mean) * y_scale + float(split.y_mean),
     }
 
-    out = Path(args.out) if args.out else REPO / "results" / "runs" / (
-        f"{run_id}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json")
+    out = record_path(args.out, run_id)
     if interrupted:
         record["test_rmse"] = record["test_nll"] = None
         _write_json_atomic(out, record)
@@ -397,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int)
     f.add_argument("--scale-y", action=argparse.BooleanOptionalAction, default=None,
                    help="scale targets to unit variance (default: the config's model.scale_y)")
-    f.add_argument("--out", help="run-record JSON path (default results/runs/<run>-<time>.json)")
+    f.add_argument("--out", help="run-record JSON file, or a directory to write "
+                   "<run>-<time>.json into (default results/runs/)")
     f.add_argument("--checkpoint", help="checkpoint file (default results/checkpoints/<run>.ckpt)")
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     f.add_argument("--save-model", help="write the fitted model to this file")

@@ -35,7 +35,6 @@ def child(spec: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    import gpadjoint  # noqa: F401  (x64 on)
     from gpadjoint.kernels import constrain, unconstrain
     from gpadjoint.matvec import make_backend
 

@@ -81,3 +81,17 @@ def test_bad_arguments_are_clear(tmp_path, capsys):
         main(["fit", "--data", str(tmp_path / "x.csv")])
     with pytest.raises(SystemExit, match="no checkpoint"):
         main(["fit", "--dataset", "yacht", "--resume", "--checkpoint", str(tmp_path / "none")])
+
+
+def test_out_may_name_a_directory(tmp_path):
+    from datetime import datetime, timezone
+
+    from gpadjoint.cli import record_path
+
+    t = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    name = "yacht-split0-seed0-20260102T030405Z.json"
+    assert record_path(str(tmp_path), "yacht-split0-seed0", t) == tmp_path / name
+    assert record_path(str(tmp_path / "new") + "/", "yacht-split0-seed0", t) == (
+        tmp_path / "new" / name)
+    assert record_path(str(tmp_path / "r.json"), "x", t) == tmp_path / "r.json"
+    assert record_path(None, "x", t).parent.name == "runs"
