@@ -13,15 +13,15 @@ import argparse
 import json
 import math
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from . import provenance
+
+REPO = provenance.REPO
 DEFAULT_CONFIG = REPO / "configs" / "default.toml"
 
 
@@ -38,52 +38,6 @@ def _load_run_config(path: str | None):
     if DEFAULT_CONFIG.exists():
         return load_config(DEFAULT_CONFIG), str(DEFAULT_CONFIG.relative_to(REPO))
     return RunConfig(), "built-in defaults"
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO, capture_output=True, text=True, timeout=10,
-        ).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _machine() -> dict:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import jax
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "jax_backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-    }
-
-
-def _versions() -> dict:
-    # package metadata, not imports: importing pykeops would print its CUDA notice
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for dist in ("gpadjoint", "jax", "jaxlib", "optax", "numpy", "pandas", "scikit-learn",
-                 "pykeops"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -251,9 +205,9 @@ def cmd_fit(args) -> int:
         "config": cfg.to_dict(),
         "config_source": cfg_source,
         "seed": cfg.train.seed,
-        "versions": _versions(),
-        "machine": _machine(),
-        "commit": _commit(),
+        "versions": provenance.versions(),
+        "machine": provenance.machine(),
+        "commit": provenance.commit(),
         "command": sys.argv,
         "started": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
         "n_train": n,
