@@ -36,9 +36,9 @@ QUAD_LOSS_ERROR = 1e-7
 
 
 def _available_bytes() -> int:
-    from .matvec import _available_memory_bytes
+    from .matvec import available_memory_bytes
 
-    return _available_memory_bytes()
+    return available_memory_bytes()
 
 
 def choose_method(n: int, memory_fraction: float = 0.7) -> tuple[str, str]:
@@ -274,10 +274,10 @@ def _slq_loss(X, r, h: Hypers, kernel: str, num_probes: int, depth: int, seed: i
               precond_rank: int, max_block_bytes: float = 2 * 2**30) -> dict:
     from .lanczos import lanczos
     from .logdet import (
-        _logdet_quadform,
-        _preconditioned_mv,
         half_inverse_factors,
+        logdet_quadform,
         masked_quadform,
+        preconditioned_mv,
         rademacher,
     )
     from .matvec import make_backend
@@ -297,7 +297,7 @@ def _slq_loss(X, r, h: Hypers, kernel: str, num_probes: int, depth: int, seed: i
         min(precond_rank, n),
     )
     half, logdet_P, lower = half_inverse_factors(L, h.noise, jnp.float64)
-    mvp = _preconditioned_mv(mv)
+    mvp = preconditioned_mv(mv)
     # Probes in blocks whose Lanczos basis (block x depth x n floats) fits max_block_bytes; each
     # probe's quadrature is an independent sample, so their spread gives the standard error.
     most = max(1, min(num_probes, int(max_block_bytes // (8 * depth * n))))
@@ -305,7 +305,7 @@ def _slq_loss(X, r, h: Hypers, kernel: str, num_probes: int, depth: int, seed: i
     run = jax.jit(lambda Z: lanczos(mvp, Z, *args, *half, depth=depth, adjoint=False))
 
     def quadratures(tri, k):  # |z|^2 e_1^T log(T) e_1 from the leading k x k block of each T
-        q = jax.vmap(lambda a, b: masked_quadform(a[:k], b[:k], lower, _logdet_quadform))(
+        q = jax.vmap(lambda a, b: masked_quadform(a[:k], b[:k], lower, logdet_quadform))(
             tri.alpha, tri.beta)
         return np.asarray(tri.norm**2 * q)
 

@@ -107,7 +107,8 @@ def make_backend(name: str, kernel: str, *, tile: int = 128) -> Backend:
     return Backend(name, kernel, tile)
 
 
-def _available_memory_bytes() -> int:
+def available_memory_bytes() -> int:
+    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo; 8 GiB if unknown)."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -130,7 +131,7 @@ def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, s
         on_gpu = jax.default_backend() == "gpu"
     itemsize = jnp.dtype(dtype).itemsize
     need = n * n * itemsize
-    avail = _available_memory_bytes()
+    avail = available_memory_bytes()
     gib = 1024**3
     if need <= DENSE_MEMORY_FRACTION * avail:
         return "dense", (

@@ -55,7 +55,7 @@ def child(spec: dict) -> dict:
     def logdet(params):
         mv, args = be.operator(X, constrain(params))
         tri = lanczos(mv, Z, *args, depth=k, adjoint=adjoint)
-        per = jax.vmap(lambda a, b: ld.masked_quadform(a, b, 0.0, ld._logdet_quadform))(
+        per = jax.vmap(lambda a, b: ld.masked_quadform(a, b, 0.0, ld.logdet_quadform))(
             tri.alpha, tri.beta
         )
         return jnp.mean(tri.norm**2 * per)
