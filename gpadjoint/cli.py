@@ -22,7 +22,6 @@ from pathlib import Path
 from . import provenance
 
 REPO = provenance.REPO
-DEFAULT_CONFIG = REPO / "configs" / "default.toml"
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -31,13 +30,11 @@ def _say(msg: str, quiet: bool = False) -> None:
 
 
 def _load_run_config(path: str | None):
-    from .config import RunConfig, load_config
+    from .config import default_config, load_config
 
     if path:
         return load_config(path), str(path)
-    if DEFAULT_CONFIG.exists():
-        return load_config(DEFAULT_CONFIG), str(DEFAULT_CONFIG.relative_to(REPO))
-    return RunConfig(), "built-in defaults"
+    return default_config(), "gpadjoint/default.toml (packaged defaults)"
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -355,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--target", help="with --data: the column to predict")
     f.add_argument("--test-fraction", type=float, default=0.1,
                    help="with --data: fraction held out for testing (default 0.1)")
-    f.add_argument("--config", help="TOML config (default configs/default.toml)")
+    f.add_argument("--config", help="TOML config (default: the packaged gpadjoint/default.toml)")
     f.add_argument("--backend", choices=["auto", "dense", "blocked", "keops"])
     f.add_argument("--kernel", choices=["rbf", "matern12", "matern32", "matern52"])
     f.add_argument("--epochs", type=int)

@@ -11,7 +11,9 @@ A run is described by one :class:`RunConfig` with five sections, each a frozen d
 
 :func:`load_config` reads a TOML file (stdlib ``tomllib``); missing keys take the defaults below,
 unknown keys and wrong types raise :class:`ValueError` naming the section and key.
-``configs/default.toml`` documents every key; ``configs/paper.toml`` is the paper's setup.
+The defaults live in one file shipped inside the package, ``gpadjoint/default.toml``
+(:data:`DEFAULT_CONFIG`, :func:`default_config`), which documents every key; an installed wheel
+reads the same file. ``configs/paper.toml`` is the paper's setup.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ else:  # pragma: no cover - python 3.10
 from .kernels import KERNEL_NAMES, NOISE_FLOOR
 from .matvec import BACKENDS
 from .mll import ESTIMATORS, MLLConfig
+
+# The packaged defaults (package data, so an installed wheel has them too).
+DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
 DTYPES = ("float32", "float64")
 OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
@@ -371,6 +376,11 @@ def load_config(path) -> RunConfig:
         return RunConfig.from_dict(raw)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def default_config() -> RunConfig:
+    """Return the packaged defaults, :data:`DEFAULT_CONFIG` (``gpadjoint/default.toml``)."""
+    return load_config(DEFAULT_CONFIG)
 
 
 def resolve_optimizer(name: str, estimator: str) -> tuple[str, str]:

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from gpadjoint.config import (
+    DEFAULT_CONFIG,
     MLLSection,
     OptimConfig,
     RunConfig,
@@ -27,7 +28,7 @@ SECTIONS = ("model", "mll", "optim", "train", "predict")
 
 @pytest.mark.parametrize("name", ["default.toml", "paper.toml"])
 def test_shipped_configs_load_and_every_key_is_a_field(name):
-    path = CONFIGS / name
+    path = DEFAULT_CONFIG if name == "default.toml" else CONFIGS / name
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     raw = tomllib.loads(path.read_text())
@@ -230,3 +231,19 @@ def test_estimator_key_is_validated(tmp_path):
     path.write_text('[mll]\nestimator = "cholesky"\n')
     with pytest.raises(ValueError, match=r"\[mll\] estimator.*auto"):
         load_config(path)
+
+
+def test_defaults_are_one_packaged_file():
+    # the CLI and default_config() read gpadjoint/default.toml, declared as package data, so a
+    # wheel installed away from this repository has the very same defaults
+    from importlib.resources import files
+
+    from gpadjoint import cli
+    from gpadjoint.config import default_config
+
+    assert DEFAULT_CONFIG.parent == Path(cli.__file__).parent
+    assert files("gpadjoint").joinpath("default.toml").read_text() == DEFAULT_CONFIG.read_text()
+    pyproject = tomllib.loads((CONFIGS.parent / "pyproject.toml").read_text())
+    assert "default.toml" in pyproject["tool"]["setuptools"]["package-data"]["gpadjoint"]
+    assert cli._load_run_config(None) == (default_config(), cli._load_run_config(None)[1])
+    assert "packaged" in cli._load_run_config(None)[1]
