@@ -41,6 +41,11 @@ def versions() -> dict:
         ("jax", "jaxlib", "pykeops", "numpy", "optax") + provenance.PEERS, keep_missing=False)
 
 
+def provenance_columns() -> dict:
+    """Return the commit, machine and versions (JSON) columns of a benchmark CSV row."""
+    return {"commit": git_commit(), "machine": machine(), "versions": json.dumps(versions())}
+
+
 def done_keys(path: Path, key_fields: list[str]) -> set[tuple]:
     """Keys of rows that finished (ok or deliberately skipped); failed rows are retried."""
     if not path.exists():

@@ -89,8 +89,7 @@ def main():
         print(json.dumps(child(json.loads(args.child))))
         return
     done = bu.done_keys(args.out, KEY)
-    prov = {"commit": bu.git_commit(), "machine": bu.machine(),
-            "versions": json.dumps(bu.versions())}
+    prov = bu.provenance_columns()
     for depth in args.depths:
         for method in args.methods:
             key = (method, str(depth), str(args.n), str(args.probes), args.dtype)

@@ -91,8 +91,7 @@ def main():
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     done = bu.done_keys(args.out, KEY)
-    prov = {"commit": bu.git_commit(), "machine": bu.machine(),
-            "versions": json.dumps(bu.versions())}
+    prov = bu.provenance_columns()
     for name in args.datasets:
         for split in args.splits:
             key = (name, str(split), args.config)
