@@ -270,6 +270,19 @@ def exact_scale_gradient(
     }
 
 
+def _quad_gap(mv, args, r, xk, noise: float) -> float:
+    """Bound on r^T K^-1 r - r^T x_k for an approximate solve x_k, valid in floating point.
+
+    With the true residual s = r - K x_k (one more matvec, not CG's recurrence) and e = K^-1 s,
+    r^T K^-1 r - r^T x_k = (x_k + e)^T s = x_k^T s + s^T K^-1 s, and 0 <= s^T K^-1 s <= |s|^2 /
+    lambda_min(K) <= |s|^2 / noise. x_k^T s vanishes for CG in exact arithmetic (Galerkin
+    orthogonality) but not in floating point, where |s|^2 / noise alone was exceeded at the
+    1e-8 level.
+    """
+    s = r - mv(xk[:, None], *args)[:, 0]
+    return abs(float(xk @ s)) + float(s @ s) / noise
+
+
 def _slq_loss(X, r, h: Hypers, kernel: str, num_probes: int, depth: int, seed: int,
               precond_rank: int, max_block_bytes: float = 2 * 2**30) -> dict:
     from .lanczos import lanczos
@@ -328,15 +341,7 @@ def _slq_loss(X, r, h: Hypers, kernel: str, num_probes: int, depth: int, seed: i
     tol = min(max(tol, 1e-10), 1e-4)
     x, info = cg(mv, rj[:, None], *args, precond=P, tol=tol, min_iter=1, max_iter=5000)
     res = float(np.max(np.asarray(info.residual)))
-    # What r^T x_k can miss of r^T K^-1 r, bounded without exact arithmetic: with the true
-    # residual s = r - K x_k (one more matvec, not CG's recurrence) and e = K^-1 s,
-    #   r^T K^-1 r - r^T x_k = (x_k + e)^T s = x_k^T s + s^T K^-1 s,
-    #   0 <= s^T K^-1 s <= |s|^2 / lambda_min(K) <= |s|^2 / noise.
-    # x_k^T s vanishes for CG in exact arithmetic (Galerkin orthogonality) but not in floating
-    # point, which is why a bound of |s|^2 / noise alone was exceeded at the 1e-8 level.
     xk = x[:, 0]
-    s = rj - mv(xk[:, None], *args)[:, 0]
-    quad_gap = abs(float(xk @ s)) + float(s @ s) / float(h.noise)
     se_logdet = float(np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else math.inf
     return {
         "logdet": float(logdet_P) + float(np.mean(vals)),
@@ -350,5 +355,5 @@ def _slq_loss(X, r, h: Hypers, kernel: str, num_probes: int, depth: int, seed: i
         "precond_rank": int(L.shape[1]),
         "cg_residual": res,
         # what the stopped solve can have left out of the loss (per datum): the bound above
-        "quad_loss_bound": 0.5 * quad_gap / n,
+        "quad_loss_bound": 0.5 * _quad_gap(mv, args, rj, xk, float(h.noise)) / n,
     }
