@@ -13,16 +13,15 @@ import argparse
 import json
 import math
 import os
-import platform
 import signal
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "default.toml"
+from . import provenance
+
+REPO = provenance.REPO
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -31,59 +30,11 @@ def _say(msg: str, quiet: bool = False) -> None:
 
 
 def _load_run_config(path: str | None):
-    from .config import RunConfig, load_config
+    from .config import default_config, load_config
 
     if path:
         return load_config(path), str(path)
-    if DEFAULT_CONFIG.exists():
-        return load_config(DEFAULT_CONFIG), str(DEFAULT_CONFIG.relative_to(REPO))
-    return RunConfig(), "built-in defaults"
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO, capture_output=True, text=True, timeout=10,
-        ).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _machine() -> dict:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import jax
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "jax_backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-    }
-
-
-def _versions() -> dict:
-    # package metadata, not imports: importing pykeops would print its CUDA notice
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for dist in ("gpadjoint", "jax", "jaxlib", "optax", "numpy", "pandas", "scikit-learn",
-                 "pykeops"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
+    return default_config(), "gpadjoint/default.toml (packaged defaults)"
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -129,6 +80,20 @@ class _StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+def record_path(out: str | None, run_id: str, now: datetime | None = None) -> Path:
+    """Where ``fit --out OUT`` writes the run record.
+
+    No ``--out``: ``results/runs/<run_id>-<UTC time>.json``. An existing directory (or a path
+    ending in a separator) receives that same file name inside it. Anything else is the file.
+    """
+    name = f"{run_id}-{(now or datetime.now(timezone.utc)):%Y%m%dT%H%M%SZ}.json"
+    if not out:
+        return REPO / "results" / "runs" / name
+    if Path(out).is_dir() or out.endswith(("/", os.sep)):
+        return Path(out) / name
+    return Path(out)
 
 
 def cmd_fit(args) -> int:
@@ -256,9 +221,9 @@ def cmd_fit(args) -> int:
         "config": cfg.to_dict(),
         "config_source": cfg_source,
         "seed": cfg.train.seed,
-        "versions": _versions(),
-        "machine": _machine(),
-        "commit": _commit(),
+        "versions": provenance.versions(),
+        "machine": provenance.machine(),
+        "commit": provenance.commit(),
         "command": sys.argv,
         "started": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
         "n_train": n,
@@ -287,8 +252,7 @@ def cmd_fit(args) -> int:
         "mean": float(params.mean) * y_scale + float(split.y_mean),
     }
 
-    out = Path(args.out) if args.out else REPO / "results" / "runs" / (
-        f"{run_id}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json")
+    out = record_path(args.out, run_id)
     if interrupted:
         record["test_rmse"] = record["test_nll"] = None
         _write_json_atomic(out, record)
@@ -412,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--target", help="with --data: the column to predict")
     f.add_argument("--test-fraction", type=float, default=0.1,
                    help="with --data: fraction held out for testing (default 0.1)")
-    f.add_argument("--config", help="TOML config (default configs/default.toml)")
+    f.add_argument("--config", help="TOML config (default: the packaged gpadjoint/default.toml)")
     f.add_argument("--backend", choices=["auto", "dense", "blocked", "keops"])
     f.add_argument("--devices", help="shard the rows over N devices, or 'all' "
                    "(default: one device; see gpadjoint.sharding)")
@@ -423,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int)
     f.add_argument("--scale-y", action=argparse.BooleanOptionalAction, default=None,
                    help="scale targets to unit variance (default: the config's model.scale_y)")
-    f.add_argument("--out", help="run-record JSON path (default results/runs/<run>-<time>.json)")
+    f.add_argument("--out", help="run-record JSON file, or a directory to write "
+                   "<run>-<time>.json into (default results/runs/)")
     f.add_argument("--checkpoint", help="checkpoint file (default results/checkpoints/<run>.ckpt)")
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     f.add_argument("--save-model", help="write the fitted model to this file")
@@ -444,9 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the ``gpadjoint`` console script."""
+    import jax
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with jax.enable_x64(True):  # float64 runs and the exact estimator; scoped to this call
+            return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,23 +3,25 @@
 A run is described by one :class:`RunConfig` with five sections, each a frozen dataclass:
 
 ``model``    kernel, matvec backend, working dtype, noise floor, blocked tile size
-``mll``      the estimator's settings, exactly the fields of :class:`gpadjoint.mll.MLLConfig`
-             (except ``noise_floor``, which belongs to the model)
+``mll``      the estimator's settings: :class:`gpadjoint.settings.MLLConfig` itself, the one
+             dataclass mll.py, this module and GPRegressor share (its ``noise_floor`` is
+             the [model] key)
 ``optim``    optax optimiser, learning rate and schedule
 ``train``    epochs, seed, early stopping, checkpoints, initialisation, logging
 ``predict``  CG settings and the variance method for prediction
 
 :func:`load_config` reads a TOML file (stdlib ``tomllib``); missing keys take the defaults below,
 unknown keys and wrong types raise :class:`ValueError` naming the section and key.
-``configs/default.toml`` documents every key; ``configs/paper.toml`` is the paper's setup.
+The defaults live in one file shipped inside the package, ``gpadjoint/default.toml``
+(:data:`DEFAULT_CONFIG`, :func:`default_config`), which documents every key; an installed wheel
+reads the same file. ``configs/paper.toml`` is the paper's setup.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +32,10 @@ else:  # pragma: no cover - python 3.10
 
 from .kernels import KERNEL_NAMES, NOISE_FLOOR
 from .matvec import BACKENDS
-from .mll import ESTIMATORS, MLLConfig
+from .settings import MLLConfig, Section
+
+# The packaged defaults (package data, so an installed wheel has them too).
+DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
 
 DTYPES = ("float32", "float64")
 OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
@@ -39,87 +44,8 @@ INITS = ("softplus0", "normal")
 VARIANCES = ("exact", "love", "auto")
 
 
-# Names users reach for from other libraries, mapped to ours (for "did you mean").
-_ALIASES = {
-    "learning_rate": "lr", "probes": "num_probes", "n_probes": "num_probes",
-    "num_samples": "num_probes", "depth": "lanczos_depth", "num_lanczos": "lanczos_depth",
-    "max_iter": "cg_max_iter", "tol": "cg_tol", "rank": "precond_rank",
-    "preconditioner_rank": "precond_rank", "iterations": "epochs", "n_epochs": "epochs",
-    "random_state": "seed", "nu": "kernel", "device": "backend",
-}
-
-
-def _type_name(t) -> str:
-    return t.__name__ if isinstance(t, type) else str(t)
-
-
-class _Section:
-    """Shared checks of a config section: exact types, then the section's own ``_validate``."""
-
-    SECTION: ClassVar[str] = ""
-    # per-field value types; an int is accepted (and converted) where a float is expected
-    _TYPES: ClassVar[dict[str, type]] = {}
-
-    def __post_init__(self):
-        for f in fields(self):
-            want = self._TYPES[f.name]
-            v = getattr(self, f.name)
-            if want is float and isinstance(v, int) and not isinstance(v, bool):
-                object.__setattr__(self, f.name, float(v))
-                continue
-            ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
-            if not ok:
-                raise ValueError(
-                    f"[{self.SECTION}] {f.name}: expected {_type_name(want)}, "
-                    f"got {type(v).__name__} ({v!r})"
-                )
-        self._validate()
-
-    def _validate(self):
-        pass
-
-    def _fail(self, name: str, msg: str):
-        raise ValueError(f"[{self.SECTION}] {name} = {getattr(self, name)!r}: {msg}")
-
-    def _positive(self, *names: str):
-        for name in names:
-            if not getattr(self, name) > 0:
-                self._fail(name, "must be positive")
-
-    def _non_negative(self, *names: str):
-        for name in names:
-            if not getattr(self, name) >= 0:
-                self._fail(name, "must be >= 0")
-
-    def _choice(self, name: str, choices):
-        if getattr(self, name) not in choices:
-            self._fail(name, f"choose one of {', '.join(map(repr, choices))}")
-
-    @classmethod
-    def keys(cls) -> tuple[str, ...]:
-        """Names of this section's keys."""
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        """Build the section from a TOML table, rejecting unknown keys."""
-        if not isinstance(d, dict):
-            raise ValueError(f"[{cls.SECTION}] must be a table, got {type(d).__name__}")
-        valid = cls.keys()
-        for k in d:
-            if k not in valid:
-                close = [_ALIASES[k]] if _ALIASES.get(k) in valid else (
-                    difflib.get_close_matches(k, valid, n=1))
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(
-                    f"unknown key {k!r} in section [{cls.SECTION}]{hint}; "
-                    f"valid keys: {', '.join(valid)}"
-                )
-        return cls(**d)
-
-
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The GP model and how its matvecs run.
 
     kernel: profile name (:data:`gpadjoint.kernels.KERNEL_NAMES`); backend: "auto" or one of
@@ -151,36 +77,7 @@ class ModelConfig(_Section):
 
 
 @dataclass(frozen=True)
-class MLLSection(_Section):
-    """Estimator settings; field for field those of :class:`gpadjoint.mll.MLLConfig`."""
-
-    SECTION: ClassVar[str] = "mll"
-    _TYPES: ClassVar[dict[str, type]] = {
-        "num_probes": int, "lanczos_depth": int, "precond_rank": int, "cg_tol": float,
-        "cg_min_iter": int, "cg_max_iter": int, "estimator": str, "exact_max_n": int,
-        "precond_logdet": bool,
-    }
-
-    num_probes: int = 10
-    lanczos_depth: int = 10
-    precond_rank: int = 15
-    cg_tol: float = 1e-2
-    cg_min_iter: int = 10
-    cg_max_iter: int = 1000
-    estimator: str = "slq"
-    exact_max_n: int = 2000
-    precond_logdet: bool = False
-
-    def _validate(self):
-        self._choice("estimator", ESTIMATORS)
-        self._positive("num_probes", "lanczos_depth", "cg_tol", "cg_max_iter", "exact_max_n")
-        self._non_negative("precond_rank", "cg_min_iter")
-        if self.cg_min_iter > self.cg_max_iter:
-            self._fail("cg_min_iter", f"must not exceed cg_max_iter = {self.cg_max_iter}")
-
-
-@dataclass(frozen=True)
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """The optax optimiser (see :func:`make_optimizer`); one step per epoch (full batch)."""
 
     SECTION: ClassVar[str] = "optim"
@@ -226,7 +123,7 @@ class OptimConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The training loop (:func:`gpadjoint.train.fit`)."""
 
     SECTION: ClassVar[str] = "train"
@@ -255,7 +152,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class PredictConfig(_Section):
+class PredictConfig(Section):
     """Prediction: CG for the posterior mean, method for the predictive variance."""
 
     SECTION: ClassVar[str] = "predict"
@@ -275,9 +172,9 @@ class PredictConfig(_Section):
         self._choice("variance", VARIANCES)
 
 
-_SECTIONS: dict[str, type[_Section]] = {
+_SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
-    "mll": MLLSection,
+    "mll": MLLConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
     "predict": PredictConfig,
@@ -289,10 +186,16 @@ class RunConfig:
     """A whole run: one frozen dataclass per TOML section."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    mll: MLLSection = field(default_factory=MLLSection)
+    mll: MLLConfig = field(default_factory=MLLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def __post_init__(self):
+        # the estimator's noise floor is the model's (one key, [model] noise_floor)
+        if self.mll.noise_floor != self.model.noise_floor:
+            object.__setattr__(
+                self, "mll", dataclasses.replace(self.mll, noise_floor=self.model.noise_floor))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -306,13 +209,12 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict ``{section: {key: value}}`` (round-trips through from_dict)."""
-        return dataclasses.asdict(self)
+        return {s: {k: getattr(getattr(self, s), k) for k in c.keys()}
+                for s, c in _SECTIONS.items()}
 
     def mll_config(self) -> MLLConfig:
-        """Return this run's :class:`gpadjoint.mll.MLLConfig` (mll section + model.noise_floor)."""
-        return MLLConfig(
-            **dataclasses.asdict(self.mll), noise_floor=self.model.noise_floor
-        )
+        """Return this run's estimator settings: the [mll] section, with model.noise_floor."""
+        return self.mll
 
     def with_overrides(self, **kw) -> RunConfig:
         """Return a copy with some keys replaced, e.g. from command-line flags.
@@ -374,6 +276,11 @@ def load_config(path) -> RunConfig:
         return RunConfig.from_dict(raw)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def default_config() -> RunConfig:
+    """Return the packaged defaults, :data:`DEFAULT_CONFIG` (``gpadjoint/default.toml``)."""
+    return load_config(DEFAULT_CONFIG)
 
 
 def resolve_optimizer(name: str, estimator: str) -> tuple[str, str]:

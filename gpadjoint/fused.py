@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .lanczos import _backward, _finish, _start, _step
+from .lanczos import lanczos_backward, lanczos_finish, lanczos_start, lanczos_step
 from .logdet import half_inverse
 from .solve import CGInfo, CGRecursion, Preconditioner
 
@@ -98,7 +98,7 @@ def _forward(mv, depth, breakdown_tol, cg_cfg, V0, b, consts, args):
     S = _sym(half)
     m = V0.shape[1]
     tol, min_iter, max_iter = cg_cfg
-    state, norm = _start(V0, depth)
+    state, norm = lanczos_start(V0, depth)
     rec = CGRecursion(b[:, None], precond, tol=tol, min_iter=min_iter, max_iter=max_iter)
 
     def maybe_update(st, AP):
@@ -114,17 +114,17 @@ def _forward(mv, depth, breakdown_tol, cg_cfg, V0, b, consts, args):
     else:
         W = mv(jnp.concatenate([S(state[0][:, 0].T), x0[:, None]], axis=1), *args)
         st = rec.start(x0[:, None], W[:, m:])
-    state = _step(0, state, S(W[:, :m]).T, breakdown_tol)
+    state = lanczos_step(0, state, S(W[:, :m]).T, breakdown_tol)
 
     def body(j, carry):
         state, st = carry
         W = mv(jnp.concatenate([S(state[0][:, j].T), st.P], axis=1), *args)
-        return _step(j, state, S(W[:, :m]).T, breakdown_tol), maybe_update(st, W[:, m:])
+        return lanczos_step(j, state, S(W[:, :m]).T, breakdown_tol), maybe_update(st, W[:, m:])
 
     state, st = lax.fori_loop(1, depth, body, (state, st))
     # CG iterations beyond the Lanczos depth run alone
     st = lax.while_loop(rec.cond, lambda s: rec.update(s, mv(s.P, *args)), st)
-    tri, C = _finish(state, norm, depth)
+    tri, C = lanczos_finish(state, norm, depth)
     x = st.X[:, 0]
     return (tri, jnp.dot(b, x), x, st.it, st.res), C
 
@@ -147,7 +147,7 @@ def _fused(mv, depth, breakdown_tol, cg_cfg):
         def mv_lanczos(V, *a):
             return S(mv(S(V), *a))
 
-        V0bar, Lam = _backward(mv_lanczos, args, tri, C, cot_tri, final_vjp=False)
+        V0bar, Lam = lanczos_backward(mv_lanczos, args, tri, C, cot_tri, final_vjp=False)
         m, k, n = tri.Q.shape
         U = jnp.concatenate([S(tri.Q.reshape(m * k, n).T), x[:, None]], axis=1)
         Wbar = jnp.concatenate([S(Lam.reshape(m * k, n).T), -g * x[:, None]], axis=1)

@@ -188,6 +188,30 @@ def _dot(m: int) -> str:
     )
 
 
+def keops_device(platform: str | None = None, keops_gpu: bool | None = None) -> str:
+    """Return the KeOps ``backend`` ("CPU" or "GPU") for arrays on JAX's ``platform``.
+
+    KeOps runs where the arrays live: "GPU" when JAX computes on a GPU (``platform`` defaults
+    to ``jax.default_backend()``), "CPU" otherwise. ``keops_gpu`` (default: pykeops' own
+    ``config.gpu_available``) says whether this pykeops can run on a GPU; on a GPU platform
+    without it this raises instead of running on the CPU behind the user's back.
+    """
+    platform = jax.default_backend() if platform is None else platform
+    if platform not in ("gpu", "cuda", "rocm"):
+        return "CPU"
+    if keops_gpu is None:
+        _pykeops_numpy()
+        import pykeops.config
+
+        keops_gpu = bool(pykeops.config.gpu_available)
+    if not keops_gpu:
+        raise RuntimeError(
+            f"JAX computes on {platform!r} but this pykeops has no GPU support (CUDA not found "
+            "when pykeops was imported); install pykeops with CUDA, or use backend 'blocked'"
+        )
+    return "GPU"
+
+
 @functools.cache
 def _genred(kind: str, kernel: str, d: int, m: int, dtype: str):
     """Build the Genred for ``kind`` 'kv' (out (n, m)) or 'grad' (out (n, d + 1))."""
@@ -210,13 +234,13 @@ def _pad_cols(a: np.ndarray, mb: int) -> np.ndarray:
     return np.concatenate([a, np.zeros((a.shape[0], mb - m), a.dtype)], axis=1)
 
 
-def _host_kv(kernel: str, za: np.ndarray, zb: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """sum_j k(za_i, zb_j) v_j on the host: za (na, d), zb (nb, d), v (nb, m) -> (na, m)."""
+def _host_kv(kernel: str, device: str, za: np.ndarray, zb: np.ndarray, v: np.ndarray):
+    """sum_j k(za_i, zb_j) v_j by KeOps on ``device``: za (na, d), zb (nb, d), v (nb, m)."""
     CALL_COUNTS["kv"] += 1
     m = v.shape[1]
     mb = column_bucket(m)
     red = _genred("kv", kernel, za.shape[1], mb, za.dtype.name)
-    out = red(np.ascontiguousarray(za), np.ascontiguousarray(zb), _pad_cols(v, mb), backend="CPU")
+    out = red(np.ascontiguousarray(za), np.ascontiguousarray(zb), _pad_cols(v, mb), backend=device)
     return out[:, :m]
 
 
@@ -250,7 +274,7 @@ def compress_weight(u: np.ndarray, v: np.ndarray, rtol: float) -> tuple[np.ndarr
     return a.astype(u.dtype), b.astype(v.dtype)
 
 
-def _host_grad(kernel: str, z: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _host_grad(kernel: str, device: str, z: np.ndarray, u: np.ndarray, v: np.ndarray):
     """(d + 1,) sums over i, j of w_ij [G(z_i, z_j), k(z_i, z_j)] with w_ij = u_i . v_j."""
     CALL_COUNTS["grad"] += 1
     u, v = compress_weight(u, v, VJP_RANK_RTOL[z.dtype.name])
@@ -258,7 +282,7 @@ def _host_grad(kernel: str, z: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.n
     mb = grad_bucket(u.shape[1])
     z = np.ascontiguousarray(z)
     red = _genred("grad", kernel, z.shape[1], mb, z.dtype.name)
-    per_i = red(z, z, _pad_cols(u, mb), _pad_cols(v, mb), backend="CPU")
+    per_i = red(z, z, _pad_cols(u, mb), _pad_cols(v, mb), backend=device)
     # The sum over i in float64: n terms of mixed sign.
     return per_i.sum(axis=0, dtype=np.float64).astype(z.dtype)
 
@@ -276,7 +300,7 @@ def _looped(fn, args, core_ndims, out_core_shape, dtype):
     return out
 
 
-def _kv_callback(kernel, za, zb, v):
+def _kv_callback(kernel, device, za, zb, v):
     za, zb, v = np.asarray(za), np.asarray(zb), np.asarray(v)
     (na, _), (nb, m) = za.shape[-2:], v.shape[-2:]
     batch = np.broadcast_shapes(za.shape[:-2], zb.shape[:-2], v.shape[:-2])
@@ -285,28 +309,32 @@ def _kv_callback(kernel, za, zb, v):
         nbat = math.prod(batch)
         vb = np.broadcast_to(v, batch + (nb, m)).reshape(nbat, nb, m)
         cols = vb.transpose(1, 0, 2).reshape(nb, nbat * m)
-        out = _host_kv(kernel, za.reshape(na, -1), zb.reshape(nb, -1), cols)
+        out = _host_kv(kernel, device, za.reshape(na, -1), zb.reshape(nb, -1), cols)
         return out.reshape(na, nbat, m).transpose(1, 0, 2).reshape(batch + (na, m))
-    return _looped(lambda *a: _host_kv(kernel, *a), (za, zb, v), (2, 2, 2), (na, m), za.dtype)
+    return _looped(lambda *a: _host_kv(kernel, device, *a), (za, zb, v), (2, 2, 2), (na, m),
+                   za.dtype)
 
 
-def _grad_callback(kernel, z, u, v):
+def _grad_callback(kernel, device, z, u, v):
     z, u, v = np.asarray(z), np.asarray(u), np.asarray(v)
     out_shape = (z.shape[-1] + 1,)
-    return _looped(lambda *a: _host_grad(kernel, *a), (z, u, v), (2, 2, 2), out_shape, z.dtype)
+    return _looped(lambda *a: _host_grad(kernel, device, *a), (z, u, v), (2, 2, 2), out_shape,
+                   z.dtype)
 
 
 def _kv(kernel, za, zb, v):
     out = jax.ShapeDtypeStruct((za.shape[0], v.shape[1]), za.dtype)
     return jax.pure_callback(
-        functools.partial(_kv_callback, kernel), out, za, zb, v, vmap_method="expand_dims"
+        functools.partial(_kv_callback, kernel, keops_device()), out, za, zb, v,
+        vmap_method="expand_dims",
     )
 
 
 def _grad_sums(kernel, z, u, v):
     out = jax.ShapeDtypeStruct((z.shape[1] + 1,), z.dtype)
     return jax.pure_callback(
-        functools.partial(_grad_callback, kernel), out, z, u, v, vmap_method="expand_dims"
+        functools.partial(_grad_callback, kernel, keops_device()), out, z, u, v,
+        vmap_method="expand_dims",
     )
 
 

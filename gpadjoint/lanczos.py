@@ -78,12 +78,19 @@ def _safe_norm(x, axis=-1):
 # contiguous rows; a (k, n, m) layout measured 15x slower here. mv works on (n, m) blocks.
 
 
+# The recursion in pieces, public for callers that supply the products A q_j themselves (as
+# :class:`gpadjoint.solve.CGRecursion` is for CG): :mod:`gpadjoint.fused` runs the probes'
+# Lanczos steps and a CG solve on one batched product per pass. The state is
+# (Qb (m, k+1, n), alpha (m, k), beta (m, k), C (m, k, k+1)): lanczos_start -> lanczos_step for
+# j = 0 .. k-1 with Aq = A q_j -> lanczos_finish; lanczos_backward is the adjoint recursion.
+
+
 def _apply(mv, Vt, args):
     """Apply A to the m row vectors of Vt (m, n)."""
     return mv(Vt.T, *args).T
 
 
-def _start(V0, depth):
+def lanczos_start(V0, depth):
     """Return the initial state (Qb, alpha, beta, C) and the norms of the start block V0."""
     n, m = V0.shape
     dtype = V0.dtype
@@ -97,7 +104,7 @@ def _start(V0, depth):
     return (Qb, alpha, beta, C), norm
 
 
-def _step(j, state, Aq, breakdown_tol):
+def lanczos_step(j, state, Aq, breakdown_tol):
     """Lanczos step j given Aq = A q_j (m, n) for the current vectors q_j = state[0][:, j]."""
     Qb, alpha, beta, C = state
     qj = Qb[:, j]
@@ -120,23 +127,23 @@ def _step(j, state, Aq, breakdown_tol):
     )
 
 
-def _finish(state, norm, depth):
-    """(Tridiag, C) from the final state."""
+def lanczos_finish(state, norm, depth):
+    """Return ``(Tridiag, C)`` from the final state."""
     Qb, alpha, beta, C = state
     return Tridiag(Qb[:, :depth], alpha, beta, Qb[:, depth], norm), C
 
 
 def _forward(mv, V0, args, depth, breakdown_tol):
     """Run the iteration; return (Tridiag, C) with C (m, k, k+1) the reorth. coefficients."""
-    state, norm = _start(V0, depth)
+    state, norm = lanczos_start(V0, depth)
 
     def step(j, state):
-        return _step(j, state, _apply(mv, state[0][:, j], args), breakdown_tol)
+        return lanczos_step(j, state, _apply(mv, state[0][:, j], args), breakdown_tol)
 
-    return _finish(lax.fori_loop(0, depth, step, state), norm, depth)
+    return lanczos_finish(lax.fori_loop(0, depth, step, state), norm, depth)
 
 
-def _backward(mv, args, out: Tridiag, C, cot: Tridiag, final_vjp: bool = True):
+def lanczos_backward(mv, args, out: Tridiag, C, cot: Tridiag, final_vjp: bool = True):
     """Adjoint recursion (see module docstring). Returns cotangents for (V0, *args).
 
     With ``final_vjp=False`` the parameter VJP is left to the caller (who may fuse it with other
@@ -261,7 +268,7 @@ def _lanczos_adjoint(mv, depth, breakdown_tol, V0, *args):
 
     def bwd(res, cot):
         args, out, C = res
-        return _backward(mv, args, out, C, cot)
+        return lanczos_backward(mv, args, out, C, cot)
 
     run.defvjp(fwd, bwd)
     return run(V0, *args)

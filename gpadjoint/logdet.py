@@ -67,7 +67,8 @@ def make_quadform(f: Callable, fprime: Callable) -> Callable:
     return g
 
 
-_logdet_quadform = make_quadform(jnp.log, lambda x: 1.0 / x)
+# e_1^T log(T) e_1 and its derivative, the quadrature of SLQ's log det for one probe
+logdet_quadform = make_quadform(jnp.log, lambda x: 1.0 / x)
 
 
 def masked_quadform(alpha, beta, lower, quadform):
@@ -102,7 +103,7 @@ def slq_logdet(mv: Callable, probes: jax.Array, *args, depth: int, lower: float 
 def slq_from_tridiag(tri, lower) -> jax.Array:
     """(1/p) sum_i |z_i|^2 e_1^T log(T_i) e_1 from the :class:`~gpadjoint.lanczos.Tridiag`."""
     lower = jnp.asarray(lower, tri.alpha.dtype)
-    per_probe = jax.vmap(lambda a, b: masked_quadform(a, b, lower, _logdet_quadform))(
+    per_probe = jax.vmap(lambda a, b: masked_quadform(a, b, lower, logdet_quadform))(
         tri.alpha, tri.beta
     )
     return jnp.mean(tri.norm**2 * per_probe)
@@ -133,7 +134,7 @@ def preconditioned_slq_logdet(
 
     """
     half, logdet_P, lower = half_inverse_factors(L, shift, probes.dtype)
-    est = slq_logdet(_preconditioned_mv(mv), probes, *args, *half, depth=depth, lower=lower)
+    est = slq_logdet(preconditioned_mv(mv), probes, *args, *half, depth=depth, lower=lower)
     return logdet_P + est
 
 
@@ -163,7 +164,11 @@ def half_inverse(V, U, c, scale):
 
 
 @cache
-def _preconditioned_mv(mv: Callable) -> Callable:
+def preconditioned_mv(mv: Callable) -> Callable:
+    """Wrap ``mv(V, *args)`` as ``mv_pre(V, *args, U, c, scale)`` = S A S V, S = P^{-1/2}.
+
+    The trailing three arguments are the factors of :func:`half_inverse_factors`.
+    """
     # One wrapper object per mv (cached), so jit caches keyed on the operator stay valid.
     def mv_pre(V, *args):
         *margs, U, c, scale = args

@@ -22,6 +22,7 @@ carries the cotangent of K back to theta); for the other two they are ``(X, hype
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,14 +78,7 @@ class Backend:
         if self.name == "blocked":
             return _blocked_mv_fn(self.kernel, self.tile), (X, hypers)
         if self.name == "keops":
-            from .keops_bridge import keops_matvec
-
-            kernel = self.kernel
-
-            def mv(V, X, hypers):
-                return keops_matvec(X, V, hypers, kernel)
-
-            return mv, (X, hypers)
+            return _keops_mv_fn(self.kernel), (X, hypers)
         raise ValueError(f"unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}")
 
     def _sharded_operator(self, X, hypers: Hypers) -> tuple[Callable, tuple]:
@@ -134,7 +128,8 @@ def make_backend(name: str, kernel: str, *, tile: int = 128, mesh=None) -> Backe
     return Backend(name, kernel, tile, mesh)
 
 
-def _available_memory_bytes() -> int:
+def available_memory_bytes() -> int:
+    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo; 8 GiB if unknown)."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -157,7 +152,7 @@ def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, s
         on_gpu = jax.default_backend() == "gpu"
     itemsize = jnp.dtype(dtype).itemsize
     need = n * n * itemsize
-    avail = _available_memory_bytes()
+    avail = available_memory_bytes()
     gib = 1024**3
     if need <= DENSE_MEMORY_FRACTION * avail:
         return "dense", (
@@ -195,8 +190,24 @@ def _pad_rows(A, multiple):
     return jnp.concatenate([A, jnp.zeros((pad,) + A.shape[1:], A.dtype)], axis=0)
 
 
+@functools.cache
+def _keops_mv_fn(kernel: str) -> Callable:
+    """``mv(V, X, hypers)`` by KeOps; one function per kernel (see :func:`_blocked_mv_fn`)."""
+    from .keops_bridge import keops_matvec
+
+    def mv(V, X, hypers):
+        return keops_matvec(X, V, hypers, kernel)
+
+    return mv
+
+
+@functools.cache
 def _blocked_mv_fn(kernel: str, tile: int) -> Callable:
-    """Build ``mv(V, X, hypers)`` computing K V tile by tile with a memory-light custom VJP."""
+    """Build ``mv(V, X, hypers)`` computing K V tile by tile with a memory-light custom VJP.
+
+    Cached per (kernel, tile): callers pass ``mv`` to jitted functions as a static argument,
+    so the same settings must give the same function object, or every call would recompile.
+    """
 
     def tile_rows(start, Xt, X, V, hypers):
         # rows [start, start+tile) of K V; padded rows beyond n are discarded by the caller

@@ -18,7 +18,6 @@ accurate evaluator of the benchmarks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +27,10 @@ from .fused import slq_and_solve
 from .kernels import NOISE_FLOOR, Params, constrain, cross_cov, dense_cov
 from .logdet import half_inverse_factors, rademacher, slq_from_tridiag
 from .matvec import Backend
+from .settings import ESTIMATORS, EXACT_MAX_N, MLLConfig  # noqa: F401 (re-exported)
 from .solve import make_preconditioner, pivoted_cholesky
 
-ESTIMATORS = ("auto", "slq", "exact")
-# Up to this n the float64 Cholesky estimator costs about what a depth-10 SLQ step costs on a
-# 2-core CPU (n = 2000: ~0.1 s for the factorisation), and it is exact and deterministic.
-EXACT_MAX_N = 2000
+DEFAULT_MLL_CONFIG = MLLConfig()
 
 
 def choose_estimator(n: int, config: MLLConfig) -> tuple[str, str]:
@@ -48,64 +45,6 @@ def choose_estimator(n: int, config: MLLConfig) -> tuple[str, str]:
     return "slq", f"auto: n = {n} > exact_max_n = {config.exact_max_n}"
 
 
-@dataclass(frozen=True)
-class MLLConfig:
-    """Settings of the estimator (all explicit, hashable, static under jit).
-
-    Attributes:
-        num_probes: Rademacher probes for SLQ (p).
-        lanczos_depth: Lanczos steps per probe (k).
-        precond_rank: pivoted-Cholesky rank of the CG preconditioner (0 = none).
-        cg_tol: CG stops when |y - K x| / |y| <= cg_tol ...
-        cg_min_iter: ... and at least this many iterations ran ...
-        cg_max_iter: ... or after this many.
-        noise_floor: lower bound added to the softplus noise (variance units).
-        estimator: ``"slq"`` (SLQ + CG above, any n), ``"exact"`` (float64 dense Cholesky,
-            O(n^3): deterministic and exact, for n up to a few thousand) or ``"auto"``
-            (exact when n <= ``exact_max_n``; :func:`choose_estimator` says which and why).
-        exact_max_n: the largest n for which ``"auto"`` takes the exact estimator.
-        precond_logdet: split log det K = log det P + log det(P^{-1/2} K P^{-1/2}) with the
-            CG preconditioner P and run SLQ on the second term only
-            (:func:`gpadjoint.logdet.preconditioned_slq_logdet`): same expectation, far less
-            variance and quadrature error. Needs ``precond_rank`` > 0. The paper did not.
-
-    """
-
-    num_probes: int = 10
-    lanczos_depth: int = 10
-    precond_rank: int = 15
-    cg_tol: float = 1e-2
-    cg_min_iter: int = 10
-    cg_max_iter: int = 1000
-    noise_floor: float = NOISE_FLOOR
-    estimator: str = "slq"
-    exact_max_n: int = EXACT_MAX_N
-    precond_logdet: bool = False
-
-    def __post_init__(self):
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(
-                f"estimator={self.estimator!r} is not valid; choose one of {', '.join(ESTIMATORS)}"
-            )
-        for name in ("num_probes", "lanczos_depth", "cg_max_iter", "exact_max_n"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("precond_rank", "cg_min_iter"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-        if not (isinstance(self.cg_tol, (int, float)) and self.cg_tol > 0):
-            raise ValueError(f"cg_tol must be a positive number, got {self.cg_tol!r}")
-        if not (isinstance(self.noise_floor, (int, float)) and self.noise_floor >= 0):
-            raise ValueError(f"noise_floor must be >= 0, got {self.noise_floor!r}")
-
-    @classmethod
-    def keys(cls) -> tuple[str, ...]:
-        """Names of all settings."""
-        return tuple(f.name for f in fields(cls))
-
-
 def neg_mll(
     params: Params,
     X: jax.Array,
@@ -113,7 +52,7 @@ def neg_mll(
     key: jax.Array,
     *,
     backend: Backend,
-    config: MLLConfig = MLLConfig(),
+    config: MLLConfig = DEFAULT_MLL_CONFIG,
     probes: jax.Array | None = None,
     x0: jax.Array | None = None,
     precond_params: Params | None = None,

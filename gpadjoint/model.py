@@ -19,10 +19,12 @@ predicts the same numbers without refitting.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -55,6 +57,21 @@ _PARAM_FIELDS = Params._fields
 # One optax object per (name, lr): the trainer caches its compiled step keyed on the optimizer
 # object, so refitting with equal settings (cross-validation, clones) does not recompile.
 _OPTIMIZER_CACHE: dict[tuple[str, float], optax.GradientTransformation] = {}
+
+
+def _x64(method):
+    """Run ``method`` with JAX's 64-bit mode on, for this call only (``jax.enable_x64``).
+
+    The estimator's float64 paths (``dtype="float64"``, the exact estimator, float64 prediction)
+    need it; scoping it here keeps ``import gpadjoint`` free of global side effects.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with jax.enable_x64(True):
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 def _finite_kwarg() -> str:
@@ -260,6 +277,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
     # --- fit ----------------------------------------------------------------------------------
 
+    @_x64
     def fit(self, X, y):
         """Fit the hyperparameters to X (n, d) and y (n,) and precompute the posterior mean.
 
@@ -387,6 +405,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
     # --- predict ------------------------------------------------------------------------------
 
+    @_x64
     def predict(self, X, return_std=False):
         """Posterior mean at X (m, d), in y's units; with ``return_std`` also its std.
 
@@ -485,6 +504,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
+    @_x64
     def load(cls, path) -> GPRegressor:
         """Read a model written by :meth:`save`; it predicts without refitting."""
         path = Path(path)
@@ -526,6 +546,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         return est
 
     @classmethod
+    @_x64
     def from_fitted(
         cls,
         *,

@@ -10,52 +10,40 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import jax
+
+from gpadjoint import provenance
+
+# The benchmarks are programs, so they take the package's one-line opt-in to float64 for the
+# whole process (importing gpadjoint no longer does it; every array carries its dtype).
+jax.config.update("jax_enable_x64", True)
+
+ROOT = provenance.REPO
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+    """Short commit of the checkout (``+dirty`` when tracked files changed)."""
+    return provenance.commit(short=True)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}; {os.cpu_count()} cores; {platform.system()} {platform.release()}"
+    return provenance.machine_line()
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("jax", "jaxlib", "pykeops", "numpy", "optax", "torch", "gpytorch"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional peers may be missing or broken
-            pass
-    return out
+    """Versions of Python, the numerical stack and the GPyTorch peer, as far as installed."""
+    return provenance.versions(
+        ("jax", "jaxlib", "pykeops", "numpy", "optax") + provenance.PEERS, keep_missing=False)
+
+
+def provenance_columns() -> dict:
+    """Return the commit, machine and versions (JSON) columns of a benchmark CSV row."""
+    return {"commit": git_commit(), "machine": machine(), "versions": json.dumps(versions())}
 
 
 def done_keys(path: Path, key_fields: list[str]) -> set[tuple]:

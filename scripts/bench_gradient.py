@@ -55,7 +55,7 @@ def child(spec: dict) -> dict:
     def logdet(params):
         mv, args = be.operator(X, constrain(params))
         tri = lanczos(mv, Z, *args, depth=k, adjoint=adjoint)
-        per = jax.vmap(lambda a, b: ld.masked_quadform(a, b, 0.0, ld._logdet_quadform))(
+        per = jax.vmap(lambda a, b: ld.masked_quadform(a, b, 0.0, ld.logdet_quadform))(
             tri.alpha, tri.beta
         )
         return jnp.mean(tri.norm**2 * per)
@@ -89,8 +89,7 @@ def main():
         print(json.dumps(child(json.loads(args.child))))
         return
     done = bu.done_keys(args.out, KEY)
-    prov = {"commit": bu.git_commit(), "machine": bu.machine(),
-            "versions": json.dumps(bu.versions())}
+    prov = bu.provenance_columns()
     for depth in args.depths:
         for method in args.methods:
             key = (method, str(depth), str(args.n), str(args.probes), args.dtype)

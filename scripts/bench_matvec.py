@@ -35,7 +35,6 @@ def child(spec: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    import gpadjoint  # noqa: F401  (x64 on)
     from gpadjoint.kernels import constrain, unconstrain
     from gpadjoint.matvec import make_backend
 
@@ -80,8 +79,7 @@ def main():
         print(json.dumps(child(json.loads(args.child))))
         return
     done = bu.done_keys(args.out, KEY)
-    prov = {"commit": bu.git_commit(), "machine": bu.machine(),
-            "versions": json.dumps(bu.versions())}
+    prov = bu.provenance_columns()
     for n in args.n:
         for backend in args.backends:
             for dtype in args.dtype:

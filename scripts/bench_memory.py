@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         row = dict(spec)
         row["buffers_mib"] = round(3 * args.probes * (args.depth + 1) * n * 4 / 2**20, 1)
         row.update(bu.run_child(Path(__file__), spec, args.timeout))
-        row.update(commit=bu.git_commit(), machine=bu.machine(), versions=json.dumps(bu.versions()))
+        row.update(bu.provenance_columns())
         bu.append_row(args.out, row, FIELDS)
         print(", ".join(f"{k}={row.get(k)}" for k in KEY + ["status", "peak_rss_mib", "seconds",
                                                              "passes"]), flush=True)

@@ -6,7 +6,7 @@ targets centred and scaled). scikit-learn: ConstantKernel * Matern(nu=1.5, ARD) 
 L-BFGS on the exact marginal likelihood (its defaults, no restarts). gpadjoint: ``gpadjoint fit``
 with the given config. RMSE in the target's units.
 
-    python scripts/compare_sklearn.py --config configs/default.toml
+    python scripts/compare_sklearn.py --config gpadjoint/default.toml
 """
 
 from __future__ import annotations
@@ -87,12 +87,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["yacht", "energy", "concrete", "airfoil"])
     ap.add_argument("--splits", type=int, nargs="+", default=[0])
-    ap.add_argument("--config", default="configs/default.toml")
+    ap.add_argument("--config", default="gpadjoint/default.toml")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     done = bu.done_keys(args.out, KEY)
-    prov = {"commit": bu.git_commit(), "machine": bu.machine(),
-            "versions": json.dumps(bu.versions())}
+    prov = bu.provenance_columns()
     for name in args.datasets:
         for split in args.splits:
             key = (name, str(split), args.config)

@@ -553,10 +553,10 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
 
 def memory_check(n: int, max_n: int = MAX_N) -> tuple[bool, str]:
     """Whether one n x n float64 array (+ OVERHEAD_GIB) fits in the available memory."""
-    from gpadjoint.matvec import _available_memory_bytes
+    from gpadjoint.matvec import available_memory_bytes
 
     need = 8.0 * n * n + OVERHEAD_GIB * 2**30
-    avail = _available_memory_bytes()
+    avail = available_memory_bytes()
     msg = (f"n = {n}: the n x n float64 array is {8.0 * n * n / 2**30:.1f} GiB, and with the "
            f"process and the builder's blocks this needs about {need / 2**30:.1f} GiB; "
            f"{avail / 2**30:.1f} GiB is available")

@@ -78,16 +78,16 @@ def _gpadjoint(X, y, h, reps, log: _Log) -> tuple[list[float], list]:
 
     orig_kv, orig_grad = kb._host_kv, kb._host_grad
 
-    def kv(kernel, za, zb, v):
+    def kv(kernel, device, za, zb, v):
         t = time.perf_counter()
-        out = orig_kv(kernel, za, zb, v)
+        out = orig_kv(kernel, device, za, zb, v)
         log.add("kv", v.shape[1], time.perf_counter() - t)
         return out
 
-    def grad(kernel, z, u, v):
+    def grad(kernel, device, z, u, v):
         t = time.perf_counter()
         c0 = kb.CALL_COUNTS["grad_columns"]
-        out = orig_grad(kernel, z, u, v)
+        out = orig_grad(kernel, device, z, u, v)
         # labelled by the width it ran at, after compress_weight (the input width in brackets)
         log.add(f"grad[{u.shape[1]}]", kb.grad_bucket(kb.CALL_COUNTS["grad_columns"] - c0),
                 time.perf_counter() - t)

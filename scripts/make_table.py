@@ -1,4 +1,4 @@
-"""Build results/table.md, results/table.csv and results/figures/ from the bench_uci records.
+"""Build results/README.md, table.md, table.csv and figures/ from the benchmarks' records.
 
 Reads every ``results/uci/*.json`` written by ``scripts/bench_uci.py`` (only records with
 ``status == "ok"``), groups them by (data set, method, backend, epochs) and reports mean and
@@ -6,6 +6,10 @@ standard deviation over the splits that were run, with the number of splits name
 Nothing is extrapolated: a row says which splits and how many epochs it has. The paper's
 published numbers (Kraemer et al. 2024, Table: their own 80/20 splits, one V100) stand in
 their own columns.
+
+``results/README.md`` is the full benchmark account: the UCI table above and one generated
+table per benchmark file in ``results/`` (which script wrote it, what it measures, its rows),
+so that no number in it is typed by hand.
 
 Figures (matplotlib, from the ``bench`` extra):
 * ``figures/loss_<dataset>.png``: each method's own training-loss estimate per epoch, against
@@ -309,6 +313,162 @@ def gradient_figure(csv_path: Path, folder: Path) -> Path | None:
     return path
 
 
+# One section of results/README.md per benchmark file: (file, script, what it measures, columns
+# shown, row filter). Every other column stays in the file itself.
+SECTIONS = [
+    ("bench_epoch.csv", "scripts/bench_epoch.py",
+     "Per-epoch cost, kernel passes and time to GPyTorch's final exact loss, paired runs on "
+     "one split (ratios are gpadjoint / GPyTorch).",
+     ["dataset", "split", "method", "backend", "epochs", "gpytorch_backend",
+      "seconds_per_epoch", "gpytorch_seconds_per_epoch", "seconds_per_epoch_ratio",
+      "passes_per_epoch", "gpytorch_passes_per_epoch", "final_loss_common",
+      "gpytorch_final_loss_common", "time_to_quality_ratio", "time_to_quality_kind"], None),
+    ("small_uci_vs_sklearn.csv", "scripts/compare_sklearn.py",
+     "Small UCI sets: the default `gpadjoint fit` against scikit-learn's "
+     "GaussianProcessRegressor (L-BFGS), test RMSE and NLL in target units.",
+     ["dataset", "split", "config", "gpadjoint_rmse", "sklearn_rmse", "rmse_ratio",
+      "gpadjoint_nll", "sklearn_nll", "gpadjoint_seconds", "sklearn_seconds",
+      "gpadjoint_estimator", "gpadjoint_optimizer"], None),
+    ("bench_memory.csv", "scripts/bench_memory.py",
+     "Peak resident memory of one SLQ value + adjoint gradient with KeOps at large n.",
+     ["n", "d", "depth", "probes", "cg_iters", "kernel", "status", "peak_rss_mib",
+      "buffers_mib", "seconds", "passes"], None),
+    ("bench_gradient.csv", "scripts/bench_gradient.py",
+     "Seconds and peak memory of value + gradient against Lanczos depth: the adjoint, "
+     "backpropagation through the loop, and the value alone (dense backend).",
+     ["method", "depth", "n", "probes", "dtype", "status", "seconds_median", "peak_rss_mib"],
+     None),
+    ("bench_gradient_blocked.csv", "scripts/bench_gradient.py",
+     "The same on the blocked backend.",
+     ["method", "depth", "n", "probes", "dtype", "status", "seconds_median", "peak_rss_mib"],
+     None),
+    ("bench_matvec.csv", "scripts/bench_matvec.py",
+     "One kernel matvec (and its VJP) per backend, size and number of right-hand sides.",
+     ["backend", "n", "rhs", "dtype", "op", "status", "seconds_median", "peak_rss_mib",
+      "tile"], None),
+    ("gpytorch_passes.csv", "scripts/count_gpytorch_passes.py",
+     "GPyTorch's kernel passes per epoch, counted by intercepting its products.",
+     ["dataset", "split", "backend", "epochs_counted", "passes_per_epoch",
+      "products_per_epoch", "keops_reductions_per_epoch", "seconds_per_epoch"], None),
+    ("keops_pass_costs.csv", "scripts/keops_pass_costs.py",
+     "Seconds per KeOps reduction by kind and width inside one gpadjoint value + gradient.",
+     ["dataset", "split", "n", "d", "method", "kind", "columns", "count", "seconds_mean",
+      "seconds_per_eval"], None),
+    ("gradient_bias.csv", "scripts/gradient_bias.py",
+     "Bias of each method's stochastic gradient against the exact gradient, per coordinate "
+     "(rows with |relative bias| >= 0.1 shown; the file holds every coordinate).",
+     ["dataset", "split", "epoch", "n", "estimator", "coordinate", "exact", "mean", "se",
+      "rel_bias", "reps"],
+     lambda r: _num(r.get("rel_bias")) is not None and abs(_num(r["rel_bias"])) >= 0.1),
+    ("subset_trajectories.csv", "scripts/subset_trajectories.py",
+     "Training on subsets that fit an exact evaluator: exact loss per epoch of each method "
+     "(last epoch of each run shown; the file holds every epoch).",
+     ["dataset", "split", "n", "method", "seed", "epoch", "exact_loss", "own_loss", "seconds"],
+     "last_epoch"),
+]
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cell(v) -> str:
+    x = _num(v)
+    if x is None or v in ("", None) or str(v).isdigit():
+        return str(v) if v not in (None, "") else "–"
+    return f"{x:.4g}"
+
+
+def csv_section(folder: Path, name, script, what, cols, keep) -> list[str]:
+    path = folder / name
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    total = len(rows)
+    if keep == "last_epoch":
+        last = {}
+        for r in rows:
+            k = tuple(r[c] for c in ("dataset", "split", "n", "method", "seed"))
+            if k not in last or int(r["epoch"]) > int(last[k]["epoch"]):
+                last[k] = r
+        rows = list(last.values())
+    elif keep is not None:
+        rows = [r for r in rows if keep(r)]
+    cols = [c for c in cols if rows and c in rows[0]]
+    shown = f"{len(rows)} of {total} rows" if len(rows) != total else f"{total} rows"
+    lines = [f"## `{name}` ({script})", "", f"{what} {shown}.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return lines + [""]
+
+
+def write_results_readme(folder: Path) -> Path:
+    """Write results/README.md: the UCI table, then one table per benchmark file."""
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `scripts/make_table.py` from the files in this folder; do not edit by hand. "
+        "Every file records its commit, machine and library versions; the history of the "
+        "measurements is in git. All runs are on a shared 2-core CPU (no GPU).",
+        "",
+        "- Fit to the optimum (L-BFGS with fixed SLQ probes, issue 25): *placeholder, to be "
+        "filled from `scripts/bench_optimum.py` and `scripts/exact_optimum.py`.*",
+        "",
+    ]
+    uci = (folder / "table.md").read_text().splitlines() if (folder / "table.md").exists() else []
+    if uci:
+        lines += ["## gpadjoint vs GPyTorch on the UCI sets (`table.md`, scripts/bench_uci.py)",
+                  ""] + uci[2:] + [""]
+    for spec in SECTIONS:
+        lines += csv_section(folder, *spec)
+    bad = folder / "bad_inputs.md"
+    if bad.exists():
+        lines += ["## What the user sees for bad input (`bad_inputs.md`, "
+                  "scripts/bad_input_table.py)", ""] + bad.read_text().splitlines()[2:] + [""]
+    figs = sorted((folder / "figures").glob("*.png"))
+    if figs:
+        lines += ["## Figures", ""] + [f"- [`figures/{f.name}`](figures/{f.name})" for f in figs]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+HEADLINE = ("<!-- headline: written by scripts/make_table.py from results/table.csv -->",
+            "<!-- /headline -->")
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """Return the README's one results table: the paper's two methods, every data set."""
+    lines = ["| data set | method | backend | epochs | splits | test RMSE | loss (common) | "
+             "s/epoch | load |", "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["method"] not in PAPER_KEY:
+            continue
+        lines.append(
+            f"| {r['dataset']} | {r['method']} | {r['backend']} | {r['epochs']} | "
+            f"{r['splits']} | {_fmt(r['test_rmse_mean'], r['test_rmse_std'])} | "
+            f"{_fmt(r['train_loss_common_mean'], r['train_loss_common_std'])}"
+            f"{r.get('train_loss_common_note', '')} | "
+            f"{_fmt(r['seconds_per_epoch_mean'], None, 2)} | {_fmt(r['load'], None, 1)} |")
+    return lines
+
+
+def write_headline(rows: list[dict], readme: Path) -> bool:
+    """Replace the table between the README's headline markers; False if it has none."""
+    text = readme.read_text()
+    start, end = HEADLINE
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + "\n" + "\n".join(headline(rows)) + "\n" + end + tail)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", default=str(bu.ROOT / "results" / "uci"))
@@ -326,6 +486,10 @@ def main(argv=None) -> int:
     write_csv(rows, out / "table.csv")
     print(f"wrote {out / 'table.md'} and {out / 'table.csv'} ({len(rows)} rows, "
           f"{len(recs)} records)")
+    print(f"wrote {write_results_readme(out)}")
+    if out.resolve() == (bu.ROOT / "results").resolve() and write_headline(
+            rows, bu.ROOT / "README.md"):
+        print("wrote the headline table of README.md")
     if not args.no_figures:
         figs = out / "figures"
         figs.mkdir(exist_ok=True)

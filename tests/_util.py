@@ -23,3 +23,20 @@ def problem(n=120, d=3, seed=0, dtype=jnp.float64):
         np.linspace(0.7, 1.6, d), 1.3, 0.05, 0.1, dtype=dtype
     )
     return jnp.asarray(X, dtype), jnp.asarray(y, dtype), params
+
+
+def sklearn_posterior(h, X, y, X_test):
+    """Mean and std (noise included) of scikit-learn's GP with hyperparameters ``h`` fixed.
+
+    ``h`` is a ``GPRegressor.hyperparameters_``-style dict in the data's own units (Matern-3/2,
+    ARD lengthscales, output scale, noise, constant mean): an independent float64 reference.
+    """
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+    k = (ConstantKernel(h["outputscale"], "fixed")
+         * Matern(np.asarray(h["lengthscale"], np.float64), "fixed", nu=1.5)
+         + WhiteKernel(h["noise"], "fixed"))
+    ref = GaussianProcessRegressor(k, alpha=0.0, optimizer=None).fit(X, y - h["mean"])
+    mu, sd = ref.predict(X_test, return_std=True)
+    return mu + h["mean"], sd

@@ -1,12 +1,13 @@
-import dataclasses
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import optax
 import pytest
 
 from gpadjoint.config import (
-    MLLSection,
+    DEFAULT_CONFIG,
     OptimConfig,
     RunConfig,
     load_config,
@@ -26,19 +27,19 @@ SECTIONS = ("model", "mll", "optim", "train", "predict")
 
 @pytest.mark.parametrize("name", ["default.toml", "paper.toml"])
 def test_shipped_configs_load_and_every_key_is_a_field(name):
-    path = CONFIGS / name
+    path = DEFAULT_CONFIG if name == "default.toml" else CONFIGS / name
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     raw = tomllib.loads(path.read_text())
     assert set(raw) <= set(SECTIONS)
     for section, table in raw.items():
-        fields = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        fields = set(getattr(cfg, section).keys())
         assert set(table) <= fields, (section, set(table) - fields)
         for k, v in table.items():
             assert getattr(getattr(cfg, section), k) == v
     # the shipped files spell out every key, so nothing silently takes a code default
     for section in SECTIONS:
-        fields = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        fields = set(getattr(cfg, section).keys())
         assert set(raw.get(section, {})) == fields, (name, section)
     assert isinstance(cfg.mll_config(), MLLConfig)
     assert isinstance(make_optimizer(cfg.optim, epochs=cfg.train.epochs),
@@ -58,8 +59,15 @@ def test_paper_config_is_the_papers_setup():
     assert cfg.train.early_stopping is False
 
 
-def test_mll_section_maps_onto_mllconfig():
-    assert set(MLLSection.keys()) | {"noise_floor"} == set(MLLConfig.keys())
+def test_mll_section_is_the_estimators_own_settings():
+    # one dataclass: the [mll] table is MLLConfig, its noise floor the [model] key
+    cfg = RunConfig().with_overrides(model__noise_floor=1e-3, mll__num_probes=7)
+    assert type(cfg.mll) is MLLConfig and cfg.mll_config() is cfg.mll
+    assert (cfg.mll.noise_floor, cfg.mll.num_probes) == (1e-3, 7)
+    assert "noise_floor" not in cfg.to_dict()["mll"] and "noise_floor" not in MLLConfig.keys()
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown key 'noise_floor' in section \[mll\]"):
+        RunConfig.from_dict({"mll": {"noise_floor": 1e-3}})
 
 
 def test_roundtrip_and_overrides():
@@ -144,25 +152,56 @@ def test_bad_toml_names_file(tmp_path):
         load_config(_write(tmp_path, "[mll\n"))
 
 
+def _lr(t, *, lr=0.1, schedule="constant", decay_epochs=10, final_lr_fraction=0.1,
+        decay_rate=0.97, warmup_epochs=0, **_):
+    """The learning rate of step t, written out from the schedules' definitions."""
+    if t < warmup_epochs:
+        return lr * t / warmup_epochs
+    t -= warmup_epochs
+    if schedule == "cosine":
+        c = 0.5 * (1 + math.cos(math.pi * min(t, decay_epochs) / decay_epochs))
+        return lr * (final_lr_fraction + (1 - final_lr_fraction) * c)
+    if schedule == "exponential":
+        return lr * decay_rate**t
+    return lr
+
+
 @pytest.mark.parametrize(
     "kw",
     [
-        {},
-        {"schedule": "cosine"},
-        {"schedule": "exponential", "decay_rate": 0.9},
-        {"schedule": "cosine", "decay_epochs": 7, "warmup_epochs": 2},
+        {"optimizer": "adam"},
+        {"optimizer": "adam", "schedule": "cosine"},
+        {"optimizer": "adam", "schedule": "exponential", "decay_rate": 0.9},
+        {"optimizer": "adam", "schedule": "cosine", "decay_epochs": 7, "warmup_epochs": 2},
         {"optimizer": "sgd", "momentum": 0.9},
         {"optimizer": "adamw", "weight_decay": 1e-3, "clip_norm": 1.0},
     ],
 )
 def test_make_optimizer(kw):
+    # A constant gradient g = 1 at fixed parameters p = 1 makes each update a closed form in
+    # the step's learning rate lr_t: Adam's bias-corrected moments are exactly g and g^2, so
+    # its update is -lr_t g / (|g| + eps); SGD with momentum m accumulates sum_i m^i g;
+    # AdamW adds -lr_t wd p; clipping to norm 1 scales g, which Adam's ratio then cancels.
     import jax.numpy as jnp
 
-    opt = make_optimizer(OptimConfig(**kw), epochs=10)
-    p = {"a": jnp.ones(3)}
+    kw = {"lr": 0.1, **kw}
+    cfg = OptimConfig(**kw)
+    opt = make_optimizer(cfg, epochs=10)
+    p = {"a": jnp.ones(3, jnp.float64)}
     state = opt.init(p)
-    up, _ = opt.update({"a": jnp.ones(3)}, state, p)
-    assert jnp.all(jnp.isfinite(up["a"]))
+    spec = {**kw, "decay_epochs": kw.get("decay_epochs") or 10}
+    velocity = 0.0
+    for t in range(10):
+        up, state = opt.update({"a": jnp.ones(3, jnp.float64)}, state, p)
+        lr_t = _lr(t, **spec)
+        if cfg.optimizer == "sgd":
+            velocity = 1.0 + cfg.momentum * velocity
+            want = -lr_t * velocity
+        else:
+            g = 1 / math.sqrt(3) if cfg.clip_norm else 1.0
+            want = -lr_t * (g / (g + cfg.eps) + cfg.weight_decay * 1.0)
+        np.testing.assert_allclose(np.asarray(up["a"]), want, rtol=1e-6, atol=1e-12,
+                                   err_msg=f"step {t}")
 
 
 def test_cosine_without_length_is_an_error():
@@ -198,3 +237,19 @@ def test_estimator_key_is_validated(tmp_path):
     path.write_text('[mll]\nestimator = "cholesky"\n')
     with pytest.raises(ValueError, match=r"\[mll\] estimator.*auto"):
         load_config(path)
+
+
+def test_defaults_are_one_packaged_file():
+    # the CLI and default_config() read gpadjoint/default.toml, declared as package data, so a
+    # wheel installed away from this repository has the very same defaults
+    from importlib.resources import files
+
+    from gpadjoint import cli
+    from gpadjoint.config import default_config
+
+    assert DEFAULT_CONFIG.parent == Path(cli.__file__).parent
+    assert files("gpadjoint").joinpath("default.toml").read_text() == DEFAULT_CONFIG.read_text()
+    pyproject = tomllib.loads((CONFIGS.parent / "pyproject.toml").read_text())
+    assert "default.toml" in pyproject["tool"]["setuptools"]["package-data"]["gpadjoint"]
+    assert cli._load_run_config(None) == (default_config(), cli._load_run_config(None)[1])
+    assert "packaged" in cli._load_run_config(None)[1]

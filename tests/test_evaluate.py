@@ -46,9 +46,14 @@ def test_slq_agrees_with_cholesky_within_its_standard_error(precond_rank):
     assert slq["method"] == "slq" and slq["loss_se"] > 0
     assert slq["precond_rank"] == precond_rank and slq["num_probes"] == 64
     assert abs(slq["loss"] - chol["loss"]) <= 4 * slq["loss_se"] + 1e-6
-    # the solve stops where its bound on the loss error is 1e-7 per datum, and the bound holds
-    assert 0 < slq["quad_loss_bound"] <= 1e-7 * (1 + 1e-9)
-    assert 0.5 * abs(slq["quad"] - chol["quad"]) / 400 <= slq["quad_loss_bound"] + 1e-12
+    # the solve stops where its bound on the loss error is about 1e-7 per datum (the stopping
+    # rule uses |s|^2 / noise only; the reported bound adds the rounding term |x_k^T s|), and
+    # the bound holds: it is derived from the true residual, not from exact arithmetic. The only
+    # slack is the Cholesky reference's own rounding, ~ n eps cond(K) |quad| / n per datum.
+    assert 0 < slq["quad_loss_bound"] <= 1.1e-7
+    cond = 1 + hp["outputscale"] * 400 / hp["noise"]
+    ref_rounding = 400 * np.finfo(np.float64).eps * cond * abs(chol["quad"]) / 400
+    assert 0.5 * abs(slq["quad"] - chol["quad"]) / 400 <= slq["quad_loss_bound"] + ref_rounding
     # 60 steps on a 400-point problem: the quadrature has converged, and says so
     assert slq["loss_depth_change"] < slq["loss_se"]
 

@@ -133,11 +133,11 @@ def test_interrupt_leaves_whole_records(eo, tmp_path):
 def test_refuses_when_the_arrays_do_not_fit(eo, tmp_path, monkeypatch):
     import gpadjoint.matvec as mv
 
-    monkeypatch.setattr(mv, "_available_memory_bytes", lambda: 64 * 2**30)
+    monkeypatch.setattr(mv, "available_memory_bytes", lambda: 64 * 2**30)
     assert eo.memory_check(15000)[0]
     ok, msg = eo.memory_check(25000)  # fits, but beyond the tested LAPACK size
     assert not ok and "--max-n" in msg
-    monkeypatch.setattr(mv, "_available_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr(mv, "available_memory_bytes", lambda: 2**30)
     ok, msg = eo.memory_check(36000)
     assert not ok and "GiB" in msg and "--max-n" not in msg
     with pytest.raises(SystemExit, match="refusing"):

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import gpadjoint  # noqa: F401  (enables x64)
 from gpadjoint import keops_bridge as kb
 from gpadjoint.kernels import KERNEL_NAMES, Hypers, cross_cov, dense_cov
 
@@ -286,3 +285,30 @@ def test_wide_full_rank_weight_uses_the_split_dot_and_matches_dense():
     g0 = jax.grad(lambda h: jnp.sum(U * (dense_cov("matern32", X, h) @ V)))(h)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
         assert _rel(a, b) <= 1e-10
+
+
+@pytest.mark.keops
+def test_keops_runs_on_the_device_the_arrays_live_on(monkeypatch):
+    # the choice, without a GPU: JAX's platform decides, and a GPU platform with a CPU-only
+    # pykeops is refused instead of quietly running KeOps on the CPU
+    assert kb.keops_device("cpu", keops_gpu=True) == "CPU"
+    assert kb.keops_device("gpu", keops_gpu=True) == "GPU"
+    assert kb.keops_device("cuda", keops_gpu=True) == "GPU"
+    with pytest.raises(RuntimeError, match="no GPU support"):
+        kb.keops_device("gpu", keops_gpu=False)
+    # and the reductions receive that choice: record what the host callbacks are given
+    seen = []
+    real = kb._host_kv
+
+    def spy(kernel, device, *a):
+        seen.append(device)
+        return real(kernel, "CPU", *a)  # this machine can only run the CPU build
+
+    monkeypatch.setattr(kb, "_host_kv", spy)
+    monkeypatch.setattr(kb, "keops_device", lambda: "GPU")
+    X = jnp.asarray(np.random.default_rng(0).standard_normal((20, 2)))
+    h = Hypers(jnp.ones(2), jnp.asarray(1.0), jnp.asarray(0.1))
+    out = kb.keops_matvec(X, jnp.ones(20), h, "rbf")
+    assert seen == ["GPU"]
+    ref = dense_cov("rbf", X, h) @ jnp.ones(20)
+    np.testing.assert_allclose(out, ref, rtol=1e-10)

@@ -91,10 +91,55 @@ def test_blocked_backend_really_tiles(monkeypatch):
     assert rel_err(out, dense_cov("rbf", X, constrain(params)) @ jnp.ones(100)) < 1e-10
 
 
-def test_dense_operator_builds_K_once():
+def test_dense_operator_builds_K_once(monkeypatch):
+    # one operator serves every matvec of an evaluation (Lanczos, CG, their VJPs): K is built
+    # when the operator is made, never again per matvec, and gradients still reach theta
+    import gpadjoint.matvec as mvmod
+
+    builds = []
+    real = mvmod.dense_cov
+
+    def counting(*a, **k):
+        builds.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mvmod, "dense_cov", counting)
     X, _, params = problem(n=50)
-    mv, args = make_backend("dense", "matern32").operator(X, constrain(params))
-    assert len(args) == 1 and args[0].shape == (50, 50)
+    V = jnp.ones((50, 2))
+
+    def three_matvecs(h):
+        mv, args = make_backend("dense", "matern32").operator(X, h)
+        return jnp.sum(mv(mv(mv(V, *args), *args), *args))
+
+    h = constrain(params)
+    value, grad = jax.value_and_grad(three_matvecs)(h)
+    assert len(builds) == 1
+    K = real("matern32", X, h)
+    assert rel_err(value, jnp.sum(K @ K @ K @ V)) < 1e-12
+    ref = jax.grad(lambda h: jnp.sum(real("matern32", X, h) @ real("matern32", X, h)
+                                     @ real("matern32", X, h) @ V))(h)
+    for a, b in zip(grad, ref):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_operator_is_stable_so_prediction_compiles_once():
+    # the blocked operator is passed to jitted functions as a static argument: the same
+    # settings must give the same function, or each prediction would compile anew
+    from gpadjoint import GPRegressor
+    from gpadjoint import predict as gpred
+
+    be = make_backend("blocked", "matern32", tile=32)
+    X, _, params = problem(n=40)
+    assert be.operator(X, constrain(params))[0] is be.operator(X, constrain(params))[0]
+    rng = np.random.default_rng(3)
+    Xtr = rng.standard_normal((70, 2))
+    ytr = np.sin(Xtr[:, 0]) + 0.1 * rng.standard_normal(70)
+    m = GPRegressor(backend="blocked", estimator="slq", epochs=0, variance="exact",
+                    random_state=0).fit(Xtr, ytr)
+    before = gpred._var_exact_batch._cache_size()
+    outs = [m.predict(Xtr[:9], return_std=True)[1] for _ in range(3)]
+    assert gpred._var_exact_batch._cache_size() == before + 1  # three calls, one compile
+    assert np.array_equal(outs[0], outs[2])
 
 
 def test_unknown_backend_and_auto_choice():

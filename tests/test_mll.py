@@ -116,9 +116,9 @@ def test_neg_mll_float32_close_to_exact_and_gradient_direction(backend):
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="num_probes must be a positive integer"):
+    with pytest.raises(ValueError, match=r"num_probes = 0: must be positive"):
         MLLConfig(num_probes=0)
-    with pytest.raises(ValueError, match="cg_tol must be a positive number"):
+    with pytest.raises(ValueError, match=r"cg_tol = -1.0: must be positive"):
         MLLConfig(cg_tol=-1.0)
     with pytest.raises(ValueError, match="lanczos_depth"):
         MLLConfig(lanczos_depth=2.5)
@@ -182,7 +182,7 @@ def test_choose_estimator():
     name, reason = choose_estimator(501, auto)
     assert name == "slq" and "501" in reason and "500" in reason
     assert choose_estimator(10, MLLConfig(estimator="slq")) == ("slq", "requested")
-    with pytest.raises(ValueError, match="estimator='chol'.*auto, slq, exact"):
+    with pytest.raises(ValueError, match=r"estimator = 'chol': choose one of 'auto', 'slq'"):
         MLLConfig(estimator="chol")
     with pytest.raises(ValueError, match="exact_max_n"):
         MLLConfig(exact_max_n=0)

@@ -5,6 +5,7 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import sklearn_posterior
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from gpadjoint.kernels import constrain
@@ -129,10 +130,19 @@ def test_small_n_and_constant_inputs():
     # 3 points, one constant column: depth, ranks and probes are clamped, std 1 for the column
     X = np.array([[0.0, 5.0], [1.0, 5.0], [2.0, 5.0]])
     y = np.array([1.0, 2.0, 0.5])
-    m = GPRegressor(epochs=3, lanczos_depth=10, precond_rank=15, love_rank=100).fit(X, y)
-    assert m.x_std_[1] == 1.0
-    mu, sd = m.predict(X, return_std=True)
-    assert np.all(np.isfinite(mu)) and np.all(np.isfinite(sd))
+    Xt = np.array([[0.5, 5.0], [3.0, 5.0]])
+    for estimator in ("exact", "slq"):
+        m = GPRegressor(epochs=3, lanczos_depth=10, precond_rank=15, love_rank=100,
+                        estimator=estimator, random_state=0).fit(X, y)
+        assert m.x_std_[1] == 1.0
+        for variance in ("exact", "love"):
+            m.set_params(variance=variance)
+            m.variance_ = variance
+            mu, sd = m.predict(Xt, return_std=True)
+            # the posterior of the fitted hyperparameters, computed independently
+            mu_ref, sd_ref = sklearn_posterior(m.hyperparameters_, X, y, Xt)
+            np.testing.assert_allclose(mu, mu_ref, rtol=1e-6, atol=1e-8)
+            np.testing.assert_allclose(sd, sd_ref, rtol=1e-6)
 
 
 def test_backend_choice_is_reported(capsys):
