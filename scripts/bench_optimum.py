@@ -1,4 +1,4 @@
-"""How far each fitting method ends from the exact maximum-likelihood fit, and how fast it gets near.
+"""How far each fitting method ends from the exact maximum-likelihood fit, and how fast.
 
 For every data set and split with a reference, one row per method record in ``results/uci/``
 (written by ``scripts/bench_uci.py``) in ``results/optimum.csv``:
@@ -12,9 +12,10 @@ For every data set and split with a reference, one row per method record in ``re
   (:func:`gpadjoint.evaluate.exact_loss`, ``final_train_loss_common`` of the record) minus the
   reference loss, in nats per datum (paper units: targets centred, not scaled);
 * ``seconds_to_0.01`` / ``seconds_to_0.002``: wall-clock seconds (compilation and any subset
-  start included, prediction not) until the run's parameters first come within 0.01 / 0.002 nats per datum of the reference
-  by that same evaluator, found by ``bench_epoch.time_to_quality`` over the run's steps (each
-  probe one Cholesky, cached in ``results/uci/exact_evals.jsonl``); empty when never reached;
+  start included, prediction not) until the run's parameters first come within 0.01 / 0.002
+  nats per datum of the reference by that same evaluator, found by
+  ``bench_epoch.time_to_quality`` over the run's steps (each probe one Cholesky, cached in
+  ``results/uci/exact_evals.jsonl``); empty when never reached;
 * ``ratio_to_gpytorch_*``: those seconds over GPyTorch's recorded training seconds for its
   longest run on the same split (75 epochs on elevators and kin40k);
 * ``rmse_minus_reference``: test RMSE minus that of the exact-optimum model (exact references).
@@ -51,7 +52,7 @@ FIELDS = KEY + [
 
 
 def reference(ds: str, split: int, recs: list[dict], ref_dir: Path = REF_DIR) -> dict | None:
-    """The exact optimum of (ds, split) if computed, else the best common loss of any record."""
+    """Return the exact optimum of (ds, split) if computed, else the best run's common loss."""
     path = ref_dir / f"{ds}-split{split}.json"
     if path.exists():
         ref = json.loads(path.read_text())
