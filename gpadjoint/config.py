@@ -102,7 +102,7 @@ class OptimConfig(Section):
     weight_decay: float = 0.0
     clip_norm: float = 0.0
     lbfgs_memory: int = 10
-    lbfgs_rtol: float = 1e-6
+    lbfgs_rtol: float = 1e-5
     lbfgs_gtol: float = 1e-5
 
     def _validate(self):

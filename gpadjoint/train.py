@@ -142,7 +142,7 @@ class LBFGS(NamedTuple):
     max_linesearch_steps: int = 10
     c1: float = 1e-4
     c2: float = 0.9
-    rtol: float = 1e-6
+    rtol: float = 1e-5
     patience: int = 3
     gtol: float = 1e-5
     refresh: float = 1.0
