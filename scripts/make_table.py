@@ -59,6 +59,37 @@ FIELDS = [
 ]
 
 
+
+def optimum_lines(folder: Path) -> list[str]:
+    """Return the fit-to-the-optimum section: exact references, runs in progress, optimum.csv."""
+    lines = ["## Fit to the optimum (scripts/exact_optimum.py, scripts/bench_optimum.py)", ""]
+    ref_dir = folder / "optimum"
+    for path in sorted(ref_dir.glob("*.json")) if ref_dir.exists() else []:
+        r = json.loads(path.read_text())
+        lines.append(f"- `{path.name}`: exact loss {r.get('loss')}, gradient norm "
+                     f"{r.get('grad_norm')}, test RMSE {r.get('test_rmse')}")
+    for path in sorted(ref_dir.glob("*.progress.jsonl")) if ref_dir.exists() else []:
+        if (ref_dir / path.name.replace(".progress.jsonl", ".json")).exists():
+            continue
+        evals = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        full = [e for e in evals if e.get("stage") == "full"]
+        if full:
+            best = min(full, key=lambda e: e["loss"])
+            lines.append(f"- `{path.name}` (in progress, not converged): best exact loss "
+                         f"{best['loss']:.5f} after {len(full)} full-n evaluations, gradient "
+                         f"norm there {best['grad_norm']:.2g}")
+    csv_path = folder / "optimum.csv"
+    if csv_path.exists():
+        with csv_path.open() as fh:
+            rows = list(csv.DictReader(fh))
+        cols = ["dataset", "split", "method", "reference_kind", "gap", "seconds_to_0.01",
+                "seconds_to_0.002", "gpytorch_train_s", "rmse_minus_reference"]
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
+    if len(lines) == 2:
+        lines.append("No exact optimum computed yet.")
+    return lines + [""]
+
 def load_records(folder: Path) -> list[dict]:
     recs = []
     for path in sorted(folder.glob("*.json")):
@@ -415,10 +446,7 @@ def write_results_readme(folder: Path) -> Path:
         "Every file records its commit, machine and library versions; the history of the "
         "measurements is in git. All runs are on a shared 2-core CPU (no GPU).",
         "",
-        "- Fit to the optimum (L-BFGS with fixed SLQ probes, issue 25): *placeholder, to be "
-        "filled from `scripts/bench_optimum.py` and `scripts/exact_optimum.py`.*",
-        "",
-    ]
+    ] + optimum_lines(folder)
     uci = (folder / "table.md").read_text().splitlines() if (folder / "table.md").exists() else []
     if uci:
         lines += ["## gpadjoint vs GPyTorch on the UCI sets (`table.md`, scripts/bench_uci.py)",
