@@ -451,7 +451,8 @@ def make_lbfgs_trainer(
         best = None  # (t, value, grad, params, log-coordinate grad) of the best Armijo point
         wolfe = False
         for _ in range(lbfgs.max_linesearch_steps):
-            p_t = _from_log(Params(*(a + t * b for a, b in zip(u, desc))))
+            p_t = Params(*(np.asarray(a, dtype) for a in _from_log(
+                Params(*(a + t * b for a, b in zip(u, desc))))))  # in the working dtype
             v_t, g_t, fin_t, solved_t, x0_t = run(p_t, x0)
             x0 = x0_t
             # an unconverged CG solve gives an inexact value: such a point is not taken
