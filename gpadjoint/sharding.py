@@ -1,16 +1,16 @@
 r"""Row sharding of the kernel matvec over a 1-D mesh of devices (JAX ``shard_map``).
 
 Stage 2 helper (kernels -> **matvec** -> lanczos -> logdet/solve -> mll): a
-:class:`~gpadjoint.matvec.Backend` built with ``mesh=`` computes ``K(theta) V`` with the rows of
-X, of V and of the result split over the mesh axis :data:`AXIS` ("rows"). Device p holds rows
-``[p n/D, (p+1) n/D)`` and computes its row block of K V against the *gathered* columns
-(``all_gather`` of X (n, d) and V (n, m)), tile by tile for ``blocked`` (O(n/D * tile + n (d + m))
-memory per device), as a (n/D, n) row block of K for ``dense``, and by a KeOps reduction on its
-own device for ``keops``. Nothing else in the pipeline changes: Lanczos, CG and the fused SLQ+CG
-are ordinary ``jit`` code, and XLA's partitioner (GSPMD / Shardy) propagates the row sharding from
-the operator into their (m, k, n) buffers, so that their inner products and reorthogonalisation
-become per-device partial sums plus an all-reduce. The parameter VJP of the matvec is a per-device
-partial sum over its rows followed by ``psum``; the pass counts are those of one device.
+:class:`~gpadjoint.matvec.Backend` built with ``mesh=`` computes ``K(theta) V`` with the rows of X,
+of V and of the result split over the mesh axis :data:`AXIS` ("rows"). Device p holds rows ``[p
+n/D, (p+1) n/D)`` and computes its row block of K V against all columns: for ``blocked`` the column
+blocks of X and V are passed round a ring (``ppermute``) and consumed tile by tile, so no device
+holds all n columns; for ``dense`` as a (n/D, n) row block of K; for ``keops`` by a KeOps reduction
+on its own device. Nothing else in the pipeline changes: Lanczos, CG and the fused SLQ+CG are
+ordinary ``jit`` code, and XLA's partitioner (GSPMD / Shardy) propagates the row sharding from the
+operator into their (m, k, n) buffers, so that their inner products and reorthogonalisation become
+per-device partial sums plus an all-reduce. The parameter VJP of the matvec is a per-device partial
+sum over its rows followed by ``psum``; the pass counts are those of one device.
 
 No scheduler of our own: the mesh is ``jax.sharding.Mesh``, the collectives are XLA's.
 
