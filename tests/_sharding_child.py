@@ -86,7 +86,7 @@ def check_memory(n: int) -> dict:
     X = jnp.asarray(rng.standard_normal((n, 8)), jnp.float32)
     y = jnp.asarray(rng.standard_normal(n), jnp.float32)
     params = unconstrain(np.ones(8), 1.0, 0.1, 0.0, dtype=jnp.float32)
-    cfg = MLLConfig(num_probes=4, lanczos_depth=8, precond_rank=5, cg_max_iter=8,
+    cfg = MLLConfig(num_probes=4, lanczos_depth=8, precond_rank=5, cg_max_iter=8, cg_min_iter=8,
                     exact_max_n=1, estimator="slq")
     key = jax.random.PRNGKey(0)
     temp = {}
