@@ -105,7 +105,7 @@ def cmd_fit(args) -> int:
     from . import predict as gpred
     from .kernels import constrain
     from .matvec import choose_backend, make_backend
-    from .train import EarlyStopping, fit, initial_params
+    from .train import LBFGS, EarlyStopping, fit, initial_params
 
     cfg, cfg_source = _load_run_config(args.config)
     cfg = cfg.with_overrides(
@@ -181,19 +181,25 @@ def cmd_fit(args) -> int:
                                    if k != "epochs"}
     params0 = initial_params(cfg.train.init, d, dtype, cfg.train.seed)
     t_start = time.time()
-    init_info = None
+    init_info = metric = None
     if cfg.train.init_subset and n > cfg.train.init_subset and not args.resume:
         from .train import subset_start
 
         params0, init_info = subset_start(
             X, y, params0, kernel=cfg.model.kernel, size=cfg.train.init_subset,
             seed=cfg.train.seed, noise_floor=cfg.model.noise_floor)
+        metric = init_info.pop("metric")
         _say(f"start: exact fit on {init_info['size']} random rows ({init_info['evaluations']} "
              f"evaluations, {init_info['seconds']:.1f} s, loss {init_info['loss']:.4f})", q)
+    optimizer = make_optimizer(cfg.optim, epochs, estimator)
+    if metric is not None and isinstance(optimizer, LBFGS):
+        # L-BFGS in the coordinates the subset's Hessian whitens (train.LBFGS.metric); a resumed
+        # run takes them from its checkpoint
+        optimizer = optimizer._replace(metric=metric)
     with _StopFlag(q) as stop:
         result = fit(
             X, y, kernel=cfg.model.kernel, backend=backend, mll_config=mll_cfg,
-            optimizer=make_optimizer(cfg.optim, epochs, estimator), epochs=epochs,
+            optimizer=optimizer, epochs=epochs,
             params0=params0, converge_tol=cfg.train.converge_tol,
             seed=cfg.train.seed, early_stopping=es, checkpoint_path=ckpt,
             checkpoint_every=cfg.train.checkpoint_every, resume=args.resume,

@@ -40,7 +40,7 @@ import optax
 from ._io import atomic_write
 from .kernels import Params, constrain, init_params
 from .matvec import Backend, choose_backend, make_backend
-from .mll import MLLConfig, choose_estimator, neg_mll
+from .mll import MLLConfig, choose_estimator, neg_mll, neg_mll_exact
 
 CHECKPOINT_FORMAT = "gpadjoint-checkpoint-v1"
 _DEFAULT_MLL = MLLConfig()
@@ -136,6 +136,14 @@ class LBFGS(NamedTuple):
         it was built; the step then starts from a fresh evaluation.
     max_step: the most any log hyperparameter may move in one step (line-search trial points
         included). Trial points whose CG solve misses ``cg_tol`` are treated as failures.
+    metric: None, or a (k, k) matrix M (nested tuples; k = d + 3) under which L-BFGS runs in
+        coordinates v with u = M v, u the log hyperparameters (log lengthscales, log output
+        scale, log of the noise above its floor, the mean). Its first step is then the Newton
+        step of the Hessian (M M^T)^-1. :func:`subset_start` returns one from the exact
+        Hessian of the subset's loss at its optimum: the full-data loss per datum has nearly
+        the same curvature, which differs by orders of magnitude between a weak input's
+        lengthscale and the noise, and identity-scaled L-BFGS spends its costly full-data
+        evaluations learning that. None: identity.
     """
 
     memory_size: int = 10
@@ -147,6 +155,7 @@ class LBFGS(NamedTuple):
     gtol: float = 1e-5
     refresh: float = 1.0
     max_step: float = 5.0
+    metric: Any = None
 
 
 class LBFGSState(NamedTuple):
@@ -156,12 +165,15 @@ class LBFGSState(NamedTuple):
     value: loss at the current parameters (NaN until first evaluated).
     grad: its gradient (raw parameters).
     anchor: the parameters the preconditioner is built at (see :class:`LBFGS`).
+    metric: the (k, k) coordinate matrix M of :class:`LBFGS` (identity when none was given);
+        kept in the state so that a resumed run continues in the same coordinates.
     """
 
     inner: Any
     value: jax.Array
     grad: Params
     anchor: Params
+    metric: jax.Array
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,11 +382,19 @@ def make_lbfgs_trainer(
                 f"params.raw_lengthscale has shape {params.raw_lengthscale.shape}, "
                 f"expected ({X.shape[1]},) for d = {X.shape[1]} inputs"
             )
+        k = X.shape[1] + 3
+        metric = np.eye(k) if lbfgs.metric is None else np.asarray(lbfgs.metric, np.float64)
+        if metric.shape != (k, k) or not np.all(np.isfinite(metric)):
+            raise ValueError(
+                f"LBFGS.metric must be a finite ({k}, {k}) matrix for d = {X.shape[1]} inputs "
+                f"(log lengthscales, log output scale, log noise, mean), got shape {metric.shape}"
+            )
         opt_state = LBFGSState(
-            inner=direction.init(params),
+            inner=direction.init(jnp.zeros(k)),
             value=jnp.asarray(jnp.nan, dtype),
             grad=jax.tree.map(jnp.zeros_like, params),
             anchor=params,
+            metric=jnp.asarray(metric),
         )
         return TrainState(
             params=params,
@@ -434,14 +454,18 @@ def make_lbfgs_trainer(
         # log of the noise above its floor, the mean itself): a lengthscale of 0.7 or of 200 is
         # a few units away there, not 200 softplus units, and the curvature is far more even
         # (elevators, 300 rows, exact loss: 96 evaluations to |g| 1e-5 instead of 221 to 3e-4)
+        # ... and in coordinates v with u = M v (LBFGS.metric): gradient M^T g_u there, and a
+        # direction d_v maps back to M d_v
+        M = np.asarray(jax.device_get(s.metric), np.float64)
         u, gu = _to_log(params), _log_grad(grad, params)
-        upd, inner = lbfgs_update(gu, s.inner, u)
-        desc = Params(*(-np.asarray(a) for a in jax.device_get(upd)))
+        v, gv = np.linalg.solve(M, _flat(u)), M.T @ _flat(gu)
+        upd, inner = lbfgs_update(jnp.asarray(gv), s.inner, jnp.asarray(v))
+        desc = _unflat(M @ -np.asarray(jax.device_get(upd)), u)
         slope = _tree_vdot(gu, desc)
         if not (np.isfinite(slope) and slope < 0):  # lost descent: restart from the gradient
-            inner = direction.init(u)
-            scale = min(1.0, 1.0 / max(_tree_norm(gu), 1e-30))
-            desc = Params(*(-scale * np.asarray(g) for g in gu))
+            inner = direction.init(jnp.asarray(v))
+            scale = min(1.0, 1.0 / max(float(np.linalg.norm(gv)), 1e-30))
+            desc = _unflat(M @ (-scale * gv), u)
             slope = _tree_vdot(gu, desc)
 
         # no coordinate moves by more than max_step in one step: a wild trial point (noise at
@@ -479,17 +503,18 @@ def make_lbfgs_trainer(
         if best is None:
             metrics.update(counts, linesearch_ok=False, step_size=0.0, new_loss=value,
                            new_grad_norm=gnorm)
-            kept = LBFGSState(s.inner, jnp.asarray(value, dtype), grad, anchor)
+            kept = LBFGSState(s.inner, jnp.asarray(value, dtype), grad, anchor, s.metric)
             return TrainState(state.params, kept, state.epoch, state.key, x0), metrics
         t, v_new, g_new, p_new, gu_new = best
         sy = t * (_tree_vdot(gu_new, desc) - slope)
         if not (wolfe or sy > 0):
-            inner = direction.init(_to_log(p_new))  # no positive curvature pair: forget
+            # no positive curvature pair: forget
+            inner = direction.init(jnp.asarray(np.linalg.solve(M, _flat(_to_log(p_new)))))
         new_params = Params(*(jnp.asarray(a, dtype) for a in p_new))
         new_grad = Params(*(jnp.asarray(a, dtype) for a in g_new))
         new_state = TrainState(
             params=new_params,
-            opt_state=LBFGSState(inner, jnp.asarray(v_new, dtype), new_grad, anchor),
+            opt_state=LBFGSState(inner, jnp.asarray(v_new, dtype), new_grad, anchor, s.metric),
             epoch=state.epoch + 1,
             key=state.key,
             last_alpha=x0,
@@ -537,6 +562,18 @@ def _log_grad(g: Params, p: Params) -> Params:
                   chain(g.raw_noise, p.raw_noise), np.asarray(g.mean, np.float64))
 
 
+def _flat(p: Params) -> np.ndarray:
+    """[lengthscale part (d), output scale, noise, mean] of a Params-shaped tree, one vector."""
+    return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in p])
+
+
+def _unflat(vec, like: Params) -> Params:
+    """Inverse of :func:`_flat`, shaped like ``like``."""
+    d = np.size(like.raw_lengthscale)
+    vec = np.asarray(vec, np.float64)
+    return Params(vec[:d], vec[d], vec[d + 1], vec[d + 2])
+
+
 def _tree_vdot(a, b) -> float:
     return float(sum(np.vdot(np.asarray(x), np.asarray(z)) for x, z in zip(
         jax.tree.leaves(a), jax.tree.leaves(b))))
@@ -569,6 +606,7 @@ def _lbfgs_metrics(params: Params, value: float, gnorm: float, cfg: MLLConfig, o
 def subset_start(
     X, y, params0: Params, *, kernel: str, size: int, seed: int, noise_floor: float,
     max_steps: int = 200,
+    metric_floor: float = 1e-4,
 ) -> tuple[Params, dict]:
     """Maximum-likelihood parameters of ``size`` random rows, as a start for the full fit.
 
@@ -577,6 +615,11 @@ def subset_start(
     lengthscales, so the full-data fit starts close and needs far fewer of its costly
     evaluations. Returns ``(params, info)`` with params in the dtype of X; when ``size >= n`` the
     start is ``params0`` unchanged.
+
+    ``info["metric"]`` is the coordinate matrix for :class:`LBFGS` (``metric``): M = Q
+    diag(lambda)^-1/2 from the forward-difference Hessian of the subset's loss per datum at its
+    optimum, in the trainer's log coordinates (k + 1 more exact evaluations), eigenvalues made
+    positive and floored at ``metric_floor`` times the largest.
     """
     n = X.shape[0]
     dtype = jnp.asarray(X).dtype
@@ -592,16 +635,43 @@ def subset_start(
         optimizer=LBFGS(rtol=1e-7, gtol=1e-5), epochs=max_steps,
         params0=Params(*(jnp.asarray(p, jnp.float64) for p in params0)), progress=False,
     )
+    metric, lam = _log_hessian_metric(Xs, ys, res.params, kernel, noise_floor, metric_floor)
     info = {
         "size": size,
         "seed": seed,
         "steps": len(res.history),
-        "evaluations": sum(r["evaluations"] for r in res.history),
+        "evaluations": sum(r["evaluations"] for r in res.history) + len(lam) + 1,
         "loss": res.history[-1]["new_loss"] if res.history else None,
         "stopped_reason": res.stopped_reason,
+        "hessian_eigenvalues": [float(lam.min()), float(lam.max())],
+        "metric": tuple(tuple(float(a) for a in row) for row in metric),
         "seconds": time.perf_counter() - t0,
     }
     return Params(*(jnp.asarray(p, dtype) for p in res.params)), info
+
+
+def _log_hessian_metric(X, y, params: Params, kernel: str, noise_floor: float, floor: float,
+                        step: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """(M, eigenvalues): M M^T is the inverse of the exact loss's Hessian in log coordinates."""
+    fg = jax.jit(jax.value_and_grad(
+        lambda p: neg_mll_exact(p, X, y, kernel=kernel, noise_floor=noise_floor)))
+    like = _to_log(params)
+
+    def grad_u(u):
+        p = _from_log(_unflat(u, like))
+        _, g = fg(Params(*(jnp.asarray(a, jnp.float64) for a in p)))
+        return _flat(_log_grad(jax.device_get(g), p))
+
+    u0 = _flat(like)
+    g0 = grad_u(u0)
+    H = np.empty((u0.size, u0.size))
+    for j in range(u0.size):
+        u = u0.copy()
+        u[j] += step
+        H[:, j] = (grad_u(u) - g0) / step
+    lam, Q = np.linalg.eigh(0.5 * (H + H.T))
+    top = max(float(np.max(np.abs(lam))), 1e-300)
+    return Q / np.sqrt(np.maximum(np.abs(lam), floor * top)), lam
 
 
 def initial_params(init: str, d: int, dtype, seed: int = 0) -> Params:

@@ -118,3 +118,72 @@ def test_auto_resolves_to_lbfgs_for_slq():
     assert isinstance(opt, LBFGS) and (opt.rtol, opt.gtol) == (1e-5, 1e-4)
     with pytest.raises(ValueError, match="clip_norm"):
         make_optimizer(OptimConfig(optimizer="lbfgs", clip_norm=1.0), estimator="slq")
+
+
+def _exact_loss_in_log_coords(X, y, like):
+    """-log p(y)/n written with slogdet and solve (no custom VJP), as a function of the
+    trainer's log coordinates (log lengthscales, log output scale, log noise above floor, mean):
+    an independent reference for the Hessian behind ``LBFGS.metric``."""
+    from gpadjoint.kernels import NOISE_FLOOR
+
+    d = X.shape[1]
+
+    def f(u):
+        ls, s2, noise = jnp.exp(u[:d]), jnp.exp(u[d]), jnp.exp(u[d + 1]) + NOISE_FLOOR
+        Z = X / ls
+        r2 = jnp.maximum(jnp.sum((Z[:, None] - Z[None]) ** 2, -1), 0.0)
+        r = jnp.sqrt(3.0 * r2 + 1e-300)
+        K = s2 * (1.0 + r) * jnp.exp(-r) + noise * jnp.eye(X.shape[0])
+        res = y - u[d + 2]
+        logdet = jnp.linalg.slogdet(K)[1]
+        n = X.shape[0]
+        return 0.5 * (res @ jnp.linalg.solve(K, res) + logdet + n * jnp.log(2 * jnp.pi)) / n
+
+    return f
+
+
+def test_subset_metric_whitens_the_subset_hessian(data64):
+    from gpadjoint.train import _flat, _to_log, subset_start
+
+    X, y = data64
+    p0 = init_params(D, jnp.float64)
+    params, info = subset_start(X, y, p0, kernel="matern32", size=150, seed=0,
+                                noise_floor=1e-4, metric_floor=1e-12)
+    M = np.asarray(info["metric"])
+    assert M.shape == (D + 3, D + 3) and info["stopped_reason"].startswith("converged")
+    rows = np.sort(np.random.default_rng(0).choice(N, 150, replace=False))
+    f = _exact_loss_in_log_coords(X[rows], y[rows], None)
+    H = np.asarray(jax.hessian(f)(jnp.asarray(_flat(_to_log(params)))))
+    # M^T H M = I: L-BFGS's first step in the metric's coordinates is the Newton step
+    np.testing.assert_allclose(M.T @ H @ M, np.eye(D + 3), atol=2e-3)
+
+
+def test_metric_reaches_the_same_minimum_and_resumes_in_its_coordinates(data64, tmp_path):
+    X, y = data64
+    rng = np.random.default_rng(7)
+    A = rng.normal(size=(D + 3, D + 3))
+    metric = tuple(map(tuple, 0.3 * (np.eye(D + 3) + 0.3 * A)))  # any invertible M
+    whitened = _fit(X, y, epochs=200, seed=3, optimizer=LBFGS(gtol=1e-6, rtol=0.0, metric=metric))
+    assert whitened.stopped_reason.startswith("converged"), whitened.stopped_reason
+    # the minimum of the fixed objective it ended on (preconditioner at its final anchor)
+    flat0, unravel, vg = _fixed_objective(X, y, seed=3, anchor=whitened.state.opt_state.anchor)
+    ref = minimize(lambda f: tuple(np.asarray(a, np.float64) for a in vg(jnp.asarray(f))),
+                   np.asarray(flat0), jac=True, method="L-BFGS-B",
+                   options={"gtol": 1e-9, "ftol": 1e-15, "maxiter": 1000})
+    assert whitened.history[-1]["new_loss"] == pytest.approx(ref.fun, abs=1e-8)
+    np.testing.assert_allclose(np.asarray(whitened.state.opt_state.metric), np.asarray(metric))
+    # a resumed run takes M from its checkpoint, not from the optimiser it is given
+    opt = LBFGS(gtol=0.0, rtol=0.0, metric=metric)
+    full = _fit(X, y, epochs=6, seed=2, optimizer=opt)
+    ck = tmp_path / "run.ckpt"
+    _fit(X, y, epochs=3, seed=2, optimizer=opt, checkpoint_path=ck, checkpoint_every=1)
+    resumed = _fit(X, y, epochs=6, seed=2, optimizer=LBFGS(gtol=0.0, rtol=0.0),
+                   checkpoint_path=ck, resume=True)
+    assert [r["new_loss"] for r in resumed.history] == pytest.approx(
+        [r["new_loss"] for r in full.history], rel=1e-9, abs=1e-12)
+
+
+def test_metric_of_the_wrong_size_is_refused(data64):
+    X, y = data64
+    with pytest.raises(ValueError, match="LBFGS.metric must be a finite"):
+        _fit(X, y, epochs=1, optimizer=LBFGS(metric=((1.0,),)))
