@@ -88,6 +88,27 @@ def optimum_lines(folder: Path) -> list[str]:
         lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
     if len(lines) == 2:
         lines.append("No exact optimum computed yet.")
+    return lines + [""] + estimator_bias_lines(folder)
+
+
+def estimator_bias_lines(folder: Path) -> list[str]:
+    """Return results/estimator_bias_summary.csv (scripts/estimator_bias.py) as a table."""
+    path = folder / "estimator_bias_summary.csv"
+    if not path.exists():
+        return []
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    cols = ["dataset", "split", "rank", "depth", "probes", "seeds", "value_bias", "value_sd",
+            "grad_err", "gap_mean", "gap_of_mean", "seconds_per_eval"]
+    lines = ["### The fixed-probe objective's bias at the exact optimum "
+             "(scripts/estimator_bias.py)", "",
+             "Nats per datum, paper units, at the exact optimum's parameters. value_bias: SLQ loss "
+             "minus exact loss (mean over seeds; value_sd their spread); gap_mean: 1/2 e^T H^-1 e "
+             "of each seed's gradient error e, averaged; gap_of_mean: the same of the seed-mean "
+             "error (the quadrature's deterministic bias). H is a subset Hessian (a proxy: ranks "
+             "settings; bench_optimum measures real gaps).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
     return lines + [""]
 
 def load_records(folder: Path) -> list[dict]:

@@ -1,0 +1,38 @@
+"""bench_optimum's choice of reference: the exact optimum, the exact run so far, or a stand-in."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_optimum as bo  # noqa: E402
+
+
+def _progress(path: Path, losses):
+    lines = [{"event": "start"}] + [
+        {"stage": "subset", "loss": -5.0, "grad_norm": 1e-7}] + [
+        {"stage": "full", "eval": i, "loss": v, "grad_norm": 1e-3} for i, v in enumerate(losses)]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_reference_order(tmp_path):
+    recs = [{"_file": "a.json", "final_train_loss_common": -0.90},
+            {"_file": "b.json", "final_train_loss_common": -0.95}]
+    # nothing from exact_optimum: the best run stands in, labelled
+    ref = bo.reference("ds", 0, recs, tmp_path)
+    assert ref["reference_loss"] == -0.95 and ref["reference_kind"].startswith("stand-in")
+    # a run in progress whose best full-n loss is lower: it is the reference, gaps lower bounds
+    # (the subset stage's losses are of another problem and never count)
+    _progress(tmp_path / "ds-split0.progress.jsonl", [-0.93, -0.96, -0.955])
+    ref = bo.reference("ds", 0, recs, tmp_path)
+    assert ref["reference_loss"] == -0.96 and "lower bound" in ref["reference_kind"]
+    # ... unless a run already went lower than the unfinished exact fit
+    _progress(tmp_path / "ds-split0.progress.jsonl", [-0.93, -0.94])
+    assert bo.reference("ds", 0, recs, tmp_path)["reference_loss"] == -0.95
+    # the finished optimum always wins
+    (tmp_path / "ds-split0.json").write_text(json.dumps({"loss": -0.97, "test_rmse": 0.1}))
+    ref = bo.reference("ds", 0, recs, tmp_path)
+    assert (ref["reference_kind"], ref["reference_loss"], ref["reference_rmse"]) == (
+        "exact", -0.97, 0.1)
