@@ -434,8 +434,7 @@ def make_lbfgs_trainer(
             return float(v), g, finite, solved, x0
 
         value, grad = float(s.value), s.grad
-        moved = max(float(np.max(np.abs(a - b)))
-                    for a, b in zip(_to_log(params), _to_log(anchor)))
+        moved = _moved(params, anchor)
         refreshed = anchored and bool(moved > lbfgs.refresh) and bool(np.isfinite(value))
         if refreshed:  # the preconditioner is stale: rebuild it here
             anchor, value = params, math.nan
@@ -450,10 +449,8 @@ def make_lbfgs_trainer(
                            new_grad_norm=gnorm)
             return state, metrics
 
-        # L-BFGS steps in log-hyperparameter coordinates (log lengthscales, log output scale,
-        # log of the noise above its floor, the mean itself): a lengthscale of 0.7 or of 200 is
-        # a few units away there, not 200 softplus units, and the curvature is far more even
-        # (elevators, 300 rows, exact loss: 96 evaluations to |g| 1e-5 instead of 221 to 3e-4)
+        # L-BFGS steps in the coordinates of _to_log: inverse lengthscales, log output scale,
+        # log of the noise above its floor, the mean itself (see _to_log for why)
         # ... and in coordinates v with u = M v (LBFGS.metric): gradient M^T g_u there, and a
         # direction d_v maps back to M d_v
         M = np.asarray(jax.device_get(s.metric), np.float64)
@@ -468,9 +465,11 @@ def make_lbfgs_trainer(
             desc = _unflat(M @ (-scale * gv), u)
             slope = _tree_vdot(gu, desc)
 
-        # no coordinate moves by more than max_step in one step: a wild trial point (noise at
-        # its floor, say) costs a CG run that cannot converge and teaches nothing
-        t_max = lbfgs.max_step / max(max(float(np.max(np.abs(a))) for a in desc), 1e-30)
+        # no coordinate moves by more than max_step in one step (an inverse lengthscale by
+        # INV_LS_STEP): a wild trial point (noise at its floor, say) costs a CG run that cannot
+        # converge and teaches nothing
+        caps = Params(INV_LS_STEP, lbfgs.max_step, lbfgs.max_step, lbfgs.max_step)
+        t_max = min(float(c / max(np.max(np.abs(a)), 1e-30)) for c, a in zip(caps, desc))
         t, lo, hi = min(1.0, t_max), 0.0, math.inf
         best = None  # (t, value, grad, params, log-coordinate grad) of the best Armijo point
         wolfe = False
@@ -533,33 +532,68 @@ def _positive(raw) -> np.ndarray:
     return np.logaddexp(np.asarray(raw, np.float64), 0.0)  # softplus
 
 
+# The z-scored inputs span a few units: a lengthscale beyond INPUT_RANGE barely changes K
+INPUT_RANGE = 3.0
+INV_LS_STEP = 1.0  # the most an inverse lengthscale moves in one L-BFGS step
+_MIN_INV_LS = 1e-12
+
+
 def _to_log(p: Params) -> Params:
-    """Raw (softplus) parameters -> log lengthscales, log output scale, log(noise - floor)."""
-    return Params(np.log(_positive(p.raw_lengthscale)), np.log(_positive(p.raw_outputscale)),
+    """Raw parameters -> the L-BFGS coordinates (1/lengthscale, log scales, the mean).
+
+    The coordinates: 1/lengthscale, log output scale, log(noise - floor), the mean. Log
+    coordinates for the scales: a value of 0.7 or of 200 is a few units away, not 200
+    softplus units (elevators, 300 rows, exact loss: 96 evaluations to |g| 1e-5 instead of 221
+    to 3e-4). The *inverse* lengthscale for each input: the kernel depends on x / l, so a weak
+    input's lengthscale falling from 400 to 100 is a move of 0.0075 there and an unimportant
+    input sits at 0, a regular point (the loss is even in 1/l), where in log l it is a long
+    walk down a slope whose gradient vanishes like 1/l^2 (the full elevators fit crawled along
+    that at ~1e-5 nats per step while the fixed-probe objective was still 4e-3 above its value
+    at the exact optimum).
+    """
+    return Params(1.0 / _positive(p.raw_lengthscale), np.log(_positive(p.raw_outputscale)),
                   np.log(_positive(p.raw_noise)), np.asarray(p.mean, np.float64))
 
 
+def _softplus_inv(y):
+    y = np.asarray(y, np.float64)
+    return y + np.log(-np.expm1(-y))
+
+
 def _from_log(u: Params) -> Params:
-    """Inverse of :func:`_to_log`."""
-
-    def raw(v):
-        y = np.exp(np.asarray(v, np.float64))
-        return y + np.log(-np.expm1(-y))  # softplus inverse
-
-    return Params(raw(u.raw_lengthscale), raw(u.raw_outputscale), raw(u.raw_noise),
-                  np.asarray(u.mean, np.float64))
+    """Inverse of :func:`_to_log` (an inverse lengthscale's sign does not matter)."""
+    inv = np.maximum(np.abs(np.asarray(u.raw_lengthscale, np.float64)), _MIN_INV_LS)
+    return Params(_softplus_inv(1.0 / inv), _softplus_inv(np.exp(u.raw_outputscale)),
+                  _softplus_inv(np.exp(u.raw_noise)), np.asarray(u.mean, np.float64))
 
 
 def _log_grad(g: Params, p: Params) -> Params:
     """Gradient in :func:`_to_log` coordinates from the raw gradient ``g`` at ``p``."""
 
-    def chain(gr, r):  # d raw / d log y = y / sigmoid(raw) with y = softplus(raw)
+    def dlog(gr, r):  # d raw / d log y = y / sigmoid(raw) with y = softplus(raw)
         y = _positive(r)
         return np.asarray(gr, np.float64) * y / -np.expm1(-y)
 
-    return Params(chain(g.raw_lengthscale, p.raw_lengthscale),
-                  chain(g.raw_outputscale, p.raw_outputscale),
-                  chain(g.raw_noise, p.raw_noise), np.asarray(g.mean, np.float64))
+    ls = _positive(p.raw_lengthscale)  # d raw / d (1/l) = -l^2 / sigmoid(raw)
+    g_inv = np.asarray(g.raw_lengthscale, np.float64) * -ls * ls / -np.expm1(-ls)
+    return Params(g_inv, dlog(g.raw_outputscale, p.raw_outputscale),
+                  dlog(g.raw_noise, p.raw_noise), np.asarray(g.mean, np.float64))
+
+
+def _moved(p: Params, anchor: Params) -> float:
+    """Return how far ``p`` is from ``anchor``, as the preconditioner sees it.
+
+    The largest change of a log scale, a lengthscale's weighted by min(1, INPUT_RANGE / l): a
+    lengthscale far beyond the inputs' range changes K, and so the preconditioner's quality,
+    very little.
+    """
+    la, lb = _positive(p.raw_lengthscale), _positive(anchor.raw_lengthscale)
+    w = np.minimum(1.0, INPUT_RANGE / np.minimum(la, lb))
+    moves = [np.abs(np.log(la) - np.log(lb)) * w,
+             np.abs(np.log(_positive(p.raw_outputscale)) - np.log(_positive(
+                 anchor.raw_outputscale))),
+             np.abs(np.log(_positive(p.raw_noise)) - np.log(_positive(anchor.raw_noise)))]
+    return float(max(np.max(m) for m in moves))
 
 
 def _flat(p: Params) -> np.ndarray:
@@ -603,6 +637,9 @@ def _lbfgs_metrics(params: Params, value: float, gnorm: float, cfg: MLLConfig, o
     }
 
 
+PRESTAGE_MIN_ROWS = 250  # subset_start's first stage runs only from this many rows
+
+
 def subset_start(
     X, y, params0: Params, *, kernel: str, size: int, seed: int, noise_floor: float,
     max_steps: int = 200,
@@ -625,33 +662,46 @@ def subset_start(
     dtype = jnp.asarray(X).dtype
     if size >= n:
         return params0, {"size": n, "skipped": f"size {size} >= n = {n}"}
-    rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-    Xs = jnp.asarray(np.asarray(X)[rows], jnp.float64)
-    ys = jnp.asarray(np.asarray(y)[rows], jnp.float64)
+    perm = np.random.default_rng(seed).permutation(n)[:size]
     t0 = time.perf_counter()
-    res = fit(
-        Xs, ys, kernel=kernel, backend="dense",
-        mll_config=MLLConfig(estimator="exact", noise_floor=noise_floor),
-        optimizer=LBFGS(rtol=1e-7, gtol=1e-5), epochs=max_steps,
-        params0=Params(*(jnp.asarray(p, jnp.float64) for p in params0)), progress=False,
-    )
-    metric, lam = _log_hessian_metric(Xs, ys, res.params, kernel, noise_floor, metric_floor)
+    params = Params(*(jnp.asarray(p, jnp.float64) for p in params0))
+    metric, stages = None, []
+    # a quarter of the rows first (1/64 of the cost per evaluation): its Hessian whitens the
+    # main stage, which then needs a fraction of the evaluations (elevators, 2000 rows: 108
+    # evaluations with identity scaling)
+    sizes = [size // 4, size] if size // 4 >= PRESTAGE_MIN_ROWS else [size]
+    for m in sizes:
+        rows = np.sort(perm[:m])
+        Xs = jnp.asarray(np.asarray(X)[rows], jnp.float64)
+        ys = jnp.asarray(np.asarray(y)[rows], jnp.float64)
+        res = fit(
+            Xs, ys, kernel=kernel, backend="dense",
+            mll_config=MLLConfig(estimator="exact", noise_floor=noise_floor),
+            optimizer=LBFGS(rtol=1e-7, gtol=1e-5, metric=metric), epochs=max_steps,
+            params0=params, progress=False,
+        )
+        params = res.params
+        metric, lam = _log_hessian_metric(Xs, ys, params, kernel, noise_floor, metric_floor)
+        stages.append({"rows": m, "steps": len(res.history),
+                       "evaluations": sum(r["evaluations"] for r in res.history) + len(lam) + 1,
+                       "stopped_reason": res.stopped_reason})
     info = {
         "size": size,
         "seed": seed,
-        "steps": len(res.history),
-        "evaluations": sum(r["evaluations"] for r in res.history) + len(lam) + 1,
+        "steps": sum(st["steps"] for st in stages),
+        "evaluations": sum(st["evaluations"] for st in stages),
         "loss": res.history[-1]["new_loss"] if res.history else None,
         "stopped_reason": res.stopped_reason,
+        "stages": stages,
         "hessian_eigenvalues": [float(lam.min()), float(lam.max())],
         "metric": tuple(tuple(float(a) for a in row) for row in metric),
         "seconds": time.perf_counter() - t0,
     }
-    return Params(*(jnp.asarray(p, dtype) for p in res.params)), info
+    return Params(*(jnp.asarray(p, dtype) for p in params)), info
 
 
 def _log_hessian_metric(X, y, params: Params, kernel: str, noise_floor: float, floor: float,
-                        step: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+                        step: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
     """(M, eigenvalues): M M^T is the inverse of the exact loss's Hessian in log coordinates."""
     fg = jax.jit(jax.value_and_grad(
         lambda p: neg_mll_exact(p, X, y, kernel=kernel, noise_floor=noise_floor)))
