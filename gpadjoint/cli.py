@@ -97,125 +97,80 @@ def record_path(out: str | None, run_id: str, now: datetime | None = None) -> Pa
 
 
 def cmd_fit(args) -> int:
-    """`gpadjoint fit`: train, evaluate on the test split, write the run record."""
-    import jax.numpy as jnp
+    """`gpadjoint fit`: :class:`~gpadjoint.model.GPRegressor` on a split, plus a run record.
+
+    The settings are the config file's (default: the packaged defaults) with the command-line
+    flags on top; the estimator fits with exactly those (``GPRegressor(config=cfg)``), and the
+    record stores them.
+    """
     import numpy as np
 
     from . import data as gdata
-    from . import predict as gpred
-    from .kernels import constrain
-    from .matvec import choose_backend, make_backend
-    from .train import EarlyStopping, fit, initial_params
+    from .model import GPRegressor
+    from .sharding import make_mesh
 
     cfg, cfg_source = _load_run_config(args.config)
     cfg = cfg.with_overrides(
         model__backend=args.backend, model__dtype=args.dtype, model__kernel=args.kernel,
-        train__epochs=args.epochs, optim__lr=args.lr, train__seed=args.seed,
+        model__scale_y=args.scale_y, train__epochs=args.epochs, optim__lr=args.lr,
+        train__seed=args.seed,
     )
     q = args.quiet
-    dtype = jnp.float32 if cfg.model.dtype == "float32" else jnp.float64
 
-    # ---- data
-    scale_y = cfg.model.scale_y if args.scale_y is None else args.scale_y
+    # ---- data (in the target's units; the estimator standardises with training statistics)
     if args.dataset and args.data:
         raise SystemExit("error: give either --dataset NAME or --data FILE.csv, not both")
     if args.dataset:
-        split = gdata.load_dataset(args.dataset, args.split, scale_y=scale_y)
+        split = gdata.load_dataset(args.dataset, args.split, scale_y=cfg.model.scale_y)
         name = args.dataset
     elif args.data:
         if not args.target:
             raise SystemExit("error: --data FILE.csv needs --target COLUMN (the column to predict)")
         split = gdata.load_csv(args.data, args.target, test_fraction=args.test_fraction,
-                               seed=cfg.train.seed, scale_y=scale_y)
+                               seed=cfg.train.seed, scale_y=cfg.model.scale_y)
         name = Path(args.data).stem
     else:
         raise SystemExit("error: say what to fit: --dataset NAME (see `gpadjoint datasets`) "
                          "or --data FILE.csv --target COLUMN")
-    X = jnp.asarray(split.X_train, dtype)
-    y = jnp.asarray(split.y_train, dtype)
-    n, d = X.shape
-    _say(f"data: {name} split {args.split}: {n} train / {split.X_test.shape[0]} test points, "
+    X_train, y_train = split.unscale_X(split.X_train), split.unscale_y(split.y_train)
+    X_test, y_test = split.unscale_X(split.X_test), split.unscale_y(split.y_test)
+    n, d = X_train.shape
+    _say(f"data: {name} split {args.split}: {n} train / {X_test.shape[0]} test points, "
          f"d = {d}", q)
-
-    # ---- backend: explicit, or chosen and reported
-    if cfg.model.backend == "auto":
-        bname, why = choose_backend(n, dtype)
-        reason = f"auto: {why}"
-    else:
-        bname, reason = cfg.model.backend, "requested"
-    from .sharding import describe_mesh, make_mesh, mesh_record, shard_rows
-
+    _say(f"config: {cfg_source}", q)
     try:
-        mesh = make_mesh(args.devices)
+        make_mesh(args.devices)  # checked here so that the error names the flag
     except ValueError as err:
         raise SystemExit(f"error: --devices: {err}") from None
-    if mesh is not None:
-        X, y = shard_rows(mesh, X), shard_rows(mesh, y)
-    backend = make_backend(bname, cfg.model.kernel, tile=cfg.model.tile, mesh=mesh)
-    _say(f"backend: {bname} ({reason}); kernel {cfg.model.kernel}, {cfg.model.dtype}, "
-         f"config {cfg_source}", q)
-    _say(f"mesh: {describe_mesh(mesh)}", q)
 
-    # ---- estimator and optimiser: explicit, or chosen and reported
-    from .config import make_optimizer, resolve_optimizer
-    from .mll import choose_estimator
-
-    mll_cfg = cfg.mll_config()
-    estimator, est_reason = choose_estimator(n, mll_cfg)
-    opt_name, opt_reason = resolve_optimizer(cfg.optim.optimizer, estimator)
-    _say(f"estimator: {estimator} ({est_reason}); optimiser: {opt_name} ({opt_reason})", q)
-
-    # ---- training
-    epochs = cfg.train.epochs
+    # ---- training: the estimator, with checkpoints and a stop on SIGINT/SIGTERM
     run_id = f"{name}-split{args.split}-seed{cfg.train.seed}"
     ckpt = Path(args.checkpoint) if args.checkpoint else REPO / "results" / "checkpoints" / (
         run_id + ".ckpt")
     if args.resume and not ckpt.exists():
         raise SystemExit(f"error: --resume: no checkpoint at {ckpt}; run without --resume first "
                          "(or pass --checkpoint PATH)")
-    es = (EarlyStopping(cfg.train.patience, cfg.train.min_delta)
-          if cfg.train.early_stopping else None)
-    settings = {"config": {k: v for k, v in cfg.to_dict().items() if k != "predict"},
-                "dataset": name, "split": args.split}
-    settings["config"]["train"] = {k: v for k, v in settings["config"]["train"].items()
-                                   if k != "epochs"}
-    params0 = initial_params(cfg.train.init, d, dtype, cfg.train.seed)
+    model = GPRegressor(config=cfg, devices=args.devices, verbose=not q)
     t_start = time.time()
-    init_info = None
-    if cfg.train.init_subset and n > cfg.train.init_subset and not args.resume:
-        from .train import subset_start
-
-        params0, init_info = subset_start(
-            X, y, params0, kernel=cfg.model.kernel, size=cfg.train.init_subset,
-            seed=cfg.train.seed, noise_floor=cfg.model.noise_floor)
-        _say(f"start: exact fit on {init_info['size']} random rows ({init_info['evaluations']} "
-             f"evaluations, {init_info['seconds']:.1f} s, loss {init_info['loss']:.4f})", q)
     with _StopFlag(q) as stop:
-        result = fit(
-            X, y, kernel=cfg.model.kernel, backend=backend, mll_config=mll_cfg,
-            optimizer=make_optimizer(cfg.optim, epochs, estimator), epochs=epochs,
-            params0=params0, converge_tol=cfg.train.converge_tol,
-            seed=cfg.train.seed, early_stopping=es, checkpoint_path=ckpt,
-            checkpoint_every=cfg.train.checkpoint_every, resume=args.resume,
-            progress=False if q else None, log_every=cfg.train.log_every,
-            callback=lambda rec, state: stop.signal is not None, settings=settings,
+        model.fit(
+            X_train, y_train, checkpoint=ckpt, resume=args.resume,
+            callback=lambda rec, state: stop.signal is not None,
+            settings={"dataset": name, "split": args.split},
+            progress=False if q else "auto",
         )
-    train_seconds = time.time() - t_start
-    hist = result.history
+    hist = model.history_
     interrupted = stop.signal is not None
-    params = result.params
-    _say(f"stopped: {result.stopped_reason}", q)
-
     record = {
         "dataset": name,
         "split": args.split,
-        "backend": bname,
-        "backend_reason": reason,
-        "mesh": mesh_record(mesh),
-        "estimator": estimator,
-        "estimator_reason": est_reason,
-        "optimizer": opt_name,
-        "optimizer_reason": opt_reason,
+        "backend": model.backend_,
+        "backend_reason": model.backend_reason_,
+        "mesh": model.mesh_record_,
+        "estimator": model.estimator_,
+        "estimator_reason": model.estimator_reason_,
+        "optimizer": model.optimizer_,
+        "optimizer_reason": model.optimizer_reason_,
         "dtype": cfg.model.dtype,
         "kernel": cfg.model.kernel,
         "config": cfg.to_dict(),
@@ -227,29 +182,28 @@ def cmd_fit(args) -> int:
         "command": sys.argv,
         "started": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
         "n_train": n,
-        "n_test": int(split.X_test.shape[0]),
+        "n_test": int(X_test.shape[0]),
         "d": d,
         "checkpoint": str(ckpt),
-        "stopped_reason": result.stopped_reason,
+        "stopped_reason": model.stopped_reason_,
         # the subset fit the run started from ([train] init_subset), its seconds included in
         # train_seconds
-        "init_subset": init_info,
+        "init_subset": model.init_subset_,
         "complete": not interrupted and len(hist) > 0,
         "history": hist,
         # L-BFGS records the value at the parameters it returns; Adam the one entering its last
         # step
         "final_train_loss": hist[-1].get("new_loss", hist[-1]["loss"]) if hist else None,
         "seconds_per_epoch": (float(np.median([h["seconds"] for h in hist])) if hist else None),
-        "train_seconds": train_seconds,
-        "compile_seconds": result.info.get("compile_seconds"),
+        "train_seconds": model.fit_seconds_,
+        "compile_seconds": model.fit_info_.get("compile_seconds"),
     }
-    h = constrain(params, cfg.model.noise_floor)
-    y_scale = float(split.y_std)
+    hp = model.hyperparameters_
     record["hyperparameters"] = {
-        "lengthscale": (np.asarray(h.lengthscale, np.float64) * np.asarray(split.x_std)).tolist(),
-        "outputscale": float(h.outputscale) * y_scale**2,
-        "noise": float(h.noise) * y_scale**2,
-        "mean": float(params.mean) * y_scale + float(split.y_mean),
+        "lengthscale": np.asarray(hp["lengthscale"], np.float64).tolist(),
+        "outputscale": hp["outputscale"],
+        "noise": hp["noise"],
+        "mean": hp["mean"],
     }
 
     out = record_path(args.out, run_id)
@@ -262,56 +216,29 @@ def cmd_fit(args) -> int:
         return 130
 
     # ---- prediction on the test split, in the target's units
+    if model.predict_dtype_ != cfg.model.dtype:
+        _say(f"prediction in {model.predict_dtype_} (the exact estimator's precision)", q)
     t0 = time.time()
-    pc = cfg.predict
-    pred_tol = pc.cg_tol
-    Xp, yp, pp = X, y, params
-    # the exact estimator's dense Cholesky also serves prediction (exact mean and variance)
-    solver = "cholesky" if estimator == "exact" else "cg"
-    if estimator == "exact" and dtype != jnp.float64:
-        # The loss was computed in float64 because K is too ill-conditioned for float32 at
-        # these hyperparameters (small n, noise near its floor); predict the same way.
-        Xp, yp = X.astype(jnp.float64), y.astype(jnp.float64)
-        pp = type(params)(*(jnp.asarray(a, jnp.float64) for a in params))
-        pred_tol = min(pc.cg_tol, gpred.default_cg_tol(jnp.float64))
-        _say("prediction in float64 (the exact estimator's precision)", q)
-    Xt = jnp.asarray(split.X_test, Xp.dtype)
-    alpha, info = gpred.mean_weights(
-        Xp, yp, pp, backend=backend, noise_floor=cfg.model.noise_floor,
-        precond_rank=max(cfg.mll.precond_rank, 15), tol=pred_tol, max_iter=pc.max_cg_iter,
-        solver=solver)
-    mean = gpred.predict_mean(Xt, Xp, alpha, pp, kernel=cfg.model.kernel,
-                              noise_floor=cfg.model.noise_floor, batch_size=pc.batch_size)
-    var = gpred.predict_variance(
-        Xt, Xp, pp, backend=backend, method=pc.variance, noise_floor=cfg.model.noise_floor,
-        precond_rank=max(cfg.mll.precond_rank, 15), tol=pred_tol, max_iter=pc.max_cg_iter,
-        y=yp, love_rank=pc.love_rank, batch_size=pc.batch_size, solver=solver)
-    mean = np.asarray(mean, np.float64) * y_scale + float(split.y_mean)
-    var = np.asarray(var, np.float64) * y_scale**2
-    y_test = np.asarray(split.y_test, np.float64) * y_scale + float(split.y_mean)
-    err = y_test - mean
+    mean, std = model.predict(X_test, return_std=True)
+    var = std**2
+    err = np.asarray(y_test, np.float64) - mean
     rmse = float(np.sqrt(np.mean(err**2)))
     nll = float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * err**2 / var))
+    solve = model.solve_info_
     record.update(
-        test_rmse=rmse, test_nll=nll, predict_seconds=time.time() - t0,
-        predict_cg_iterations=int(info.iterations),
-        predict_cg_residual=float(np.max(np.asarray(info.residual))),
-        variance_method=pc.variance if pc.variance != "auto" else gpred.choose_variance(n)[0],
-        predict_solver=solver,
+        test_rmse=rmse, test_nll=nll,
+        predict_seconds=solve["seconds"] + time.time() - t0,
+        predict_cg_iterations=solve["iterations"], predict_cg_residual=solve["residual"],
+        variance_method=model.variance_, predict_solver=model.solver_,
     )
     _write_json_atomic(out, record)
     if args.save_model:
-        from .model import GPRegressor
-
-        GPRegressor.from_fitted(
-            X_train=split.X_train, y_train=split.y_train, params=params, split=split,
-            config=cfg, backend=bname,
-        ).save(args.save_model)
+        model.save(args.save_model)
         _say(f"model saved to {args.save_model}", q)
 
     print(f"test RMSE {rmse:.4f}   test NLL {nll:.4f}   final train loss "
           f"{record['final_train_loss']:.4f}   {record['seconds_per_epoch']:.2f} s/epoch "
-          f"({len(hist)} epochs, {train_seconds:.0f} s training, "
+          f"({len(hist)} epochs, {model.fit_seconds_:.0f} s training, "
           f"{record['predict_seconds']:.0f} s prediction)")
     print(f"run record: {out}")
     return 0

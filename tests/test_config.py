@@ -82,7 +82,7 @@ def test_roundtrip_and_overrides():
     with pytest.raises(ValueError, match="'nope'"):
         cfg.with_overrides(nope=1)
     with pytest.raises(ValueError, match=r"\[train\] epochs"):
-        cfg.with_overrides(epochs=0)
+        cfg.with_overrides(epochs=-1)
 
 
 def _write(tmp_path, text):
@@ -128,7 +128,7 @@ def test_int_accepted_for_float(tmp_path):
 @pytest.mark.parametrize(
     "text, key",
     [
-        ("[train]\nepochs = 0\n", "epochs"),
+        ("[train]\nepochs = -1\n", "epochs"),
         ("[mll]\nnum_probes = 0\n", "num_probes"),
         ("[mll]\nlanczos_depth = -1\n", "lanczos_depth"),
         ("[optim]\nlr = 0.0\n", "lr"),
@@ -206,7 +206,7 @@ def test_make_optimizer(kw):
 
 def test_cosine_without_length_is_an_error():
     with pytest.raises(ValueError, match="decay_epochs"):
-        make_optimizer(OptimConfig(schedule="cosine"))
+        make_optimizer(OptimConfig(optimizer="adam", schedule="cosine"))
 
 
 def test_auto_optimizer_follows_the_estimator():
