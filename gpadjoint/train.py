@@ -28,7 +28,6 @@ import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -73,8 +72,8 @@ class Trainer(NamedTuple):
 
     init(params, key) -> TrainState; step(state) -> (state, metrics);
     compile(state) -> seconds spent compiling (~0 when already compiled);
-    trace_count() -> how often the step for these settings has been traced in this process
-    (stays 1 over any number of steps).
+    trace_count() -> how often this trainer's step has been traced (stays 1 over any number of
+    steps).
     """
 
     init: Callable[..., TrainState]
@@ -185,13 +184,14 @@ def make_trainer(
     A step whose loss, gradient or updated parameters are not all finite returns the input state
     unchanged (``metrics["ok"]`` False); the caller decides what to do.
 
-    The step is compiled once per (backend, mll_config, optimizer, shapes and dtypes): trainers
-    for the same settings share the executable, e.g. a resumed run does not compile again.
+    The step is jitted once per trainer (a pure function of the state, with the data, backend,
+    estimator settings and optimiser closed over) and compiled on the first :meth:`compile` or
+    step; nothing is cached at module level, so a trainer's executable lives and dies with it.
     """
     X = jnp.asarray(X)
     y = jnp.asarray(y)
     dtype = X.dtype
-    static = (backend, mll_config, optimizer)
+    traces = [0]
 
     def init(params: Params, key) -> TrainState:
         params = Params(*(jnp.asarray(p, dtype) for p in params))
@@ -208,15 +208,19 @@ def make_trainer(
             last_alpha=jnp.zeros(X.shape[0], dtype) if warm_start else None,
         )
 
+    def pure_step(state: TrainState, X, y):
+        traces[0] += 1  # runs only while tracing
+        return _train_step(state, X, y, backend=backend, mll_config=mll_config,
+                           optimizer=optimizer)
+
+    jitted = jax.jit(pure_step)
+    executables: dict = {}  # this trainer's, by input signature (compile() times the first)
+
     def executable(state: TrainState):
-        sig = (static, _signature((state, X, y)))
-        exe = _COMPILED.get(sig)
-        if exe is None:
-            exe = _train_step.lower(
-                state, X, y, backend=backend, mll_config=mll_config, optimizer=optimizer
-            ).compile()
-            _COMPILED[sig] = exe
-        return exe
+        sig = _signature((state, X, y))
+        if sig not in executables:
+            executables[sig] = jitted.lower(state, X, y).compile()
+        return executables[sig]
 
     def compile(state: TrainState) -> float:
         t0 = time.perf_counter()
@@ -226,12 +230,7 @@ def make_trainer(
     def step(state: TrainState):
         return executable(state)(state, X, y)
 
-    return Trainer(init, step, compile, lambda: _TRACES.get(static, 0))
-
-
-# Compiled steps by (static settings, input signature), and how often each setting was traced.
-_COMPILED: dict = {}
-_TRACES: dict = {}
+    return Trainer(init, step, compile, lambda: traces[0])
 
 
 def _signature(tree):
@@ -245,10 +244,8 @@ def _weak(a) -> bool:
     return bool(getattr(a, "weak_type", False))
 
 
-@partial(jax.jit, static_argnames=("backend", "mll_config", "optimizer"))
 def _train_step(state: TrainState, X, y, *, backend, mll_config, optimizer):
-    static = (backend, mll_config, optimizer)
-    _TRACES[static] = _TRACES.get(static, 0) + 1  # runs only while tracing
+    """One epoch: value and gradient at the state's parameters, one optimiser update (traced)."""
     key = jax.random.fold_in(state.key, state.epoch)
 
     def loss(p):
