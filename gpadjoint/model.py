@@ -261,8 +261,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
         Returns self.
         """
-        from .config import make_optimizer, resolve_optimizer
         from .data import normalisation
+        from .optimizers import make_optimizer, resolve_optimizer
         from .train import EarlyStopping, initial_params, subset_start
         from .train import fit as train_fit
 

@@ -11,9 +11,9 @@ from gpadjoint.config import (
     OptimConfig,
     RunConfig,
     load_config,
-    make_optimizer,
 )
 from gpadjoint.mll import MLLConfig
+from gpadjoint.optimizers import make_optimizer
 from gpadjoint.train import LBFGS
 
 if sys.version_info >= (3, 11):
@@ -214,7 +214,8 @@ def test_auto_optimizer_follows_the_estimator():
     import jax.numpy as jnp
     import numpy as np
 
-    from gpadjoint.config import OptimConfig, make_optimizer, resolve_optimizer
+    from gpadjoint.config import OptimConfig
+    from gpadjoint.optimizers import make_optimizer, resolve_optimizer
 
     assert resolve_optimizer("auto", "exact")[0] == "lbfgs"
     assert resolve_optimizer("auto", "slq")[0] == "lbfgs"

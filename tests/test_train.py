@@ -295,7 +295,8 @@ def test_input_validation(data64):
 def test_exact_estimator_with_auto_optimizer_reaches_the_optimum(data64):
     # n = 200 <= exact_max_n: "auto" takes the float64 Cholesky loss and L-BFGS, which must
     # land on scipy's L-BFGS-B optimum of the same loss and stop by itself once converged.
-    from gpadjoint.config import OptimConfig, make_optimizer
+    from gpadjoint.config import OptimConfig
+    from gpadjoint.optimizers import make_optimizer
 
     X, y = data64
     _, best = _exact_fit(X, y)
