@@ -35,12 +35,9 @@ from .checkpoint import load_checkpoint, run_fingerprint, save_checkpoint  # noq
 from .kernels import Params, constrain, init_params
 from .matvec import Backend, choose_backend, make_backend
 from .mll import MLLConfig, choose_estimator, neg_mll
+from .solve import CGConvergenceWarning
 
 _DEFAULT_MLL = MLLConfig()
-
-
-class CGConvergenceWarning(RuntimeWarning):
-    """CG stopped at ``cg_max_iter`` without reaching ``cg_tol`` during training."""
 
 
 class TrainState(NamedTuple):
