@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -199,12 +200,46 @@ def _keops_unavailable(monkeypatch):
     make_backend("keops", "matern32")
 
 
+# What the user saw in each case, in CASES order: (entry point, bad input, error, message).
+SEEN: list[tuple[str, str, str, str]] = []
+
+
 @pytest.mark.parametrize(
     "entry,what,action,exc,pattern", CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES]
 )
 def test_bad_input_is_named(entry, what, action, exc, pattern, tmp_path, monkeypatch):
-    with pytest.raises(exc, match=pattern):
+    with pytest.raises(exc, match=pattern) as info:
         if action is None:
             _keops_unavailable(monkeypatch)
         else:
             action(tmp_path)
+    SEEN.append((entry, what, type(info.value).__name__,
+                 str(info.value).replace(str(tmp_path), "…")))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _table_of_messages():
+    """With GPADJ_BAD_INPUT_TABLE=PATH set, write what the user saw as a Markdown table there.
+
+    ``scripts/bad_input_table.py`` sets it (and GPADJ_COMMIT) to write results/bad_inputs.md.
+    """
+    yield
+    out = os.environ.get("GPADJ_BAD_INPUT_TABLE")
+    if not out:
+        return
+    lines = [
+        "# What the user sees for bad input",
+        "",
+        f"Written by `scripts/bad_input_table.py` (commit {os.environ.get('GPADJ_COMMIT', '?')}) "
+        "from the cases of `tests/test_bad_input.py`, which asserts these messages. Paths "
+        "shortened to `…/`.",
+        "",
+        "| entry point | bad input | error | message |",
+        "|---|---|---|---|",
+    ]
+    for entry, what, name, msg in SEEN:
+        msg = " ".join(msg.split())
+        msg = msg if len(msg) <= 300 else msg[:297] + "..."
+        msg = msg.replace("|", "\\|")
+        lines.append(f"| {entry} | {what} | {name} | {msg} |")
+    Path(out).write_text("\n".join(lines) + "\n")
