@@ -106,6 +106,7 @@ def cmd_fit(args) -> int:
     import numpy as np
 
     from . import data as gdata
+    from . import datasets as gdatasets
     from .model import GPRegressor
     from .sharding import make_mesh
 
@@ -121,7 +122,7 @@ def cmd_fit(args) -> int:
     if args.dataset and args.data:
         raise SystemExit("error: give either --dataset NAME or --data FILE.csv, not both")
     if args.dataset:
-        split = gdata.load_dataset(args.dataset, args.split, scale_y=cfg.model.scale_y)
+        split = gdatasets.load_dataset(args.dataset, args.split, scale_y=cfg.model.scale_y)
         name = args.dataset
     elif args.data:
         if not args.target:
@@ -246,13 +247,13 @@ def cmd_fit(args) -> int:
 
 def cmd_datasets(args) -> int:
     """`gpadjoint datasets`: one line per data set."""
-    from .data import list_datasets
+    from .datasets import list_datasets
 
     rows = list_datasets()
     print(f"{'name':16s} {'n':>8s} {'d':>4s}  {'splits':>6s}  shipped")
     for r in rows:
         print(f"{r['name']:16s} {r['n']:8d} {r['d']:4d}  {r['n_splits']:6d}  "
-              f"{'yes' if r['shipped'] else 'no (gpadjoint.data.download_dataset)'}")
+              f"{'yes' if r['shipped'] else 'no (gpadjoint.datasets.download_dataset)'}")
     return 0
 
 

@@ -153,7 +153,7 @@ def seed_for(split: int) -> int:
 
 def load_split(ds: str, split: int):
     """Split ``split`` of data set ``ds`` in the benchmarks' units: z-scored X, centred y."""
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
 
     return load_dataset(ds, split, scale_y=False)
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import gpadjoint.data as D
+import gpadjoint.datasets as DS
 from gpadjoint.cli import main as cli_main
 from gpadjoint.config import load_config
 from gpadjoint.model import GPRegressor
@@ -66,7 +67,7 @@ def write(tmp: Path, name: str, text: str) -> Path:
 
 
 def corrupted_yacht(tmp: Path) -> Path:
-    shutil.copytree(D.REPO_DATA_DIR / "yacht", tmp / "yacht")
+    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp / "yacht")
     f = tmp / "yacht" / "data.csv.gz"
     raw = bytearray(f.read_bytes())
     raw[100] ^= 0x01
@@ -75,7 +76,7 @@ def corrupted_yacht(tmp: Path) -> Path:
 
 
 def truncated_yacht(tmp: Path) -> Path:
-    shutil.copytree(D.REPO_DATA_DIR / "yacht", tmp / "yacht")
+    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp / "yacht")
     f = tmp / "yacht" / "data.csv.gz"
     f.write_bytes(f.read_bytes()[:200])
     return tmp
@@ -134,7 +135,7 @@ CASES = [
     ("gpadjoint fit --data", "target column that does not exist",
      lambda t: cli("fit", "--data", write(t, "n.csv", NUM_CSV), "--target", "cost"),
      CLIError, "target column 'cost' not in"),
-    ("load_dataset", "unknown data set name", lambda t: D.load_dataset("elevator"),
+    ("load_dataset", "unknown data set name", lambda t: DS.load_dataset("elevator"),
      ValueError, r"Unknown data set 'elevator'.*'elevators'.*yacht"),
     ("gpadjoint fit --dataset", "unknown data set name",
      lambda t: cli("fit", "--dataset", "elevator"), CLIError, r"elevator.*elevators"),
@@ -149,11 +150,11 @@ CASES = [
      lambda t: cli("fit", "--dataset", "yacht", "--backend", "cuda"),
      CLIError, r"invalid choice: 'cuda'"),
     ("load_dataset", "corrupted data file (one flipped bit)",
-     lambda t: D.load_dataset("yacht", data_dir=corrupted_yacht(t)),
-     D.ChecksumError, r"Checksum mismatch for .*yacht/data.csv.gz"),
+     lambda t: DS.load_dataset("yacht", data_dir=corrupted_yacht(t)),
+     DS.ChecksumError, r"Checksum mismatch for .*yacht/data.csv.gz"),
     ("load_dataset", "truncated data file",
-     lambda t: D.load_dataset("yacht", data_dir=truncated_yacht(t)),
-     D.ChecksumError, r"Checksum mismatch for .*yacht/data.csv.gz"),
+     lambda t: DS.load_dataset("yacht", data_dir=truncated_yacht(t)),
+     DS.ChecksumError, r"Checksum mismatch for .*yacht/data.csv.gz"),
     ("config file", "unknown key",
      lambda t: load_config(write(t, "c.toml", "[optim]\nlearning_rate = 0.1\n")),
      ValueError, r"unknown key 'learning_rate' in section \[optim\] \(did you mean 'lr'\?\)"),

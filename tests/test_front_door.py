@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gpadjoint import data as gdata
+from gpadjoint import datasets as gdatasets
 from gpadjoint.cli import main
 from gpadjoint.config import RunConfig, default_config, keywords, load_config
 from gpadjoint.model import GPRegressor
@@ -72,7 +73,7 @@ def _three_routes(tmp_path, settings, cli_data, X, y):
 
 
 def test_cli_config_file_and_keywords_agree_on_yacht(tmp_path):
-    split = gdata.load_dataset("yacht", 0)
+    split = gdatasets.load_dataset("yacht", 0)
     X, y = split.unscale_X(split.X_train), split.unscale_y(split.y_train)
     settings = dict(epochs=6, seed=2, init="normal", kernel="matern52", scale_y=False)
     rec, model = _three_routes(tmp_path, settings, ["--dataset", "yacht"], X, y)
@@ -83,7 +84,7 @@ def test_cli_config_file_and_keywords_agree_on_yacht(tmp_path):
 
 
 def test_cli_config_file_and_keywords_agree_on_an_elevators_subset(tmp_path):
-    s = gdata.load_dataset("elevators", 0)
+    s = gdatasets.load_dataset("elevators", 0)
     Xa, ya = s.unscale_X(s.X_train[:300]), s.unscale_y(s.y_train[:300])
     cols = [f"x{i}" for i in range(Xa.shape[1])]
     import pandas as pd

@@ -181,7 +181,7 @@ def test_yacht_rmse_close_to_sklearn():
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
 
     s = load_dataset("yacht", 0)
     Xtr, Xte = s.unscale_X(s.X_train), s.unscale_X(s.X_test)
