@@ -92,8 +92,11 @@ def upsert_row(path: Path, row: dict, fields: list[str], key_fields: list[str]) 
     replace_rows(path, [row], fields, lambda r: tuple(r[k] for k in key_fields) == key)
 
 
-def run_child(script: Path, spec: dict, timeout: float) -> dict:
-    """Run ``script --child JSON`` in a fresh process; return its last JSON line plus peak RSS."""
+def run_child(script: Path, spec: dict, timeout: float, env: dict | None = None) -> dict:
+    """Run ``script --child JSON`` in a fresh process; return its last JSON line plus peak RSS.
+
+    ``env``: the child's environment (default: this process's), e.g. with XLA_FLAGS set.
+    """
     t0 = time.time()
     try:
         proc = subprocess.run(
@@ -102,6 +105,7 @@ def run_child(script: Path, spec: dict, timeout: float) -> dict:
             text=True,
             timeout=timeout,
             cwd=ROOT,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return {"status": f"timeout>{timeout:.0f}s"}
