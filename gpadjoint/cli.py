@@ -96,6 +96,98 @@ def record_path(out: str | None, run_id: str, now: datetime | None = None) -> Pa
     return Path(out)
 
 
+def _load_split(args, cfg):
+    """Return ``(split, name)``: the shipped split or the user's CSV the command names."""
+    from . import data as gdata
+    from . import datasets as gdatasets
+
+    if args.dataset and args.data:
+        raise SystemExit("error: give either --dataset NAME or --data FILE.csv, not both")
+    if args.dataset:
+        return gdatasets.load_dataset(args.dataset, args.split,
+                                      scale_y=cfg.model.scale_y), args.dataset
+    if args.data:
+        if not args.target:
+            raise SystemExit("error: --data FILE.csv needs --target COLUMN (the column to predict)")
+        split = gdata.load_csv(args.data, args.target, test_fraction=args.test_fraction,
+                               seed=cfg.train.seed, scale_y=cfg.model.scale_y)
+        return split, Path(args.data).stem
+    raise SystemExit("error: say what to fit: --dataset NAME (see `gpadjoint datasets`) "
+                     "or --data FILE.csv --target COLUMN")
+
+
+def _run_record(model, cfg, cfg_source, t_start, *, name, split, n_test, checkpoint,
+                interrupted) -> dict:
+    """Return the run record of a fitted GPRegressor (prediction's keys are added after)."""
+    import numpy as np
+
+    hist = model.history_
+    n, d = model.X_train_.shape
+    record = {
+        "dataset": name,
+        "split": split,
+        "backend": model.backend_,
+        "backend_reason": model.backend_reason_,
+        "mesh": model.mesh_record_,
+        "estimator": model.estimator_,
+        "estimator_reason": model.estimator_reason_,
+        "optimizer": model.optimizer_,
+        "optimizer_reason": model.optimizer_reason_,
+        "dtype": cfg.model.dtype,
+        "kernel": cfg.model.kernel,
+        "config": cfg.to_dict(),
+        "config_source": cfg_source,
+        "seed": cfg.train.seed,
+        "versions": provenance.versions(),
+        "machine": provenance.machine(),
+        "commit": provenance.commit(),
+        "command": sys.argv,
+        "started": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
+        "n_train": n,
+        "n_test": n_test,
+        "d": d,
+        "checkpoint": str(checkpoint),
+        "stopped_reason": model.stopped_reason_,
+        # the subset fit the run started from ([train] init_subset), its seconds included in
+        # train_seconds
+        "init_subset": model.init_subset_,
+        "complete": not interrupted and len(hist) > 0,
+        "history": hist,
+        # L-BFGS records the value at the parameters it returns; Adam the one entering its last
+        # step
+        "final_train_loss": hist[-1].get("new_loss", hist[-1]["loss"]) if hist else None,
+        "seconds_per_epoch": (float(np.median([h["seconds"] for h in hist])) if hist else None),
+        "train_seconds": model.fit_seconds_,
+        "compile_seconds": model.fit_info_.get("compile_seconds"),
+    }
+    hp = model.hyperparameters_
+    record["hyperparameters"] = {
+        "lengthscale": np.asarray(hp["lengthscale"], np.float64).tolist(),
+        "outputscale": hp["outputscale"],
+        "noise": hp["noise"],
+        "mean": hp["mean"],
+    }
+    return record
+
+
+def _test_scores(model, X_test, y_test) -> dict:
+    """Test RMSE and mean NLL of the noisy predictive, in the target's units, and the solve."""
+    import numpy as np
+
+    t0 = time.time()
+    mean, std = model.predict(X_test, return_std=True)
+    var = std**2
+    err = np.asarray(y_test, np.float64) - mean
+    solve = model.solve_info_
+    return dict(
+        test_rmse=float(np.sqrt(np.mean(err**2))),
+        test_nll=float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * err**2 / var)),
+        predict_seconds=solve["seconds"] + time.time() - t0,
+        predict_cg_iterations=solve["iterations"], predict_cg_residual=solve["residual"],
+        variance_method=model.variance_, predict_solver=model.solver_,
+    )
+
+
 def cmd_fit(args) -> int:
     """`gpadjoint fit`: :class:`~gpadjoint.model.GPRegressor` on a split, plus a run record.
 
@@ -103,10 +195,6 @@ def cmd_fit(args) -> int:
     flags on top; the estimator fits with exactly those (``GPRegressor(config=cfg)``), and the
     record stores them.
     """
-    import numpy as np
-
-    from . import data as gdata
-    from . import datasets as gdatasets
     from .model import GPRegressor
     from .sharding import make_mesh
 
@@ -118,21 +206,7 @@ def cmd_fit(args) -> int:
     )
     q = args.quiet
 
-    # ---- data (in the target's units; the estimator standardises with training statistics)
-    if args.dataset and args.data:
-        raise SystemExit("error: give either --dataset NAME or --data FILE.csv, not both")
-    if args.dataset:
-        split = gdatasets.load_dataset(args.dataset, args.split, scale_y=cfg.model.scale_y)
-        name = args.dataset
-    elif args.data:
-        if not args.target:
-            raise SystemExit("error: --data FILE.csv needs --target COLUMN (the column to predict)")
-        split = gdata.load_csv(args.data, args.target, test_fraction=args.test_fraction,
-                               seed=cfg.train.seed, scale_y=cfg.model.scale_y)
-        name = Path(args.data).stem
-    else:
-        raise SystemExit("error: say what to fit: --dataset NAME (see `gpadjoint datasets`) "
-                         "or --data FILE.csv --target COLUMN")
+    split, name = _load_split(args, cfg)
     X_train, y_train = split.unscale_X(split.X_train), split.unscale_y(split.y_train)
     X_test, y_test = split.unscale_X(split.X_test), split.unscale_y(split.y_test)
     n, d = X_train.shape
@@ -160,52 +234,10 @@ def cmd_fit(args) -> int:
             settings={"dataset": name, "split": args.split},
             progress=False if q else "auto",
         )
-    hist = model.history_
-    interrupted = stop.signal is not None
-    record = {
-        "dataset": name,
-        "split": args.split,
-        "backend": model.backend_,
-        "backend_reason": model.backend_reason_,
-        "mesh": model.mesh_record_,
-        "estimator": model.estimator_,
-        "estimator_reason": model.estimator_reason_,
-        "optimizer": model.optimizer_,
-        "optimizer_reason": model.optimizer_reason_,
-        "dtype": cfg.model.dtype,
-        "kernel": cfg.model.kernel,
-        "config": cfg.to_dict(),
-        "config_source": cfg_source,
-        "seed": cfg.train.seed,
-        "versions": provenance.versions(),
-        "machine": provenance.machine(),
-        "commit": provenance.commit(),
-        "command": sys.argv,
-        "started": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
-        "n_train": n,
-        "n_test": int(X_test.shape[0]),
-        "d": d,
-        "checkpoint": str(ckpt),
-        "stopped_reason": model.stopped_reason_,
-        # the subset fit the run started from ([train] init_subset), its seconds included in
-        # train_seconds
-        "init_subset": model.init_subset_,
-        "complete": not interrupted and len(hist) > 0,
-        "history": hist,
-        # L-BFGS records the value at the parameters it returns; Adam the one entering its last
-        # step
-        "final_train_loss": hist[-1].get("new_loss", hist[-1]["loss"]) if hist else None,
-        "seconds_per_epoch": (float(np.median([h["seconds"] for h in hist])) if hist else None),
-        "train_seconds": model.fit_seconds_,
-        "compile_seconds": model.fit_info_.get("compile_seconds"),
-    }
-    hp = model.hyperparameters_
-    record["hyperparameters"] = {
-        "lengthscale": np.asarray(hp["lengthscale"], np.float64).tolist(),
-        "outputscale": hp["outputscale"],
-        "noise": hp["noise"],
-        "mean": hp["mean"],
-    }
+    record = _run_record(model, cfg, cfg_source, t_start, name=name, split=args.split,
+                         n_test=int(X_test.shape[0]), checkpoint=ckpt,
+                         interrupted=stop.signal is not None)
+    hist, interrupted = model.history_, stop.signal is not None
 
     out = record_path(args.out, run_id)
     if interrupted:
@@ -219,19 +251,8 @@ def cmd_fit(args) -> int:
     # ---- prediction on the test split, in the target's units
     if model.predict_dtype_ != cfg.model.dtype:
         _say(f"prediction in {model.predict_dtype_} (the exact estimator's precision)", q)
-    t0 = time.time()
-    mean, std = model.predict(X_test, return_std=True)
-    var = std**2
-    err = np.asarray(y_test, np.float64) - mean
-    rmse = float(np.sqrt(np.mean(err**2)))
-    nll = float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * err**2 / var))
-    solve = model.solve_info_
-    record.update(
-        test_rmse=rmse, test_nll=nll,
-        predict_seconds=solve["seconds"] + time.time() - t0,
-        predict_cg_iterations=solve["iterations"], predict_cg_residual=solve["residual"],
-        variance_method=model.variance_, predict_solver=model.solver_,
-    )
+    record.update(_test_scores(model, X_test, y_test))
+    rmse, nll = record["test_rmse"], record["test_nll"]
     _write_json_atomic(out, record)
     if args.save_model:
         model.save(args.save_model)

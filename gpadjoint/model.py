@@ -262,24 +262,40 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         Returns self.
         """
         from .data import normalisation
-        from .optimizers import make_optimizer, resolve_optimizer
-        from .train import EarlyStopping, initial_params, subset_start
-        from .train import fit as train_fit
 
         cfg = self.run_config()
-        mc, tc = cfg.model, cfg.train
         X, y = self._validate_fit(X, y)
-        n, d = X.shape
-        dtype = jnp.dtype(mc.dtype)
         self.config_ = cfg
         say = print if self.verbose else (lambda *a, **k: None)
-
-        x_mean, x_std, y_mean, y_std = normalisation(X, y, mc.scale_y)
+        x_mean, x_std, y_mean, y_std = normalisation(X, y, cfg.model.scale_y)
         self.X_train_, self.y_train_ = X, y
         self.x_mean_, self.x_std_, self.y_mean_, self.y_std_ = x_mean, x_std, y_mean, y_std
-        mesh = make_mesh(self.devices)
-        Xn, yn = self._internal_train(dtype)
+        backend, optimizer = self._choose(X.shape[0], say)
 
+        t0 = time.time()
+        params, interrupted = self._train(backend, optimizer, say, checkpoint=checkpoint,
+                                          resume=resume, callback=callback, settings=settings,
+                                          progress=progress)
+        self.fit_seconds_ = time.time() - t0
+        say(f"stopped: {self.stopped_reason_}")
+        self.n_iter_ = len(self.history_)
+        self.params_ = Params(*(np.asarray(p) for p in params))
+        self.hyperparameters_ = self._hyperparameters()
+        self._love_cache = {}
+        if interrupted:
+            self.alpha_, self.solve_info_ = None, None
+        else:
+            self._solve_alpha(backend)
+        return self
+
+    def _choose(self, n: int, say):
+        """Resolve and report backend, mesh, variance, estimator and optimiser for n points."""
+        from .optimizers import make_optimizer, resolve_optimizer
+
+        cfg = self.config_
+        mc = cfg.model
+        dtype = jnp.dtype(mc.dtype)
+        mesh = make_mesh(self.devices)
         if mc.backend == "auto":
             name, reason = choose_backend(n, dtype)
             reason = f"auto: {reason}"
@@ -295,21 +311,30 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             self.variance_reason_ = f"auto: {why}"
         else:
             self.variance_, self.variance_reason_ = cfg.predict.variance, "requested"
-        mll_config = self._mll_config(n)
-        self.estimator_, self.estimator_reason_ = choose_estimator(n, mll_config)
+        self.estimator_, self.estimator_reason_ = choose_estimator(n, self._mll_config(n))
         if isinstance(self.optimizer, optax.GradientTransformation):
             optimizer = self.optimizer
             self.optimizer_, self.optimizer_reason_ = "given", "an optax transformation"
         else:
-            optimizer = make_optimizer(cfg.optim, tc.epochs, self.estimator_)
+            optimizer = make_optimizer(cfg.optim, cfg.train.epochs, self.estimator_)
             self.optimizer_, self.optimizer_reason_ = resolve_optimizer(
                 cfg.optim.optimizer, self.estimator_)
         say(f"estimator: {self.estimator_} ({self.estimator_reason_}); optimiser: "
             f"{self.optimizer_} ({self.optimizer_reason_})")
+        return backend, optimizer
 
+    def _train(self, backend, optimizer, say, *, checkpoint, resume, callback, settings,
+               progress):
+        """Train from the configured start (subset start included) -> (params, interrupted)."""
+        from .train import EarlyStopping, initial_params, subset_start
+        from .train import fit as train_fit
+
+        cfg = self.config_
+        mc, tc = cfg.model, cfg.train
+        Xn, yn = self._internal_train(jnp.dtype(mc.dtype))
+        n, d = Xn.shape
         self.seed_ = tc.seed
-        params0 = initial_params(tc.init, d, dtype, tc.seed)
-        t0 = time.time()
+        params0 = initial_params(tc.init, d, jnp.dtype(mc.dtype), tc.seed)
         self.init_subset_ = None
         if tc.init_subset and n > tc.init_subset and not resume and tc.epochs > 0:
             params0, self.init_subset_ = subset_start(
@@ -318,48 +343,34 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             i = self.init_subset_
             say(f"start: exact fit on {i['size']} random rows ({i['evaluations']} evaluations, "
                 f"{i['seconds']:.1f} s, loss {i['loss']:.4f})")
-        interrupted = False
-        if tc.epochs > 0:
-            fingerprint = {"config": {k: v for k, v in cfg.to_dict().items() if k != "predict"}}
-            fingerprint["config"]["train"] = {
-                k: v for k, v in fingerprint["config"]["train"].items() if k != "epochs"}
-            stop = []
-
-            def on_epoch(rec, state):
-                if callback is not None and callback(rec, state) is True:
-                    stop.append(True)
-                    return True
-                return False
-
-            result = train_fit(
-                Xn, yn, kernel=mc.kernel, backend=backend, mll_config=mll_config,
-                optimizer=optimizer, epochs=tc.epochs, params0=params0, seed=tc.seed,
-                early_stopping=(EarlyStopping(tc.patience, tc.min_delta)
-                                if tc.early_stopping else None),
-                checkpoint_path=checkpoint, checkpoint_every=tc.checkpoint_every,
-                resume=resume, progress=_progress(progress, self.verbose),
-                log_every=tc.log_every, callback=on_epoch, converge_tol=tc.converge_tol,
-                settings={**fingerprint, **(settings or {})},
-            )
-            params, self.history_, self.stopped_reason_ = (
-                result.params, result.history, result.stopped_reason
-            )
-            self.fit_info_ = result.info
-            interrupted = bool(stop)
-        else:
-            params, self.history_, self.stopped_reason_ = params0, [], "epochs=0: not trained"
+        if tc.epochs == 0:
+            self.history_, self.stopped_reason_ = [], "epochs=0: not trained"
             self.fit_info_ = {}
-        self.fit_seconds_ = time.time() - t0
-        say(f"stopped: {self.stopped_reason_}")
-        self.n_iter_ = len(self.history_)
-        self.params_ = Params(*(np.asarray(p) for p in params))
-        self.hyperparameters_ = self._hyperparameters()
-        self._love_cache = {}
-        if interrupted:
-            self.alpha_, self.solve_info_ = None, None
-        else:
-            self._solve_alpha(backend)
-        return self
+            return params0, False
+        # a checkpoint belongs to these settings (all but the epoch count and prediction's)
+        run = {k: v for k, v in cfg.to_dict().items() if k != "predict"}
+        run["train"] = {k: v for k, v in run["train"].items() if k != "epochs"}
+        stop = []
+
+        def on_epoch(rec, state):
+            if callback is not None and callback(rec, state) is True:
+                stop.append(True)
+                return True
+            return False
+
+        result = train_fit(
+            Xn, yn, kernel=mc.kernel, backend=backend, mll_config=self._mll_config(n),
+            optimizer=optimizer, epochs=tc.epochs, params0=params0, seed=tc.seed,
+            early_stopping=(EarlyStopping(tc.patience, tc.min_delta)
+                            if tc.early_stopping else None),
+            checkpoint_path=checkpoint, checkpoint_every=tc.checkpoint_every,
+            resume=resume, progress=_progress(progress, self.verbose),
+            log_every=tc.log_every, callback=on_epoch, converge_tol=tc.converge_tol,
+            settings={"config": run, **(settings or {})},
+        )
+        self.history_, self.stopped_reason_ = result.history, result.stopped_reason
+        self.fit_info_ = result.info
+        return result.params, bool(stop)
 
     def _solve_alpha(self, backend) -> None:
         """Set ``alpha_`` and the prediction engine that follows the estimator.
