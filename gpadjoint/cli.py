@@ -96,132 +96,43 @@ def record_path(out: str | None, run_id: str, now: datetime | None = None) -> Pa
     return Path(out)
 
 
-def cmd_fit(args) -> int:
-    """`gpadjoint fit`: train, evaluate on the test split, write the run record."""
-    import jax.numpy as jnp
-    import numpy as np
-
+def _load_split(args, cfg):
+    """Return ``(split, name)``: the shipped split or the user's CSV the command names."""
     from . import data as gdata
-    from . import predict as gpred
-    from .kernels import constrain
-    from .matvec import choose_backend, make_backend
-    from .train import LBFGS, EarlyStopping, fit, initial_params
+    from . import datasets as gdatasets
 
-    cfg, cfg_source = _load_run_config(args.config)
-    cfg = cfg.with_overrides(
-        model__backend=args.backend, model__dtype=args.dtype, model__kernel=args.kernel,
-        train__epochs=args.epochs, optim__lr=args.lr, train__seed=args.seed,
-    )
-    q = args.quiet
-    dtype = jnp.float32 if cfg.model.dtype == "float32" else jnp.float64
-
-    # ---- data
-    scale_y = cfg.model.scale_y if args.scale_y is None else args.scale_y
     if args.dataset and args.data:
         raise SystemExit("error: give either --dataset NAME or --data FILE.csv, not both")
     if args.dataset:
-        split = gdata.load_dataset(args.dataset, args.split, scale_y=scale_y)
-        name = args.dataset
-    elif args.data:
+        return gdatasets.load_dataset(args.dataset, args.split,
+                                      scale_y=cfg.model.scale_y), args.dataset
+    if args.data:
         if not args.target:
             raise SystemExit("error: --data FILE.csv needs --target COLUMN (the column to predict)")
         split = gdata.load_csv(args.data, args.target, test_fraction=args.test_fraction,
-                               seed=cfg.train.seed, scale_y=scale_y)
-        name = Path(args.data).stem
-    else:
-        raise SystemExit("error: say what to fit: --dataset NAME (see `gpadjoint datasets`) "
-                         "or --data FILE.csv --target COLUMN")
-    X = jnp.asarray(split.X_train, dtype)
-    y = jnp.asarray(split.y_train, dtype)
-    n, d = X.shape
-    _say(f"data: {name} split {args.split}: {n} train / {split.X_test.shape[0]} test points, "
-         f"d = {d}", q)
+                               seed=cfg.train.seed, scale_y=cfg.model.scale_y)
+        return split, Path(args.data).stem
+    raise SystemExit("error: say what to fit: --dataset NAME (see `gpadjoint datasets`) "
+                     "or --data FILE.csv --target COLUMN")
 
-    # ---- backend: explicit, or chosen and reported
-    if cfg.model.backend == "auto":
-        bname, why = choose_backend(n, dtype)
-        reason = f"auto: {why}"
-    else:
-        bname, reason = cfg.model.backend, "requested"
-    from .sharding import describe_mesh, make_mesh, mesh_record, shard_rows
 
-    try:
-        mesh = make_mesh(args.devices)
-    except ValueError as err:
-        raise SystemExit(f"error: --devices: {err}") from None
-    if mesh is not None:
-        X, y = shard_rows(mesh, X), shard_rows(mesh, y)
-    backend = make_backend(bname, cfg.model.kernel, tile=cfg.model.tile, mesh=mesh)
-    _say(f"backend: {bname} ({reason}); kernel {cfg.model.kernel}, {cfg.model.dtype}, "
-         f"config {cfg_source}", q)
-    _say(f"mesh: {describe_mesh(mesh)}", q)
+def _run_record(model, cfg, cfg_source, t_start, *, name, split, n_test, checkpoint,
+                interrupted) -> dict:
+    """Return the run record of a fitted GPRegressor (prediction's keys are added after)."""
+    import numpy as np
 
-    # ---- estimator and optimiser: explicit, or chosen and reported
-    from .config import make_optimizer, resolve_optimizer
-    from .mll import choose_estimator
-
-    mll_cfg = cfg.mll_config()
-    estimator, est_reason = choose_estimator(n, mll_cfg)
-    opt_name, opt_reason = resolve_optimizer(cfg.optim.optimizer, estimator)
-    _say(f"estimator: {estimator} ({est_reason}); optimiser: {opt_name} ({opt_reason})", q)
-
-    # ---- training
-    epochs = cfg.train.epochs
-    run_id = f"{name}-split{args.split}-seed{cfg.train.seed}"
-    ckpt = Path(args.checkpoint) if args.checkpoint else REPO / "results" / "checkpoints" / (
-        run_id + ".ckpt")
-    if args.resume and not ckpt.exists():
-        raise SystemExit(f"error: --resume: no checkpoint at {ckpt}; run without --resume first "
-                         "(or pass --checkpoint PATH)")
-    es = (EarlyStopping(cfg.train.patience, cfg.train.min_delta)
-          if cfg.train.early_stopping else None)
-    settings = {"config": {k: v for k, v in cfg.to_dict().items() if k != "predict"},
-                "dataset": name, "split": args.split}
-    settings["config"]["train"] = {k: v for k, v in settings["config"]["train"].items()
-                                   if k != "epochs"}
-    params0 = initial_params(cfg.train.init, d, dtype, cfg.train.seed)
-    t_start = time.time()
-    init_info = metric = None
-    if cfg.train.init_subset and n > cfg.train.init_subset and not args.resume:
-        from .train import subset_start
-
-        params0, init_info = subset_start(
-            X, y, params0, kernel=cfg.model.kernel, size=cfg.train.init_subset,
-            seed=cfg.train.seed, noise_floor=cfg.model.noise_floor)
-        metric = init_info.pop("metric")
-        _say(f"start: exact fit on {init_info['size']} random rows ({init_info['evaluations']} "
-             f"evaluations, {init_info['seconds']:.1f} s, loss {init_info['loss']:.4f})", q)
-    optimizer = make_optimizer(cfg.optim, epochs, estimator)
-    if metric is not None and isinstance(optimizer, LBFGS):
-        # L-BFGS in the coordinates the subset's Hessian whitens (train.LBFGS.metric); a resumed
-        # run takes them from its checkpoint
-        optimizer = optimizer._replace(metric=metric)
-    with _StopFlag(q) as stop:
-        result = fit(
-            X, y, kernel=cfg.model.kernel, backend=backend, mll_config=mll_cfg,
-            optimizer=optimizer, epochs=epochs,
-            params0=params0, converge_tol=cfg.train.converge_tol,
-            seed=cfg.train.seed, early_stopping=es, checkpoint_path=ckpt,
-            checkpoint_every=cfg.train.checkpoint_every, resume=args.resume,
-            progress=False if q else None, log_every=cfg.train.log_every,
-            callback=lambda rec, state: stop.signal is not None, settings=settings,
-        )
-    train_seconds = time.time() - t_start
-    hist = result.history
-    interrupted = stop.signal is not None
-    params = result.params
-    _say(f"stopped: {result.stopped_reason}", q)
-
+    hist = model.history_
+    n, d = model.X_train_.shape
     record = {
         "dataset": name,
-        "split": args.split,
-        "backend": bname,
-        "backend_reason": reason,
-        "mesh": mesh_record(mesh),
-        "estimator": estimator,
-        "estimator_reason": est_reason,
-        "optimizer": opt_name,
-        "optimizer_reason": opt_reason,
+        "split": split,
+        "backend": model.backend_,
+        "backend_reason": model.backend_reason_,
+        "mesh": model.mesh_record_,
+        "estimator": model.estimator_,
+        "estimator_reason": model.estimator_reason_,
+        "optimizer": model.optimizer_,
+        "optimizer_reason": model.optimizer_reason_,
         "dtype": cfg.model.dtype,
         "kernel": cfg.model.kernel,
         "config": cfg.to_dict(),
@@ -233,30 +144,100 @@ def cmd_fit(args) -> int:
         "command": sys.argv,
         "started": datetime.fromtimestamp(t_start, timezone.utc).isoformat(),
         "n_train": n,
-        "n_test": int(split.X_test.shape[0]),
+        "n_test": n_test,
         "d": d,
-        "checkpoint": str(ckpt),
-        "stopped_reason": result.stopped_reason,
+        "checkpoint": str(checkpoint),
+        "stopped_reason": model.stopped_reason_,
         # the subset fit the run started from ([train] init_subset), its seconds included in
         # train_seconds
-        "init_subset": init_info,
+        "init_subset": model.init_subset_,
         "complete": not interrupted and len(hist) > 0,
         "history": hist,
         # L-BFGS records the value at the parameters it returns; Adam the one entering its last
         # step
         "final_train_loss": hist[-1].get("new_loss", hist[-1]["loss"]) if hist else None,
         "seconds_per_epoch": (float(np.median([h["seconds"] for h in hist])) if hist else None),
-        "train_seconds": train_seconds,
-        "compile_seconds": result.info.get("compile_seconds"),
+        "train_seconds": model.fit_seconds_,
+        "compile_seconds": model.fit_info_.get("compile_seconds"),
     }
-    h = constrain(params, cfg.model.noise_floor)
-    y_scale = float(split.y_std)
+    hp = model.hyperparameters_
     record["hyperparameters"] = {
-        "lengthscale": (np.asarray(h.lengthscale, np.float64) * np.asarray(split.x_std)).tolist(),
-        "outputscale": float(h.outputscale) * y_scale**2,
-        "noise": float(h.noise) * y_scale**2,
-        "mean": float(params.mean) * y_scale + float(split.y_mean),
+        "lengthscale": np.asarray(hp["lengthscale"], np.float64).tolist(),
+        "outputscale": hp["outputscale"],
+        "noise": hp["noise"],
+        "mean": hp["mean"],
     }
+    return record
+
+
+def _test_scores(model, X_test, y_test) -> dict:
+    """Test RMSE and mean NLL of the noisy predictive, in the target's units, and the solve."""
+    import numpy as np
+
+    t0 = time.time()
+    mean, std = model.predict(X_test, return_std=True)
+    var = std**2
+    err = np.asarray(y_test, np.float64) - mean
+    solve = model.solve_info_
+    return dict(
+        test_rmse=float(np.sqrt(np.mean(err**2))),
+        test_nll=float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * err**2 / var)),
+        predict_seconds=solve["seconds"] + time.time() - t0,
+        predict_cg_iterations=solve["iterations"], predict_cg_residual=solve["residual"],
+        variance_method=model.variance_, predict_solver=model.solver_,
+    )
+
+
+def cmd_fit(args) -> int:
+    """`gpadjoint fit`: :class:`~gpadjoint.model.GPRegressor` on a split, plus a run record.
+
+    The settings are the config file's (default: the packaged defaults) with the command-line
+    flags on top; the estimator fits with exactly those (``GPRegressor(config=cfg)``), and the
+    record stores them.
+    """
+    from .model import GPRegressor
+    from .sharding import make_mesh
+
+    cfg, cfg_source = _load_run_config(args.config)
+    cfg = cfg.with_overrides(
+        model__backend=args.backend, model__dtype=args.dtype, model__kernel=args.kernel,
+        model__scale_y=args.scale_y, train__epochs=args.epochs, optim__lr=args.lr,
+        train__seed=args.seed,
+    )
+    q = args.quiet
+
+    split, name = _load_split(args, cfg)
+    X_train, y_train = split.unscale_X(split.X_train), split.unscale_y(split.y_train)
+    X_test, y_test = split.unscale_X(split.X_test), split.unscale_y(split.y_test)
+    n, d = X_train.shape
+    _say(f"data: {name} split {args.split}: {n} train / {X_test.shape[0]} test points, "
+         f"d = {d}", q)
+    _say(f"config: {cfg_source}", q)
+    try:
+        make_mesh(args.devices)  # checked here so that the error names the flag
+    except ValueError as err:
+        raise SystemExit(f"error: --devices: {err}") from None
+
+    # ---- training: the estimator, with checkpoints and a stop on SIGINT/SIGTERM
+    run_id = f"{name}-split{args.split}-seed{cfg.train.seed}"
+    ckpt = Path(args.checkpoint) if args.checkpoint else REPO / "results" / "checkpoints" / (
+        run_id + ".ckpt")
+    if args.resume and not ckpt.exists():
+        raise SystemExit(f"error: --resume: no checkpoint at {ckpt}; run without --resume first "
+                         "(or pass --checkpoint PATH)")
+    model = GPRegressor(config=cfg, devices=args.devices, verbose=not q)
+    t_start = time.time()
+    with _StopFlag(q) as stop:
+        model.fit(
+            X_train, y_train, checkpoint=ckpt, resume=args.resume,
+            callback=lambda rec, state: stop.signal is not None,
+            settings={"dataset": name, "split": args.split},
+            progress=False if q else "auto",
+        )
+    record = _run_record(model, cfg, cfg_source, t_start, name=name, split=args.split,
+                         n_test=int(X_test.shape[0]), checkpoint=ckpt,
+                         interrupted=stop.signal is not None)
+    hist, interrupted = model.history_, stop.signal is not None
 
     out = record_path(args.out, run_id)
     if interrupted:
@@ -268,56 +249,18 @@ def cmd_fit(args) -> int:
         return 130
 
     # ---- prediction on the test split, in the target's units
-    t0 = time.time()
-    pc = cfg.predict
-    pred_tol = pc.cg_tol
-    Xp, yp, pp = X, y, params
-    # the exact estimator's dense Cholesky also serves prediction (exact mean and variance)
-    solver = "cholesky" if estimator == "exact" else "cg"
-    if estimator == "exact" and dtype != jnp.float64:
-        # The loss was computed in float64 because K is too ill-conditioned for float32 at
-        # these hyperparameters (small n, noise near its floor); predict the same way.
-        Xp, yp = X.astype(jnp.float64), y.astype(jnp.float64)
-        pp = type(params)(*(jnp.asarray(a, jnp.float64) for a in params))
-        pred_tol = min(pc.cg_tol, gpred.default_cg_tol(jnp.float64))
-        _say("prediction in float64 (the exact estimator's precision)", q)
-    Xt = jnp.asarray(split.X_test, Xp.dtype)
-    alpha, info = gpred.mean_weights(
-        Xp, yp, pp, backend=backend, noise_floor=cfg.model.noise_floor,
-        precond_rank=max(cfg.mll.precond_rank, 15), tol=pred_tol, max_iter=pc.max_cg_iter,
-        solver=solver)
-    mean = gpred.predict_mean(Xt, Xp, alpha, pp, kernel=cfg.model.kernel,
-                              noise_floor=cfg.model.noise_floor, batch_size=pc.batch_size)
-    var = gpred.predict_variance(
-        Xt, Xp, pp, backend=backend, method=pc.variance, noise_floor=cfg.model.noise_floor,
-        precond_rank=max(cfg.mll.precond_rank, 15), tol=pred_tol, max_iter=pc.max_cg_iter,
-        y=yp, love_rank=pc.love_rank, batch_size=pc.batch_size, solver=solver)
-    mean = np.asarray(mean, np.float64) * y_scale + float(split.y_mean)
-    var = np.asarray(var, np.float64) * y_scale**2
-    y_test = np.asarray(split.y_test, np.float64) * y_scale + float(split.y_mean)
-    err = y_test - mean
-    rmse = float(np.sqrt(np.mean(err**2)))
-    nll = float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * err**2 / var))
-    record.update(
-        test_rmse=rmse, test_nll=nll, predict_seconds=time.time() - t0,
-        predict_cg_iterations=int(info.iterations),
-        predict_cg_residual=float(np.max(np.asarray(info.residual))),
-        variance_method=pc.variance if pc.variance != "auto" else gpred.choose_variance(n)[0],
-        predict_solver=solver,
-    )
+    if model.predict_dtype_ != cfg.model.dtype:
+        _say(f"prediction in {model.predict_dtype_} (the exact estimator's precision)", q)
+    record.update(_test_scores(model, X_test, y_test))
+    rmse, nll = record["test_rmse"], record["test_nll"]
     _write_json_atomic(out, record)
     if args.save_model:
-        from .model import GPRegressor
-
-        GPRegressor.from_fitted(
-            X_train=split.X_train, y_train=split.y_train, params=params, split=split,
-            config=cfg, backend=bname,
-        ).save(args.save_model)
+        model.save(args.save_model)
         _say(f"model saved to {args.save_model}", q)
 
     print(f"test RMSE {rmse:.4f}   test NLL {nll:.4f}   final train loss "
           f"{record['final_train_loss']:.4f}   {record['seconds_per_epoch']:.2f} s/epoch "
-          f"({len(hist)} epochs, {train_seconds:.0f} s training, "
+          f"({len(hist)} epochs, {model.fit_seconds_:.0f} s training, "
           f"{record['predict_seconds']:.0f} s prediction)")
     print(f"run record: {out}")
     return 0
@@ -325,13 +268,13 @@ def cmd_fit(args) -> int:
 
 def cmd_datasets(args) -> int:
     """`gpadjoint datasets`: one line per data set."""
-    from .data import list_datasets
+    from .datasets import list_datasets
 
     rows = list_datasets()
     print(f"{'name':16s} {'n':>8s} {'d':>4s}  {'splits':>6s}  shipped")
     for r in rows:
         print(f"{r['name']:16s} {r['n']:8d} {r['d']:4d}  {r['n_splits']:6d}  "
-              f"{'yes' if r['shipped'] else 'no (gpadjoint.data.download_dataset)'}")
+              f"{'yes' if r['shipped'] else 'no (gpadjoint.datasets.download_dataset)'}")
     return 0
 
 

@@ -10,16 +10,20 @@ A run is described by one :class:`RunConfig` with five sections, each a frozen d
 ``train``    epochs, seed, early stopping, checkpoints, initialisation, logging
 ``predict``  CG settings and the variance method for prediction
 
-:func:`load_config` reads a TOML file (stdlib ``tomllib``); missing keys take the defaults below,
-unknown keys and wrong types raise :class:`ValueError` naming the section and key.
-The defaults live in one file shipped inside the package, ``gpadjoint/default.toml``
-(:data:`DEFAULT_CONFIG`, :func:`default_config`), which documents every key; an installed wheel
-reads the same file. ``configs/paper.toml`` is the paper's setup.
+:func:`load_config` reads a TOML file (stdlib ``tomllib``); unknown keys and wrong types raise
+:class:`ValueError` naming the section and key. The defaults live in one file shipped inside the
+package, ``gpadjoint/default.toml`` (:data:`DEFAULT_CONFIG`, :func:`default_config`), which
+documents every key; an installed wheel reads the same file. A key missing from a file, a
+section's dataclass default and ``RunConfig()`` all take its value (only :class:`MLLConfig`
+alone keeps the low-level defaults of :func:`gpadjoint.mll.neg_mll`). :func:`keywords` names
+every setting with one flat name, GPRegressor's keyword arguments. ``configs/paper.toml`` is the
+paper's setup.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +34,24 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
-from .kernels import KERNEL_NAMES, NOISE_FLOOR
+from .kernels import KERNEL_NAMES
 from .matvec import BACKENDS
-from .settings import MLLConfig, Section
+from .settings import ALIASES, MLLConfig, Section
 
-# The packaged defaults (package data, so an installed wheel has them too).
+# The packaged defaults (package data, so an installed wheel has them too): the one place the
+# defaults of a run live. Every section's field defaults below are read from it.
 DEFAULT_CONFIG = Path(__file__).with_name("default.toml")
+
+
+def _read_toml(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        try:
+            return tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
+
+
+_DEFAULTS = _read_toml(DEFAULT_CONFIG)
 
 DTYPES = ("float32", "float64")
 OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
@@ -61,12 +77,12 @@ class ModelConfig(Section):
         "scale_y": bool,
     }
 
-    kernel: str = "matern32"
-    backend: str = "auto"
-    dtype: str = "float32"
-    noise_floor: float = NOISE_FLOOR
-    tile: int = 128
-    scale_y: bool = True
+    kernel: str = _DEFAULTS["model"]["kernel"]
+    backend: str = _DEFAULTS["model"]["backend"]
+    dtype: str = _DEFAULTS["model"]["dtype"]
+    noise_floor: float = _DEFAULTS["model"]["noise_floor"]
+    tile: int = _DEFAULTS["model"]["tile"]
+    scale_y: bool = _DEFAULTS["model"]["scale_y"]
 
     def _validate(self):
         self._choice("kernel", KERNEL_NAMES)
@@ -78,7 +94,7 @@ class ModelConfig(Section):
 
 @dataclass(frozen=True)
 class OptimConfig(Section):
-    """The optax optimiser (see :func:`make_optimizer`); one step per epoch (full batch)."""
+    """The optax optimiser, one step per epoch (built by :mod:`gpadjoint.optimizers`)."""
 
     SECTION: ClassVar[str] = "optim"
     _TYPES: ClassVar[dict[str, type]] = {
@@ -88,22 +104,22 @@ class OptimConfig(Section):
         "lbfgs_memory": int, "lbfgs_rtol": float, "lbfgs_gtol": float,
     }
 
-    optimizer: str = "adam"
-    lr: float = 0.05
-    schedule: str = "constant"
-    decay_epochs: int = 0
-    final_lr_fraction: float = 0.1
-    decay_rate: float = 0.97
-    warmup_epochs: int = 0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    clip_norm: float = 0.0
-    lbfgs_memory: int = 10
-    lbfgs_rtol: float = 1e-5
-    lbfgs_gtol: float = 1e-5
+    optimizer: str = _DEFAULTS["optim"]["optimizer"]
+    lr: float = _DEFAULTS["optim"]["lr"]
+    schedule: str = _DEFAULTS["optim"]["schedule"]
+    decay_epochs: int = _DEFAULTS["optim"]["decay_epochs"]
+    final_lr_fraction: float = _DEFAULTS["optim"]["final_lr_fraction"]
+    decay_rate: float = _DEFAULTS["optim"]["decay_rate"]
+    warmup_epochs: int = _DEFAULTS["optim"]["warmup_epochs"]
+    b1: float = _DEFAULTS["optim"]["b1"]
+    b2: float = _DEFAULTS["optim"]["b2"]
+    eps: float = _DEFAULTS["optim"]["eps"]
+    momentum: float = _DEFAULTS["optim"]["momentum"]
+    weight_decay: float = _DEFAULTS["optim"]["weight_decay"]
+    clip_norm: float = _DEFAULTS["optim"]["clip_norm"]
+    lbfgs_memory: int = _DEFAULTS["optim"]["lbfgs_memory"]
+    lbfgs_rtol: float = _DEFAULTS["optim"]["lbfgs_rtol"]
+    lbfgs_gtol: float = _DEFAULTS["optim"]["lbfgs_gtol"]
 
     def _validate(self):
         self._choice("optimizer", OPTIMIZERS)
@@ -133,20 +149,20 @@ class TrainConfig(Section):
         "init_subset": int,
     }
 
-    epochs: int = 75
-    seed: int = 0
-    early_stopping: bool = False
-    patience: int = 10
-    min_delta: float = 1e-4
-    checkpoint_every: int = 10
-    init: str = "softplus0"
-    log_every: int = 1
-    converge_tol: float = 1e-5
-    init_subset: int = 0
+    epochs: int = _DEFAULTS["train"]["epochs"]
+    seed: int = _DEFAULTS["train"]["seed"]
+    early_stopping: bool = _DEFAULTS["train"]["early_stopping"]
+    patience: int = _DEFAULTS["train"]["patience"]
+    min_delta: float = _DEFAULTS["train"]["min_delta"]
+    checkpoint_every: int = _DEFAULTS["train"]["checkpoint_every"]
+    init: str = _DEFAULTS["train"]["init"]
+    log_every: int = _DEFAULTS["train"]["log_every"]
+    converge_tol: float = _DEFAULTS["train"]["converge_tol"]
+    init_subset: int = _DEFAULTS["train"]["init_subset"]
 
     def _validate(self):
-        self._positive("epochs", "patience", "log_every")
-        self._non_negative("seed", "min_delta", "checkpoint_every", "converge_tol",
+        self._positive("patience", "log_every")
+        self._non_negative("epochs", "seed", "min_delta", "checkpoint_every", "converge_tol",
                            "init_subset")
         self._choice("init", INITS)
 
@@ -161,11 +177,11 @@ class PredictConfig(Section):
         "batch_size": int,
     }
 
-    cg_tol: float = 1e-2
-    max_cg_iter: int = 1000
-    variance: str = "auto"
-    love_rank: int = 100
-    batch_size: int = 1024
+    cg_tol: float = _DEFAULTS["predict"]["cg_tol"]
+    max_cg_iter: int = _DEFAULTS["predict"]["max_cg_iter"]
+    variance: str = _DEFAULTS["predict"]["variance"]
+    love_rank: int = _DEFAULTS["predict"]["love_rank"]
+    batch_size: int = _DEFAULTS["predict"]["batch_size"]
 
     def _validate(self):
         self._positive("cg_tol", "max_cg_iter", "love_rank", "batch_size")
@@ -186,7 +202,8 @@ class RunConfig:
     """A whole run: one frozen dataclass per TOML section."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    mll: MLLConfig = field(default_factory=MLLConfig)
+    # MLLConfig's own defaults are the low-level API's (mll.neg_mll); a run's are default.toml's
+    mll: MLLConfig = field(default_factory=lambda: MLLConfig.from_dict(_DEFAULTS["mll"]))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
@@ -199,13 +216,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """Build from nested tables ``{section: {key: value}}``; missing keys take defaults."""
+        """Build from nested tables ``{section: {key: value}}``; missing keys: default.toml's."""
         for s in d:
             if s not in _SECTIONS:
                 raise ValueError(
                     f"unknown section [{s}]; valid sections: {', '.join(_SECTIONS)}"
                 )
-        return cls(**{s: c.from_dict(d.get(s, {})) for s, c in _SECTIONS.items()})
+            if not isinstance(d[s], dict):
+                raise ValueError(f"[{s}] must be a table, got {type(d[s]).__name__}")
+        return cls(**{s: c.from_dict({**_DEFAULTS[s], **d.get(s, {})})
+                      for s, c in _SECTIONS.items()})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict ``{section: {key: value}}`` (round-trips through from_dict)."""
@@ -255,6 +275,47 @@ class RunConfig:
         return RunConfig.from_dict(d)
 
 
+    def with_keywords(self, **kw) -> RunConfig:
+        """Return a copy with keys replaced by their :func:`keywords` names (GPRegressor's).
+
+        ``None`` values are skipped (``None`` means "keep this config's value").
+        """
+        names = keywords()
+        over = {}
+        for k, v in kw.items():
+            if k not in names:
+                close = [ALIASES[k]] if ALIASES.get(k) in names else (
+                    difflib.get_close_matches(k, list(names), n=1))
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown setting {k!r}{hint}; valid settings: "
+                                 f"{', '.join(names)}")
+            section, key = names[k]
+            over[f"{section}__{key}"] = v
+        return self.with_overrides(**over)
+
+    def to_keywords(self) -> dict[str, Any]:
+        """Every setting under its :func:`keywords` name (``GPRegressor(**cfg.to_keywords())``)."""
+        return {k: getattr(getattr(self, s), key) for k, (s, key) in keywords().items()}
+
+
+def keywords() -> dict[str, tuple[str, str]]:
+    """Return the flat name of every setting -> ``(section, key)``: one vocabulary for all.
+
+    A setting's name is its TOML key; a [predict] key that another section also has takes the
+    prefix ``predict_`` (``predict_cg_tol`` is [predict] cg_tol, ``cg_tol`` is [mll] cg_tol).
+    These are :class:`gpadjoint.model.GPRegressor`'s keyword arguments.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for s, c in _SECTIONS.items():
+        others = {k for s2, c2 in _SECTIONS.items() if s2 != s for k in c2.keys()}
+        for k in c.keys():
+            name = f"predict_{k}" if s == "predict" and k in others else k
+            if name in out:  # pragma: no cover - a new key that collides must be named here
+                raise AssertionError(f"setting name {name!r} is in two sections")
+            out[name] = (s, k)
+    return out
+
+
 def _set(d: dict, section: str, key: str, value):
     valid = _SECTIONS[section].keys()
     if key not in valid:
@@ -267,11 +328,7 @@ def _set(d: dict, section: str, key: str, value):
 def load_config(path) -> RunConfig:
     """Read a TOML run configuration; errors name the file, section and key."""
     path = Path(path)
-    with open(path, "rb") as fh:
-        try:
-            raw = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
+    raw = _read_toml(path)
     try:
         return RunConfig.from_dict(raw)
     except ValueError as e:
@@ -281,88 +338,3 @@ def load_config(path) -> RunConfig:
 def default_config() -> RunConfig:
     """Return the packaged defaults, :data:`DEFAULT_CONFIG` (``gpadjoint/default.toml``)."""
     return load_config(DEFAULT_CONFIG)
-
-
-def resolve_optimizer(name: str, estimator: str) -> tuple[str, str]:
-    """Resolve ``optimizer = "auto"``: L-BFGS with a line search for either estimator.
-
-    The exact loss is deterministic; the SLQ loss is made so by drawing its probes once per run
-    (:class:`gpadjoint.train.LBFGS`), so its value and gradient agree and a line search is sound.
-    """
-    if name != "auto":
-        return name, "requested"
-    if estimator == "exact":
-        return "lbfgs", "auto: the exact loss is deterministic, so L-BFGS with a line search"
-    return "lbfgs", (
-        "auto: SLQ with its probes fixed for the run is a deterministic objective whose exact "
-        "gradient the adjoint gives, so L-BFGS with a line search (it fits to the optimum; Adam "
-        "stops wherever its epochs end)"
-    )
-
-
-def lbfgs():
-    """L-BFGS (optax) with a zoom line search capped at 10 evaluations per step.
-
-    Near the optimum round-off makes the Wolfe conditions unattainable and optax's default cap
-    (20) then spends 20 loss evaluations on one step; 10 loses nothing measurable.
-    """
-    import optax
-
-    return optax.lbfgs(linesearch=optax.scale_by_zoom_linesearch(
-        max_linesearch_steps=10, initial_guess_strategy="one"))
-
-
-def make_optimizer(cfg: OptimConfig, epochs: int | None = None, estimator: str = "slq"):
-    """Build the ``optax.GradientTransformation`` described by ``cfg`` (one step = one epoch).
-
-    ``optimizer = "auto"`` is resolved by :func:`resolve_optimizer` for the given (resolved)
-    estimator. ``lbfgs`` ignores ``lr`` and the schedule (the line search sets the step): with the
-    exact estimator it is ``optax.lbfgs`` with its zoom line search; with SLQ it is
-    :class:`gpadjoint.train.LBFGS` (probes fixed for the run, CG warm-started from the previous
-    evaluation, every evaluation reused; stop rule ``lbfgs_rtol`` / ``lbfgs_gtol``).
-
-    Schedules: ``constant`` (lr); ``cosine`` from lr to ``lr * final_lr_fraction`` over
-    ``decay_epochs`` (0 = ``epochs``, which must then be given); ``exponential`` lr *
-    decay_rate**epoch. ``warmup_epochs`` > 0 prepends a linear warm-up from 0.
-    ``clip_norm`` > 0 clips the gradient's global norm first.
-    """
-    import optax
-
-    name, _ = resolve_optimizer(cfg.optimizer, estimator)
-    if name == "lbfgs" and estimator != "exact":
-        from .train import LBFGS
-
-        if cfg.clip_norm > 0:
-            raise ValueError("[optim] clip_norm does not apply to lbfgs with the slq estimator "
-                             "(its line search sets the step); set clip_norm = 0")
-        return LBFGS(memory_size=cfg.lbfgs_memory, rtol=cfg.lbfgs_rtol, gtol=cfg.lbfgs_gtol)
-    if name == "lbfgs":
-        opt = lbfgs()
-        if cfg.clip_norm > 0:
-            opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-        return opt
-    if cfg.schedule == "constant":
-        sched = cfg.lr
-    elif cfg.schedule == "cosine":
-        steps = cfg.decay_epochs or epochs
-        if not steps:
-            raise ValueError(
-                "[optim] schedule = 'cosine' needs decay_epochs > 0 or the number of epochs"
-            )
-        sched = optax.cosine_decay_schedule(cfg.lr, steps, alpha=cfg.final_lr_fraction)
-    else:
-        sched = optax.exponential_decay(cfg.lr, transition_steps=1, decay_rate=cfg.decay_rate)
-    if cfg.warmup_epochs > 0:
-        after = sched if callable(sched) else optax.constant_schedule(sched)
-        sched = optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_epochs), after], [cfg.warmup_epochs]
-        )
-    if name == "adam":
-        opt = optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    elif name == "adamw":
-        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    else:
-        opt = optax.sgd(sched, momentum=cfg.momentum or None)
-    if cfg.clip_norm > 0:
-        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-    return opt

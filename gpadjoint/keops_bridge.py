@@ -70,7 +70,7 @@ _SCALE = {
 # constants only: KeOps emits rational constants (IntInv, x / IntCst) as float32 literals, which
 # would cap float64 accuracy at ~1e-8, so matern52's 1/3 is applied in JAX instead.
 _RHO = "Norm2(x-y)"
-_K = {
+KEOPS_FORMULAS = {
     "rbf": ("Exp(-SqDist(x,y))", 1.0),
     "matern12": (f"Exp(-{_RHO})", 1.0),
     "matern32": (f"(IntCst(1)+{_RHO})*Exp(-{_RHO})", 1.0),
@@ -84,7 +84,7 @@ _K = {
 # G is finite everywhere: for matern12, k' = -exp(-r)/(2r) blows up at r = 0, but
 # (z_d - z'_d)^2 <= |z - z'|^2 and KeOps' Rsqrt is 0 at 0 (tested with duplicated points), so
 # G = exp(-r) * Rsqrt(r2) * (z_d - z'_d)^2 is bounded by r and exactly 0 when z = z'.
-_GRAD = {  # kernel: (common scalar, Concat parts, gfactor)
+KEOPS_GRADIENTS = {  # kernel: (common scalar, Concat parts, gfactor)
     "rbf": ("Exp(-SqDist(x,y))", "Square(x-y),IntCst(1)", -1.0),
     "matern12": (f"Exp(-{_RHO})", "Rsqrt(SqDist(x,y))*Square(x-y),IntCst(1)", -0.5),
     "matern32": (f"Exp(-{_RHO})", f"Square(x-y),IntCst(1)+{_RHO}", -0.5),
@@ -213,21 +213,22 @@ def keops_device(platform: str | None = None, keops_gpu: bool | None = None) -> 
 
 
 @functools.cache
-def _genred(kind: str, kernel: str, d: int, m: int, dtype: str):
+def genred(kind: str, kernel: str, d: int, m: int, dtype: str):
     """Build the Genred for ``kind`` 'kv' (out (n, m)) or 'grad' (out (n, d + 1))."""
     pknp = _pykeops_numpy()
     if kind == "kv":
-        formula = f"({_K[kernel][0]})*v"
+        formula = f"({KEOPS_FORMULAS[kernel][0]})*v"
         aliases = [f"x = Vi(0,{d})", f"y = Vj(1,{d})", f"v = Vj(2,{m})"]
     else:
-        common, parts, _ = _GRAD[kernel]
+        common, parts, _ = KEOPS_GRADIENTS[kernel]
         # One pass: per i, sum_j w_ij [G(z_i, z_j) (d,), k(z_i, z_j) / factor (1,)].
         formula = f"(({_dot(m)})*{common})*Concat({parts})"
         aliases = [f"x = Vi(0,{d})", f"y = Vj(1,{d})", f"u = Vi(2,{m})", f"v = Vj(3,{m})"]
     return pknp.Genred(formula, aliases, reduction_op="Sum", axis=1, **_ACC_OPTIONS[dtype])
 
 
-def _pad_cols(a: np.ndarray, mb: int) -> np.ndarray:
+def pad_cols(a: np.ndarray, mb: int) -> np.ndarray:
+    """Return ``a`` (n, m) zero-padded to ``mb`` columns, C-contiguous (a KeOps bucket)."""
     m = a.shape[1]
     if m == mb:
         return np.ascontiguousarray(a)
@@ -239,8 +240,8 @@ def _host_kv(kernel: str, device: str, za: np.ndarray, zb: np.ndarray, v: np.nda
     CALL_COUNTS["kv"] += 1
     m = v.shape[1]
     mb = column_bucket(m)
-    red = _genred("kv", kernel, za.shape[1], mb, za.dtype.name)
-    out = red(np.ascontiguousarray(za), np.ascontiguousarray(zb), _pad_cols(v, mb), backend=device)
+    red = genred("kv", kernel, za.shape[1], mb, za.dtype.name)
+    out = red(np.ascontiguousarray(za), np.ascontiguousarray(zb), pad_cols(v, mb), backend=device)
     return out[:, :m]
 
 
@@ -281,8 +282,8 @@ def _host_grad(kernel: str, device: str, z: np.ndarray, u: np.ndarray, v: np.nda
     CALL_COUNTS["grad_columns"] += u.shape[1]
     mb = grad_bucket(u.shape[1])
     z = np.ascontiguousarray(z)
-    red = _genred("grad", kernel, z.shape[1], mb, z.dtype.name)
-    per_i = red(z, z, _pad_cols(u, mb), _pad_cols(v, mb), backend=device)
+    red = genred("grad", kernel, z.shape[1], mb, z.dtype.name)
+    per_i = red(z, z, pad_cols(u, mb), pad_cols(v, mb), backend=device)
     # The sum over i in float64: n terms of mixed sign.
     return per_i.sum(axis=0, dtype=np.float64).astype(z.dtype)
 
@@ -338,14 +339,15 @@ def _grad_sums(kernel, z, u, v):
     )
 
 
-def _scaled(kernel, X, lengthscale):
+def scaled_inputs(kernel, X, lengthscale):
+    """Return X divided by the lengthscales and scaled as the kernel's KeOps formula expects."""
     return X * (_SCALE[kernel] / lengthscale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _matvec(kernel, X, V, hypers):
-    Z = _scaled(kernel, X, hypers.lengthscale)
-    s2k = hypers.outputscale * _K[kernel][1]
+    Z = scaled_inputs(kernel, X, hypers.lengthscale)
+    s2k = hypers.outputscale * KEOPS_FORMULAS[kernel][1]
     return s2k * _kv(kernel, Z, Z, V) + hypers.noise * V
 
 
@@ -355,20 +357,21 @@ def _matvec_fwd(kernel, X, V, hypers):
 
 def _matvec_bwd(kernel, res, U):
     X, V, h = res
-    Z = _scaled(kernel, X, h.lengthscale)
+    Z = scaled_inputs(kernel, X, h.lengthscale)
     # Separate callbacks on purpose: under jit an unused V-bar is dead code and is dropped.
-    V_bar = (h.outputscale * _K[kernel][1]) * _kv(kernel, Z, Z, U) + h.noise * U
+    V_bar = (h.outputscale * KEOPS_FORMULAS[kernel][1]) * _kv(kernel, Z, Z, U) + h.noise * U
     sums = _grad_sums(kernel, Z, U, V)
     # d/dl_d of r2 = -2 xs_d^2 / l_d, so l_bar_d = -2 s2 / l_d * sum_ij w_ij k'(r2) dxs_d^2.
-    ls_bar = (-2.0 * _GRAD[kernel][2]) * h.outputscale * sums[:-1] / h.lengthscale
-    h_bar = Hypers(ls_bar, _K[kernel][1] * sums[-1], jnp.sum(U * V))
+    ls_bar = (-2.0 * KEOPS_GRADIENTS[kernel][2]) * h.outputscale * sums[:-1] / h.lengthscale
+    h_bar = Hypers(ls_bar, KEOPS_FORMULAS[kernel][1] * sums[-1], jnp.sum(U * V))
     return jnp.zeros_like(X), V_bar, h_bar
 
 
 _matvec.defvjp(_matvec_fwd, _matvec_bwd)
 
 
-def _prepare(X, hypers, kernel):
+def prepare_inputs(X, hypers, kernel):
+    """Check X (n, d) and cast X and the hyperparameters as the KeOps reductions take them."""
     get_profile(kernel)  # clear error for unknown names
     X = jnp.asarray(X)
     if X.dtype not in (jnp.float32, jnp.float64) or X.ndim != 2:
@@ -397,7 +400,7 @@ def keops_matvec(X, V, hypers: Hypers, kernel: str) -> jax.Array:
     units of X, outputscale and noise variances in squared target units). Returns V's shape.
     Differentiable in V and hypers (custom VJP with KeOps reductions); X gets a zero cotangent.
     """
-    X, h = _prepare(X, hypers, kernel)
+    X, h = prepare_inputs(X, hypers, kernel)
     V = jnp.asarray(V)
     out = _matvec(kernel, X, _as_columns(V, X.shape[0], X.dtype), h)
     return out.reshape(V.shape)
@@ -408,10 +411,10 @@ def keops_cross_matvec(Xa, Xb, V, hypers: Hypers, kernel: str) -> jax.Array:
 
     Xa: (na, d), Xb: (nb, d), V: (nb,) or (nb, m) -> (na,) or (na, m), in Xa's dtype.
     """
-    Xa, h = _prepare(Xa, hypers, kernel)
+    Xa, h = prepare_inputs(Xa, hypers, kernel)
     Xb = jnp.asarray(Xb).astype(Xa.dtype)
     V = jnp.asarray(V)
     Vc = _as_columns(V, Xb.shape[0], Xa.dtype)
-    za, zb = _scaled(kernel, Xa, h.lengthscale), _scaled(kernel, Xb, h.lengthscale)
-    out = (h.outputscale * _K[kernel][1]) * _kv(kernel, za, zb, Vc)
+    za, zb = scaled_inputs(kernel, Xa, h.lengthscale), scaled_inputs(kernel, Xb, h.lengthscale)
+    out = (h.outputscale * KEOPS_FORMULAS[kernel][1]) * _kv(kernel, za, zb, Vc)
     return out.reshape((Xa.shape[0],) + V.shape[1:])

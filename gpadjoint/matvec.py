@@ -226,6 +226,23 @@ def _blocked_mv_fn(kernel: str, tile: int) -> Callable:
         out = blocks.reshape((nb * t,) + V.shape[1:])[:n]
         return out + hypers.noise * V
 
+    def hypers_vjp(X, U, V, hypers):
+        if kernel in PROFILE_DERIVATIVES:
+            return _blocked_hypers_vjp(kernel, tile, X, U, V, hypers)
+        return _blocked_hypers_vjp_autodiff(tile_rows, tile, X, U, V, hypers)
+
+    return symmetric_operator(forward, hypers_vjp)
+
+
+def symmetric_operator(forward: Callable, hypers_vjp: Callable) -> Callable:
+    """Wrap ``forward(V, X, hypers) = K V`` (K symmetric) as ``mv`` with a memory-light VJP.
+
+    The cotangent of V is ``forward(U, X, hypers)`` (K^T U = K U; dropped as dead code when
+    unused), X gets none (inputs are data), and the hyperparameters get
+    ``hypers_vjp(X, U, V, hypers)``, the gradient of <U, K(hypers) V>: nothing of K is kept
+    for the backward pass. Every backend that never forms K (blocked, KeOps, sharded) uses it.
+    """
+
     @jax.custom_vjp
     def mv(V, X, hypers):
         return forward(V, X, hypers)
@@ -235,12 +252,7 @@ def _blocked_mv_fn(kernel: str, tile: int) -> Callable:
 
     def bwd(res, U):
         V, X, hypers = res
-        Vbar = forward(U, X, hypers)  # K is symmetric; dead code (dropped) when unused
-        if kernel in PROFILE_DERIVATIVES:
-            hbar = _blocked_hypers_vjp(kernel, tile, X, U, V, hypers)
-        else:
-            hbar = _blocked_hypers_vjp_autodiff(tile_rows, tile, X, U, V, hypers)
-        return Vbar, jnp.zeros_like(X), hbar
+        return forward(U, X, hypers), jnp.zeros_like(X), hypers_vjp(X, U, V, hypers)
 
     mv.defvjp(fwd, bwd)
     return mv

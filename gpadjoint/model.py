@@ -19,8 +19,10 @@ predicts the same numbers without refitting.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -29,16 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from sklearn.base import BaseEstimator, RegressorMixin
-from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from . import __version__
 from . import predict as gpred
 from ._io import atomic_write
-from .kernels import KERNEL_NAMES, NOISE_FLOOR, Params, constrain
-from .matvec import BACKENDS, choose_backend, make_backend
-from .mll import ESTIMATORS, MLLConfig, choose_estimator
-from .sharding import describe_mesh, make_mesh, shard_rows
+from .config import RunConfig, default_config, keywords, load_config
+from .kernels import Params, constrain
+from .matvec import choose_backend, make_backend
+from .mll import MLLConfig, choose_estimator
+from .sharding import describe_mesh, make_mesh, mesh_record, shard_rows
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
@@ -48,15 +50,10 @@ except ImportError:  # pragma: no cover - older scikit-learn
         return est._validate_data(*args, **kwargs)
 
 
-MODEL_FORMAT = "gpadjoint-model-v1"
-DTYPES = ("float64", "float32")
-INITS = ("zero", "normal")
-OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
+MODEL_FORMAT = "gpadjoint-model-v2"
 _PARAM_FIELDS = Params._fields
-
-# One optax object per (name, lr): the trainer caches its compiled step keyed on the optimizer
-# object, so refitting with equal settings (cross-validation, clones) does not recompile.
-_OPTIMIZER_CACHE: dict[tuple[str, float], optax.GradientTransformation] = {}
+# GPRegressor's run settings: one keyword per key of a run configuration (config.keywords)
+SETTINGS = tuple(keywords())
 
 
 def _x64(method):
@@ -104,158 +101,130 @@ def _check_finite(A: np.ndarray, what: str) -> None:
     )
 
 
-def _make_optimizer(name, lr, estimator: str) -> tuple[optax.GradientTransformation, str]:
-    if isinstance(name, optax.GradientTransformation):
-        return name, "given"
-    from .config import OptimConfig, make_optimizer, resolve_optimizer
-
-    name, _ = resolve_optimizer(name, estimator)
-    key = (name, float(lr), estimator == "exact")
-    if key not in _OPTIMIZER_CACHE:  # the same builder as the configs, defaults included
-        _OPTIMIZER_CACHE[key] = make_optimizer(
-            OptimConfig(optimizer=name, lr=float(lr)), estimator=estimator)
-    return _OPTIMIZER_CACHE[key], name
-
-
 class GPRegressor(RegressorMixin, BaseEstimator):
     """Gaussian-process regression with hyperparameters fitted by SLQ and the Lanczos adjoint.
 
-    Args:
-        kernel: "matern32" (default), "matern12", "matern52" or "rbf", with ARD lengthscales.
-        backend: "auto" (:func:`gpadjoint.matvec.choose_backend`, reported in ``backend_``),
-            "dense", "blocked" or "keops".
-        estimator: "auto" (default: exact float64 Cholesky for n <= 2000, SLQ above; in
-            ``estimator_``), "slq" or "exact" (:func:`gpadjoint.mll.choose_estimator`).
-        num_probes, lanczos_depth, precond_rank, cg_tol, cg_max_iter: SLQ estimator
-            settings (:class:`gpadjoint.mll.MLLConfig`); depth and rank are clamped to n.
-            ``precond_rank`` and ``cg_max_iter`` also serve the prediction solves.
-        precond_logdet: SLQ on P^{-1/2} K P^{-1/2} with the CG preconditioner P plus the
-            exact log det P (:func:`gpadjoint.logdet.preconditioned_slq_logdet`).
-        epochs: optimiser steps (full batch); 0 keeps the initial parameters. With the exact
-            estimator training stops earlier once converged (loss change < 1e-6 for 5 steps).
-        lr: learning rate of the named optimiser (not used by L-BFGS).
-        optimizer: "auto" (default: L-BFGS with the exact estimator, Adam with SLQ), "adam",
-            "adamw", "sgd", "lbfgs", or any ``optax.GradientTransformation`` (then ``lr`` is
-            ignored).
-        dtype: "float64" (default) or "float32". float64 is the default because this package
-            mostly runs on CPUs, where float64 matmuls cost only ~2x float32, while in float32
-            the solves lose most of their digits once the noise nears its floor (cond(K) ~
-            s2 n / sigma2 reaches 1e5-1e7), which corrupts predictions and variances. Choose
-            float32 on a GPU for large n.
-        noise_floor: lower bound of the noise variance in internal units (y / y_std squared).
-        normalize_y: divide y by its training std (y is always centred).
-        init: "zero" (raw parameters 0: lengthscales, output scale and noise ~0.69) or
-            "normal" (raw N(0, 1), drawn from the seed).
-        predict_cg_tol: relative residual of the prediction solves; None: 1e-8 in float64,
-            1e-3 in float32 (:data:`gpadjoint.predict.DEFAULT_CG_TOL`).
-        variance: "auto", "exact" or "love" (:mod:`gpadjoint.predict`).
-        love_rank: Lanczos depth of the LOVE root (clamped to n).
-        random_state: int seed, a ``numpy.random.RandomState``, or None (a fresh seed per fit,
-            recorded in ``seed_``).
-        verbose: print the backend choice and a progress line while training.
-        devices: None (one device, default), a number N or "all": shard the rows of the data
-            and of every kernel block and Lanczos / CG vector over a mesh of that many devices
-            (:mod:`gpadjoint.sharding`; described in ``mesh_``). Training with the SLQ estimator
-            and prediction use the mesh; the exact estimator's dense Cholesky is not split.
+    Settings: every key of a run configuration is a keyword argument, under the flat name of
+    :func:`gpadjoint.config.keywords` (the TOML key; [predict] cg_tol is ``predict_cg_tol``), and
+    its meaning is the one documented in ``gpadjoint/default.toml``. ``None`` (the default of
+    each) means "the value of ``config``", and ``config=None`` means the packaged defaults, so
+    ``GPRegressor()`` fits exactly as ``gpadjoint fit`` without ``--config`` does, and
+    ``GPRegressor(config="configs/paper.toml")`` as ``gpadjoint fit --config configs/paper.toml``.
+    The resolved settings are :meth:`run_config` (and ``config_`` after fitting). The most used:
 
-    Fitted attributes: ``params_`` (unconstrained, internal units), ``alpha_`` (K^{-1}(y_n -
-    mu)), ``hyperparameters_`` (original units), ``X_train_``, ``y_train_`` (as given),
-    ``x_mean_``, ``x_std_``, ``y_mean_``, ``y_std_``, ``backend_``, ``backend_reason_``,
-    ``estimator_``, ``estimator_reason_``, ``optimizer_``,
-    ``variance_``, ``variance_reason_``, ``history_``, ``stopped_reason_``, ``n_iter_``,
-    ``seed_``, ``n_features_in_``, ``predict_dtype_`` and ``solver_`` (``"float64"`` and
+    - ``kernel``: "matern32", "matern12", "matern52" or "rbf", with ARD lengthscales.
+    - ``backend``: "auto" (:func:`gpadjoint.matvec.choose_backend`, reported in ``backend_``),
+      "dense", "blocked" or "keops".
+    - ``estimator``: "auto" (exact float64 Cholesky for n <= ``exact_max_n``, SLQ above; in
+      ``estimator_``), "slq" or "exact"; ``num_probes``, ``lanczos_depth``, ``precond_rank``,
+      ``cg_tol``, ``cg_min_iter``, ``cg_max_iter``, ``precond_logdet``: the SLQ estimator
+      (:class:`gpadjoint.settings.MLLConfig`; depth, rank and cg_min_iter are clamped to n).
+    - ``optimizer``: "auto" (L-BFGS), "adam", "adamw", "sgd", "lbfgs", or any
+      ``optax.GradientTransformation`` (then ``lr`` and the schedule keys are ignored);
+      ``epochs``: optimiser steps (0 keeps the starting parameters).
+    - ``dtype``: "float64" or "float32"; ``scale_y``: divide y by its training std (y is always
+      centred); ``noise_floor``: lower bound of the noise variance in internal units.
+    - ``seed``: the run's seed (probes, ``init = "normal"``, the ``init_subset`` rows).
+    - ``variance``, ``love_rank``, ``predict_cg_tol``, ``max_cg_iter``, ``batch_size``:
+      prediction (:mod:`gpadjoint.predict`).
+
+    Two keywords are not run settings: ``devices`` (None: one device; N or "all": shard the rows
+    of the data and of every kernel block and Lanczos / CG vector over that many devices,
+    :mod:`gpadjoint.sharding`, described in ``mesh_``) and ``verbose`` (print the choices and a
+    progress line while training).
+
+    Fitted attributes: ``config_`` (the resolved :class:`~gpadjoint.config.RunConfig`),
+    ``params_`` (unconstrained, internal units), ``alpha_`` (K^{-1}(y_n - mu)),
+    ``hyperparameters_`` (original units), ``X_train_``, ``y_train_`` (as given), ``x_mean_``,
+    ``x_std_``, ``y_mean_``, ``y_std_``, ``backend_``, ``backend_reason_``, ``mesh_``,
+    ``mesh_record_``, ``estimator_``, ``estimator_reason_``, ``optimizer_``,
+    ``optimizer_reason_``, ``variance_``, ``variance_reason_``, ``history_``,
+    ``stopped_reason_``, ``n_iter_``, ``seed_``, ``init_subset_`` (the subset start's summary
+    or None), ``fit_seconds_`` (start and training), ``fit_info_`` (the trainer's info: compile
+    seconds, fingerprint), ``solve_info_`` (the mean weights' solve: iterations, residual,
+    seconds), ``n_features_in_``, ``predict_dtype_`` and ``solver_`` (``"float64"`` and
     ``"cholesky"`` after the exact estimator, whatever ``dtype``; else ``dtype`` and ``"cg"``).
     """
 
     def __init__(
         self,
         *,
-        kernel="matern32",
-        backend="auto",
-        estimator="auto",
-        num_probes=10,
-        lanczos_depth=10,
-        precond_rank=15,
-        precond_logdet=True,
-        cg_tol=1e-2,
-        cg_max_iter=1000,
-        epochs=50,
-        lr=0.05,
-        optimizer="auto",
-        dtype="float64",
-        noise_floor=NOISE_FLOOR,
-        normalize_y=True,
-        init="zero",
+        config=None,
+        kernel=None,
+        backend=None,
+        dtype=None,
+        noise_floor=None,
+        tile=None,
+        scale_y=None,
+        num_probes=None,
+        lanczos_depth=None,
+        precond_rank=None,
+        cg_tol=None,
+        cg_min_iter=None,
+        cg_max_iter=None,
+        estimator=None,
+        exact_max_n=None,
+        precond_logdet=None,
+        optimizer=None,
+        lr=None,
+        schedule=None,
+        decay_epochs=None,
+        final_lr_fraction=None,
+        decay_rate=None,
+        warmup_epochs=None,
+        b1=None,
+        b2=None,
+        eps=None,
+        momentum=None,
+        weight_decay=None,
+        clip_norm=None,
+        lbfgs_memory=None,
+        lbfgs_rtol=None,
+        lbfgs_gtol=None,
+        epochs=None,
+        seed=None,
+        early_stopping=None,
+        patience=None,
+        min_delta=None,
+        checkpoint_every=None,
+        init=None,
+        log_every=None,
+        converge_tol=None,
+        init_subset=None,
         predict_cg_tol=None,
-        variance="auto",
-        love_rank=100,
-        random_state=None,
-        verbose=False,
+        max_cg_iter=None,
+        variance=None,
+        love_rank=None,
+        batch_size=None,
         devices=None,
+        verbose=False,
     ):
-        self.kernel = kernel
-        self.backend = backend
-        self.estimator = estimator
-        self.num_probes = num_probes
-        self.lanczos_depth = lanczos_depth
-        self.precond_rank = precond_rank
-        self.precond_logdet = precond_logdet
-        self.cg_tol = cg_tol
-        self.cg_max_iter = cg_max_iter
-        self.epochs = epochs
-        self.lr = lr
-        self.optimizer = optimizer
-        self.dtype = dtype
-        self.noise_floor = noise_floor
-        self.normalize_y = normalize_y
-        self.init = init
-        self.predict_cg_tol = predict_cg_tol
-        self.variance = variance
-        self.love_rank = love_rank
-        self.random_state = random_state
-        self.verbose = verbose
-        self.devices = devices
+        # scikit-learn: __init__ stores its arguments and nothing else
+        for name, value in dict(locals()).items():
+            if name not in ("self", "__class__"):
+                setattr(self, name, value)
 
-    # --- validation ---------------------------------------------------------------------------
+    # --- settings -----------------------------------------------------------------------------
 
-    def _check_settings(self) -> None:
-        def choice(name, options):
-            v = getattr(self, name)
-            if not (isinstance(v, str) and v in options):
-                raise ValueError(f"{name}={v!r} is not valid; choose one of {', '.join(options)}")
+    def run_config(self) -> RunConfig:
+        """Return the settings this estimator fits with: ``config`` with the keywords set.
 
-        def integer(name, low):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-
-        def number(name, low, strict):
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-            ok = ok and np.isfinite(v) and (v > low if strict else v >= low)
-            if not ok:
-                raise ValueError(f"{name} must be a number {'>' if strict else '>='} {low}, "
-                                 f"got {v!r}")
-
-        choice("kernel", KERNEL_NAMES)
-        choice("backend", ("auto",) + BACKENDS)
-        choice("estimator", ESTIMATORS)
-        choice("dtype", DTYPES)
-        choice("init", INITS)
-        choice("variance", gpred.VARIANCE_METHODS)
-        if not isinstance(self.optimizer, optax.GradientTransformation):
-            choice("optimizer", OPTIMIZERS)
-        for name in ("num_probes", "lanczos_depth", "cg_max_iter", "love_rank"):
-            integer(name, 1)
-        integer("precond_rank", 0)
-        if not isinstance(self.precond_logdet, (bool, np.bool_)):
-            raise ValueError(f"precond_logdet must be True or False, got {self.precond_logdet!r}")
-        integer("epochs", 0)
-        number("cg_tol", 0, True)
-        number("lr", 0, True)
-        number("noise_floor", 0, False)
-        if self.predict_cg_tol is not None:
-            number("predict_cg_tol", 0, True)
+        Raises ValueError naming the setting when one is invalid.
+        """
+        base = self.config
+        if base is None:
+            base = default_config()
+        elif isinstance(base, (str, Path)):
+            base = load_config(base)
+        elif not isinstance(base, RunConfig):
+            raise ValueError(
+                f"config must be None (the packaged defaults), a RunConfig or the path of a TOML "
+                f"file, got {type(base).__name__}"
+            )
+        kw = {k: _plain(getattr(self, k)) for k in SETTINGS}
+        if isinstance(kw["optimizer"], optax.GradientTransformation):
+            kw["optimizer"] = None  # used as given; the [optim] keys do not apply
+        return base.with_keywords(**kw)
 
     def _validate_fit(self, X, y):
         if y is not None:
@@ -278,69 +247,135 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     # --- fit ----------------------------------------------------------------------------------
 
     @_x64
-    def fit(self, X, y):
+    def fit(self, X, y, *, checkpoint=None, resume=False, callback=None, settings=None,
+            progress=None):
         """Fit the hyperparameters to X (n, d) and y (n,) and precompute the posterior mean.
+
+        Keyword-only, for long runs (the command line uses them): ``checkpoint`` (a file to
+        write resumable checkpoints to, every ``checkpoint_every`` epochs and at the end),
+        ``resume`` (continue from it; the data and settings must match), ``callback``
+        (``callback(record, state)`` after each epoch; True stops the fit, and the posterior is
+        then not solved: ``alpha_`` is None until a fit completes), ``settings`` (extra JSON
+        settings stored in the checkpoint's fingerprint), ``progress`` (None: as ``verbose``;
+        True, False, or "auto": a progress line when stderr is a terminal).
 
         Returns self.
         """
-        from .train import fit as train_fit
-        from .train import initial_params
-
-        self._check_settings()
-        X, y = self._validate_fit(X, y)
-        n, d = X.shape
-        dtype = jnp.dtype(self.dtype)
-
         from .data import normalisation
 
-        x_mean, x_std, y_mean, y_std = normalisation(X, y, self.normalize_y)
+        cfg = self.run_config()
+        X, y = self._validate_fit(X, y)
+        self.config_ = cfg
+        say = print if self.verbose else (lambda *a, **k: None)
+        x_mean, x_std, y_mean, y_std = normalisation(X, y, cfg.model.scale_y)
         self.X_train_, self.y_train_ = X, y
         self.x_mean_, self.x_std_, self.y_mean_, self.y_std_ = x_mean, x_std, y_mean, y_std
-        Xn, yn = self._internal_train(dtype)
+        backend, optimizer = self._choose(X.shape[0], say)
 
-        if self.backend == "auto":
+        t0 = time.time()
+        params, interrupted = self._train(backend, optimizer, say, checkpoint=checkpoint,
+                                          resume=resume, callback=callback, settings=settings,
+                                          progress=progress)
+        self.fit_seconds_ = time.time() - t0
+        say(f"stopped: {self.stopped_reason_}")
+        self.n_iter_ = len(self.history_)
+        self.params_ = Params(*(np.asarray(p) for p in params))
+        self.hyperparameters_ = self._hyperparameters()
+        self._love_cache = {}
+        if interrupted:
+            self.alpha_, self.solve_info_ = None, None
+        else:
+            self._solve_alpha(backend)
+        return self
+
+    def _choose(self, n: int, say):
+        """Resolve and report backend, mesh, variance, estimator and optimiser for n points."""
+        from .optimizers import make_optimizer, resolve_optimizer
+
+        cfg = self.config_
+        mc = cfg.model
+        dtype = jnp.dtype(mc.dtype)
+        mesh = make_mesh(self.devices)
+        if mc.backend == "auto":
             name, reason = choose_backend(n, dtype)
             reason = f"auto: {reason}"
         else:
-            name, reason = self.backend, "requested"
-        mesh = make_mesh(self.devices)
-        self.mesh_ = describe_mesh(mesh)
-        backend = make_backend(name, self.kernel, mesh=mesh)
+            name, reason = mc.backend, "requested"
+        backend = make_backend(name, mc.kernel, tile=mc.tile, mesh=mesh)
         self.backend_, self.backend_reason_ = name, reason
-        if self.variance == "auto":
+        self.mesh_, self.mesh_record_ = describe_mesh(mesh), mesh_record(mesh)
+        say(f"backend: {name} ({reason}); kernel {mc.kernel}, {mc.dtype}")
+        say(f"mesh: {self.mesh_}")
+        if cfg.predict.variance == "auto":
             self.variance_, why = gpred.choose_variance(n)
             self.variance_reason_ = f"auto: {why}"
         else:
-            self.variance_, self.variance_reason_ = self.variance, "requested"
-        mll_config = self._mll_config(n)
-        self.estimator_, self.estimator_reason_ = choose_estimator(n, mll_config)
-        optimizer, self.optimizer_ = _make_optimizer(self.optimizer, self.lr, self.estimator_)
-        if self.verbose:
-            print(f"GPRegressor: n={n}, d={d}, {self.dtype}, kernel {self.kernel}; "
-                  f"backend {name} ({reason}); estimator {self.estimator_} "
-                  f"({self.estimator_reason_}); optimiser {self.optimizer_}; "
-                  f"variance {self.variance_}; mesh: {self.mesh_}")
-
-        self.seed_ = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        init = "softplus0" if self.init == "zero" else "normal"
-        params0 = initial_params(init, d, dtype, self.seed_)
-        if self.epochs > 0:
-            result = train_fit(
-                Xn, yn, kernel=self.kernel, backend=backend, mll_config=mll_config,
-                optimizer=optimizer, epochs=int(self.epochs),
-                params0=params0, seed=self.seed_, progress=bool(self.verbose),
-            )
-            params, self.history_, self.stopped_reason_ = (
-                result.params, result.history, result.stopped_reason
-            )
+            self.variance_, self.variance_reason_ = cfg.predict.variance, "requested"
+        self.estimator_, self.estimator_reason_ = choose_estimator(n, self._mll_config(n))
+        if isinstance(self.optimizer, optax.GradientTransformation):
+            optimizer = self.optimizer
+            self.optimizer_, self.optimizer_reason_ = "given", "an optax transformation"
         else:
-            params, self.history_, self.stopped_reason_ = params0, [], "epochs=0: not trained"
-        self.n_iter_ = len(self.history_)
-        self.params_ = Params(*(np.asarray(p) for p in params))
-        self._solve_alpha(backend)
-        self.hyperparameters_ = self._hyperparameters()
-        self._love_cache = {}
-        return self
+            optimizer = make_optimizer(cfg.optim, cfg.train.epochs, self.estimator_)
+            self.optimizer_, self.optimizer_reason_ = resolve_optimizer(
+                cfg.optim.optimizer, self.estimator_)
+        say(f"estimator: {self.estimator_} ({self.estimator_reason_}); optimiser: "
+            f"{self.optimizer_} ({self.optimizer_reason_})")
+        return backend, optimizer
+
+    def _train(self, backend, optimizer, say, *, checkpoint, resume, callback, settings,
+               progress):
+        """Train from the configured start (subset start included) -> (params, interrupted)."""
+        from .train import LBFGS, EarlyStopping, initial_params, subset_start
+        from .train import fit as train_fit
+
+        cfg = self.config_
+        mc, tc = cfg.model, cfg.train
+        Xn, yn = self._internal_train(jnp.dtype(mc.dtype))
+        n, d = Xn.shape
+        self.seed_ = tc.seed
+        params0 = initial_params(tc.init, d, jnp.dtype(mc.dtype), tc.seed)
+        self.init_subset_ = None
+        if tc.init_subset and n > tc.init_subset and not resume and tc.epochs > 0:
+            params0, self.init_subset_ = subset_start(
+                Xn, yn, params0, kernel=mc.kernel, size=tc.init_subset, seed=tc.seed,
+                noise_floor=mc.noise_floor)
+            metric = self.init_subset_.pop("metric")
+            if isinstance(optimizer, LBFGS):
+                # L-BFGS in the coordinates the subset's Hessian whitens (LBFGS.metric); a
+                # resumed run takes them from its checkpoint
+                optimizer = optimizer._replace(metric=metric)
+            i = self.init_subset_
+            say(f"start: exact fit on {i['size']} random rows ({i['evaluations']} evaluations, "
+                f"{i['seconds']:.1f} s, loss {i['loss']:.4f})")
+        if tc.epochs == 0:
+            self.history_, self.stopped_reason_ = [], "epochs=0: not trained"
+            self.fit_info_ = {}
+            return params0, False
+        # a checkpoint belongs to these settings (all but the epoch count and prediction's)
+        run = {k: v for k, v in cfg.to_dict().items() if k != "predict"}
+        run["train"] = {k: v for k, v in run["train"].items() if k != "epochs"}
+        stop = []
+
+        def on_epoch(rec, state):
+            if callback is not None and callback(rec, state) is True:
+                stop.append(True)
+                return True
+            return False
+
+        result = train_fit(
+            Xn, yn, kernel=mc.kernel, backend=backend, mll_config=self._mll_config(n),
+            optimizer=optimizer, epochs=tc.epochs, params0=params0, seed=tc.seed,
+            early_stopping=(EarlyStopping(tc.patience, tc.min_delta)
+                            if tc.early_stopping else None),
+            checkpoint_path=checkpoint, checkpoint_every=tc.checkpoint_every,
+            resume=resume, progress=_progress(progress, self.verbose),
+            log_every=tc.log_every, callback=on_epoch, converge_tol=tc.converge_tol,
+            settings={"config": run, **(settings or {})},
+        )
+        self.history_, self.stopped_reason_ = result.history, result.stopped_reason
+        self.fit_info_ = result.info
+        return result.params, bool(stop)
 
     def _solve_alpha(self, backend) -> None:
         """Set ``alpha_`` and the prediction engine that follows the estimator.
@@ -350,51 +385,61 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         exact where CG's relative tolerance is not (the variance cancels catastrophically when
         the noise is tiny next to the signal).
         """
-        self.predict_dtype_ = "float64" if self.estimator_ == "exact" else self.dtype
+        self.predict_dtype_ = "float64" if self.estimator_ == "exact" else self.config_.model.dtype
         self.solver_ = "cholesky" if self.estimator_ == "exact" else "cg"
+        t0 = time.time()
         Xn, yn = self._internal_train(jnp.dtype(self.predict_dtype_))
-        alpha, _ = gpred.mean_weights(
+        alpha, info = gpred.mean_weights(
             Xn, yn, self._params(self.predict_dtype_), backend=backend, solver=self.solver_,
-            noise_floor=self.noise_floor, precond_rank=self.precond_rank,
-            tol=self._predict_tol(), max_iter=self.cg_max_iter,
+            noise_floor=self.config_.model.noise_floor, precond_rank=self._predict_rank(),
+            tol=self._predict_tol(), max_iter=self.config_.predict.max_cg_iter,
         )
         self.alpha_ = np.asarray(alpha)
+        self.solve_info_ = {
+            "iterations": int(info.iterations),
+            "residual": float(np.max(np.asarray(info.residual))),
+            "seconds": time.time() - t0,
+        }
 
     def _mll_config(self, n: int) -> MLLConfig:
-        return MLLConfig(
-            num_probes=int(self.num_probes),
-            lanczos_depth=int(min(self.lanczos_depth, n)),
-            precond_rank=int(min(self.precond_rank, n)),
-            cg_tol=float(self.cg_tol),
-            cg_min_iter=int(min(10, n, self.cg_max_iter)),
-            cg_max_iter=int(self.cg_max_iter),
-            noise_floor=float(self.noise_floor),
-            estimator=self.estimator,
-            precond_logdet=bool(self.precond_logdet),
+        """Return the [mll] settings with depth, rank and cg_min_iter clamped to n."""
+        mll = self.config_.mll
+        return dataclasses.replace(
+            mll, lanczos_depth=min(mll.lanczos_depth, n), precond_rank=min(mll.precond_rank, n),
+            cg_min_iter=min(mll.cg_min_iter, n),
         )
 
+    def _predict_rank(self) -> int:
+        # prediction's CG keeps a preconditioner of rank >= 15 even when training ran without
+        return int(min(max(self.config_.mll.precond_rank, 15), self.X_train_.shape[0]))
+
     def _predict_tol(self) -> float:
-        if self.predict_cg_tol is None:
-            return gpred.default_cg_tol(self._predict_dtype())
-        return float(self.predict_cg_tol)
+        tol = self.config_.predict.cg_tol
+        if self._predict_dtype() != self.config_.model.dtype:
+            # predicting in float64 after a float32 fit (the exact estimator): float64's accuracy
+            tol = min(tol, gpred.default_cg_tol(jnp.dtype(self._predict_dtype())))
+        return float(tol)
 
     def _internal_train(self, dtype):
         Xn = jnp.asarray((self.X_train_ - self.x_mean_) / self.x_std_, dtype)
         yn = jnp.asarray((self.y_train_ - self.y_mean_) / self.y_std_, dtype)
-        mesh = make_mesh(getattr(self, "devices", None))
+        mesh = make_mesh(self.devices)
         if mesh is not None:
             Xn, yn = shard_rows(mesh, Xn), shard_rows(mesh, yn)
         return Xn, yn
 
     def _predict_dtype(self) -> str:
-        return getattr(self, "predict_dtype_", self.dtype)
+        return getattr(self, "predict_dtype_", self.config_.model.dtype)
 
     def _params(self, dtype=None) -> Params:
-        dtype = jnp.dtype(dtype or self.dtype)
+        dtype = jnp.dtype(dtype or self.config_.model.dtype)
         return Params(*(jnp.asarray(p, dtype) for p in self.params_))
 
     def _hyperparameters(self) -> dict:
-        h = constrain(self._params(), self.noise_floor)
+        # in float64 from the stored raw values, whatever the working dtype: these are the
+        # parameters float64 prediction uses, and float32 rounding of them is amplified by
+        # cond(K) once the noise nears its floor
+        h = constrain(self._params("float64"), self.config_.model.noise_floor)
         y2 = self.y_std_**2
         return {
             "lengthscale": np.asarray(h.lengthscale, np.float64) * self.x_std_,
@@ -413,29 +458,34 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         GaussianProcessRegressor gives with a WhiteKernel; it is >= sqrt(noise) and finite.
         """
         check_is_fitted(self)
+        if self.alpha_ is None:
+            raise ValueError("this model's fit was stopped by its callback before the "
+                             "posterior was solved; fit again (resume=True continues from "
+                             "its checkpoint)")
         X = self._validate_predict(X)
+        cfg = self.config_
+        kernel, floor = cfg.model.kernel, cfg.model.noise_floor
         dtype = jnp.dtype(self._predict_dtype())
         Xs = jnp.asarray((X - self.x_mean_) / self.x_std_, dtype)
         Xn, yn = self._internal_train(dtype)
         params = self._params(dtype)
         mean = gpred.predict_mean(
-            Xs, Xn, jnp.asarray(self.alpha_, dtype), params, kernel=self.kernel,
-            noise_floor=self.noise_floor,
+            Xs, Xn, jnp.asarray(self.alpha_, dtype), params, kernel=kernel, noise_floor=floor,
+            batch_size=cfg.predict.batch_size,
         )
         mean = np.asarray(mean, np.float64) * self.y_std_ + self.y_mean_
         if not return_std:
             return mean
-        backend = make_backend(
-            self.backend_, self.kernel, mesh=make_mesh(getattr(self, "devices", None))
-        )
+        backend = make_backend(self.backend_, kernel, tile=cfg.model.tile,
+                               mesh=make_mesh(self.devices))
         love_R = None
         if self.variance_ == "love":
             love_R = self._love_root(Xn, yn, params, backend)
         var = gpred.predict_variance(
             Xs, Xn, params, backend=backend, method=self.variance_, include_noise=True,
-            noise_floor=self.noise_floor, precond_rank=self.precond_rank,
-            tol=self._predict_tol(), max_iter=self.cg_max_iter, love_R=love_R,
-            solver=getattr(self, "solver_", "cg"),
+            noise_floor=floor, precond_rank=self._predict_rank(), tol=self._predict_tol(),
+            max_iter=cfg.predict.max_cg_iter, love_R=love_R, batch_size=cfg.predict.batch_size,
+            solver=self.solver_,
         )
         std = np.sqrt(np.asarray(var, np.float64)) * self.y_std_
         return mean, std
@@ -443,10 +493,11 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     def _love_root(self, Xn, yn, params, backend):
         """Return the LOVE root, computed on first use and cached (also stored by :meth:`save`)."""
         cache = self.__dict__.setdefault("_love_cache", {})
-        rank = int(min(self.love_rank, Xn.shape[0]))
+        rank = int(min(self.config_.predict.love_rank, Xn.shape[0]))
         if cache.get("rank") != rank:
             R = gpred.love_root(
-                Xn, yn, params, backend=backend, rank=rank, noise_floor=self.noise_floor
+                Xn, yn, params, backend=backend, rank=rank,
+                noise_floor=self.config_.model.noise_floor,
             )
             cache.update(rank=rank, R=np.asarray(R))
         return jnp.asarray(cache["R"])
@@ -456,18 +507,18 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     def save(self, path) -> Path:
         """Write the fitted model to ``path`` (one ``.npz``; atomic: temp file + os.replace).
 
-        Estimator settings that are not JSON values (an optax optimizer object, a RandomState)
-        are not stored; a loaded model has their defaults there, which only matters for a refit.
+        The settings are stored resolved (every key, as fitted), so a loaded model refits as
+        this one did whatever the packaged defaults are then; an optax optimiser object is not
+        stored (a loaded model has ``optimizer = "auto"``, which only matters for a refit).
         """
         check_is_fitted(self)
+        if self.alpha_ is None:
+            raise ValueError("this model's fit was interrupted before the posterior was "
+                             "solved; there is nothing to save yet")
         path = Path(path)
-        settings, unsaved = {}, []
-        for k, v in self.get_params().items():
-            try:
-                json.dumps(v)
-                settings[k] = v
-            except TypeError:
-                unsaved.append(k)
+        settings = self.config_.to_keywords()
+        unsaved = ["optimizer"] if isinstance(self.optimizer, optax.GradientTransformation) else []
+        settings["devices"] = self.devices if isinstance(self.devices, (int, str)) else None
         meta = {
             "format": MODEL_FORMAT,
             "gpadjoint_version": __version__,
@@ -479,8 +530,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             "backend_reason": self.backend_reason_,
             "variance": self.variance_,
             "variance_reason": self.variance_reason_,
+            "estimator": self.estimator_,
             "predict_dtype": self._predict_dtype(),
-            "solver": getattr(self, "solver_", "cg"),
+            "solver": self.solver_,
             "seed": self.seed_,
             "stopped_reason": self.stopped_reason_,
             "history": self.history_,
@@ -514,7 +566,10 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             raise ValueError(f"{path} is not a {MODEL_FORMAT} file (no metadata)")
         meta = json.loads(str(data["meta"]))
         if meta.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{path} is a {meta.get('format')!r} file, expected {MODEL_FORMAT}")
+            raise ValueError(
+                f"{path} is a {meta.get('format')!r} file, expected {MODEL_FORMAT}; files of "
+                "gpadjoint-model-v1 (before the settings took their config names) cannot be "
+                "read: refit and save again")
         if meta["unsaved_settings"]:
             warnings.warn(
                 f"{path}: settings {meta['unsaved_settings']} were not JSON values and were "
@@ -522,6 +577,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
                 stacklevel=2,
             )
         est = cls(**meta["settings"])
+        est.config_ = est.run_config()
         est.X_train_ = data["X_train"]
         est.y_train_ = data["y_train"]
         est.x_mean_, est.x_std_ = data["x_mean"], data["x_std"]
@@ -530,8 +586,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         est.alpha_ = data["alpha"]
         est.backend_, est.backend_reason_ = meta["backend"], meta["backend_reason"]
         est.variance_, est.variance_reason_ = meta["variance"], meta["variance_reason"]
-        est.predict_dtype_ = meta.get("predict_dtype", est.dtype)
-        est.solver_ = meta.get("solver", "cg")
+        est.estimator_ = meta["estimator"]
+        est.predict_dtype_ = meta["predict_dtype"]
+        est.solver_ = meta["solver"]
         est.seed_ = meta["seed"]
         est.stopped_reason_ = meta["stopped_reason"]
         est.history_ = meta["history"]
@@ -545,75 +602,15 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             est._love_cache.update(rank=int(data["love_R"].shape[1]), R=data["love_R"])
         return est
 
-    @classmethod
-    @_x64
-    def from_fitted(
-        cls,
-        *,
-        X_train,
-        y_train,
-        params: Params,
-        split=None,
-        config=None,
-        backend: str = "dense",
-        x_mean=None,
-        x_std=None,
-        y_mean: float = 0.0,
-        y_std: float = 1.0,
-        history=None,
-        stopped_reason: str = "fitted outside GPRegressor",
-        **settings,
-    ) -> GPRegressor:
-        """Wrap parameters trained elsewhere (e.g. by the CLI) as a fitted model.
 
-        ``X_train`` (n, d) and ``y_train`` (n,) are in the *internal* (normalised) units the
-        parameters were trained in; the normalisation comes from ``split``
-        (:class:`gpadjoint.data.Split`) or from ``x_mean``/``x_std``/``y_mean``/``y_std``.
-        ``config`` (:class:`gpadjoint.config.RunConfig`) supplies the estimator settings;
-        ``settings`` override them. The mean weights alpha are solved here.
-        """
-        if split is not None:
-            x_mean, x_std = split.x_mean, split.x_std
-            y_mean, y_std = split.y_mean, split.y_std
-        Xn = np.asarray(X_train, np.float64)
-        d = Xn.shape[1]
-        x_mean = np.zeros(d) if x_mean is None else np.asarray(x_mean, np.float64)
-        x_std = np.ones(d) if x_std is None else np.asarray(x_std, np.float64)
-        kw = {}
-        if config is not None:
-            m, mll, opt = config.model, config.mll, config.optim
-            tr, pr = config.train, config.predict
-            kw = dict(
-                kernel=m.kernel, backend=m.backend, dtype=m.dtype, noise_floor=m.noise_floor,
-                num_probes=mll.num_probes, lanczos_depth=mll.lanczos_depth,
-                precond_rank=mll.precond_rank, cg_tol=mll.cg_tol, cg_max_iter=mll.cg_max_iter,
-                estimator=mll.estimator, precond_logdet=mll.precond_logdet,
-                epochs=tr.epochs, lr=opt.lr,
-                optimizer=opt.optimizer if opt.optimizer in OPTIMIZERS else "adam",
-                init="zero" if tr.init == "softplus0" else "normal", random_state=tr.seed,
-                predict_cg_tol=pr.cg_tol, variance=pr.variance, love_rank=pr.love_rank,
-                normalize_y=float(y_std) != 1.0,
-            )
-        kw.update(settings)
-        est = cls(**kw)
-        est._check_settings()
-        est.X_train_ = Xn * x_std + x_mean
-        est.y_train_ = np.asarray(y_train, np.float64) * float(y_std) + float(y_mean)
-        est.x_mean_, est.x_std_ = x_mean, x_std
-        est.y_mean_, est.y_std_ = float(y_mean), float(y_std)
-        est.n_features_in_ = d
-        n = Xn.shape[0]
-        est.backend_, est.backend_reason_ = backend, "given"
-        est.variance_, est.variance_reason_ = (
-            gpred.choose_variance(n) if est.variance == "auto" else (est.variance, "requested")
-        )
-        est.seed_ = int(est.random_state) if isinstance(est.random_state, int) else 0
-        est.history_ = [] if history is None else list(history)
-        est.stopped_reason_ = stopped_reason
-        est.n_iter_ = len(est.history_)
-        est.params_ = Params(*(np.asarray(p) for p in params))
-        est.estimator_, est.estimator_reason_ = choose_estimator(n, est._mll_config(n))
-        est._solve_alpha(make_backend(backend, est.kernel))
-        est.hyperparameters_ = est._hyperparameters()
-        est._love_cache = {}
-        return est
+def _plain(v):
+    """Return a numpy scalar as the Python value it holds (settings are checked as TOML)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _progress(progress, verbose):
+    if progress is None:
+        return bool(verbose)
+    if progress == "auto":
+        return None  # the trainer's rule: a progress line when stderr is a terminal
+    return bool(progress)

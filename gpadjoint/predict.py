@@ -59,7 +59,14 @@ from jax import lax
 from .kernels import NOISE_FLOOR, Hypers, Params, constrain, cross_cov, dense_cov
 from .lanczos import lanczos, tridiag_mask, tridiag_matrix
 from .matvec import Backend
-from .solve import CGInfo, Preconditioner, cg, make_preconditioner, pivoted_cholesky
+from .solve import (  # noqa: F401 (CGConvergenceWarning re-exported)
+    CGConvergenceWarning,
+    CGInfo,
+    Preconditioner,
+    cg,
+    make_preconditioner,
+    pivoted_cholesky,
+)
 
 VARIANCE_METHODS = ("auto", "exact", "love")
 
@@ -72,10 +79,6 @@ DEFAULT_CG_TOL = {"float64": 1e-8, "float32": 1e-3}
 # Largest number of elements of one (batch, n) cross-covariance block (128 MiB in float64).
 CROSS_COV_BUDGET = 2**24
 MAX_BATCH = 1024
-
-
-class CGConvergenceWarning(RuntimeWarning):
-    """A prediction solve stopped at ``max_iter`` before reaching its tolerance."""
 
 
 def default_cg_tol(dtype) -> float:

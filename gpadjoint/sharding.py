@@ -59,6 +59,7 @@ from .kernels import (
     sq_diff_sums,
     sq_dist,
 )
+from .matvec import symmetric_operator
 
 AXIS = "rows"
 
@@ -294,6 +295,22 @@ def _blocked_hbar_body(kernel, tile):
     return body
 
 
+def _sharded_operator(mesh: Mesh, body, hbar_body) -> Callable:
+    """Return the symmetric operator of a row-sharded ``body``; ``hbar_body``: hypers' VJP."""
+
+    def forward(V, X, hypers):
+        return _global(mesh, body, V, X, hypers)
+
+    def hypers_vjp(X, U, V, hypers):
+        D = _size(mesh)
+        U2, V2 = (U[:, None], V[:, None]) if V.ndim == 1 else (U, V)
+        return _sharded(mesh, hbar_body, (P(AXIS), P(AXIS), P(AXIS), P()), P())(
+            _pad_to(U2, D), _pad_to(V2, D), _pad_to(X, D), hypers
+        )
+
+    return symmetric_operator(forward, hypers_vjp)
+
+
 @functools.cache
 def sharded_blocked_mv(mesh: Mesh, kernel: str, tile: int) -> Callable:
     """``mv(V, X, hypers) = K V`` with rows sharded over ``mesh``; custom VJP as ``blocked``.
@@ -303,28 +320,7 @@ def sharded_blocked_mv(mesh: Mesh, kernel: str, tile: int) -> Callable:
     body = _blocked_body(kernel, tile)
     hbar_body = _blocked_hbar_body(kernel, tile)
 
-    def forward(V, X, hypers):
-        return _global(mesh, body, V, X, hypers)
-
-    @jax.custom_vjp
-    def mv(V, X, hypers):
-        return forward(V, X, hypers)
-
-    def fwd(V, X, hypers):
-        return forward(V, X, hypers), (V, X, hypers)
-
-    def bwd(res, U):
-        V, X, hypers = res
-        Vbar = forward(U, X, hypers)  # K symmetric; dropped as dead code when unused
-        D = _size(mesh)
-        U2, V2 = (U[:, None], V[:, None]) if V.ndim == 1 else (U, V)
-        hbar = _sharded(mesh, hbar_body, (P(AXIS), P(AXIS), P(AXIS), P()), P())(
-            _pad_to(U2, D), _pad_to(V2, D), _pad_to(X, D), hypers
-        )
-        return Vbar, jnp.zeros_like(X), hbar
-
-    mv.defvjp(fwd, bwd)
-    return mv
+    return _sharded_operator(mesh, body, hbar_body)
 
 
 # --- dense ------------------------------------------------------------------------------------
@@ -387,7 +383,7 @@ KEOPS_CALLS: list[tuple[int, str, int]] = []
 
 
 def _host_kv_on(kernel, route, pos, za, zb, v):
-    from .keops_bridge import _genred, _pad_cols, column_bucket
+    from .keops_bridge import column_bucket, genred, pad_cols
 
     p = int(np.asarray(pos).reshape(-1)[0])
     backend, dev = route[p]
@@ -395,8 +391,8 @@ def _host_kv_on(kernel, route, pos, za, zb, v):
     za, zb, v = np.asarray(za), np.asarray(zb), np.asarray(v)
     m = v.shape[1]
     mb = column_bucket(m)
-    red = _genred("kv", kernel, za.shape[1], mb, za.dtype.name)
-    out = red(np.ascontiguousarray(za), np.ascontiguousarray(zb), _pad_cols(v, mb),
+    red = genred("kv", kernel, za.shape[1], mb, za.dtype.name)
+    out = red(np.ascontiguousarray(za), np.ascontiguousarray(zb), pad_cols(v, mb),
               backend=backend, device_id=dev)
     return out[:, :m]
 
@@ -404,10 +400,10 @@ def _host_kv_on(kernel, route, pos, za, zb, v):
 def _host_grad_on(kernel, route, pos, zi, zj, u, v):
     from .keops_bridge import (
         VJP_RANK_RTOL,
-        _genred,
-        _pad_cols,
         compress_weight,
+        genred,
         grad_bucket,
+        pad_cols,
     )
 
     p = int(np.asarray(pos).reshape(-1)[0])
@@ -416,17 +412,17 @@ def _host_grad_on(kernel, route, pos, zi, zj, u, v):
     zi, zj, u, v = (np.asarray(a) for a in (zi, zj, u, v))
     u, v = compress_weight(u, v, VJP_RANK_RTOL[zi.dtype.name])
     mb = grad_bucket(u.shape[1])
-    red = _genred("grad", kernel, zi.shape[1], mb, zi.dtype.name)
-    per_i = red(np.ascontiguousarray(zi), np.ascontiguousarray(zj), _pad_cols(u, mb),
-                _pad_cols(v, mb), backend=backend, device_id=dev)
+    red = genred("grad", kernel, zi.shape[1], mb, zi.dtype.name)
+    per_i = red(np.ascontiguousarray(zi), np.ascontiguousarray(zj), pad_cols(u, mb),
+                pad_cols(v, mb), backend=backend, device_id=dev)
     return per_i.sum(axis=0, dtype=np.float64).astype(zi.dtype)
 
 
 def _keops_bodies(mesh, kernel):
-    from .keops_bridge import _GRAD, _K, _scaled
+    from .keops_bridge import KEOPS_FORMULAS, KEOPS_GRADIENTS, scaled_inputs
 
     route = keops_route(mesh)
-    factor = _K[kernel][1]
+    factor = KEOPS_FORMULAS[kernel][1]
 
     def kv(za, zb, v):
         pos = lax.axis_index(AXIS).reshape(1)
@@ -436,12 +432,12 @@ def _keops_bodies(mesh, kernel):
         )
 
     def body(Vloc, Xloc, hypers):
-        Z = _scaled(kernel, Xloc, hypers.lengthscale)
+        Z = scaled_inputs(kernel, Xloc, hypers.lengthscale)
         Zall, Vall = _gather(Z), _gather(Vloc)
         return hypers.outputscale * factor * kv(Z, Zall, Vall) + hypers.noise * Vloc
 
     def hbar_body(Uloc, Vloc, Xloc, hypers):
-        Z = _scaled(kernel, Xloc, hypers.lengthscale)
+        Z = scaled_inputs(kernel, Xloc, hypers.lengthscale)
         Zall, Vall = _gather(Z), _gather(Vloc)
         pos = lax.axis_index(AXIS).reshape(1)
         out = jax.ShapeDtypeStruct((Z.shape[1] + 1,), Z.dtype)
@@ -450,7 +446,7 @@ def _keops_bodies(mesh, kernel):
         )
         sums = lax.psum(sums, AXIS)
         h = hypers
-        ls_bar = (-2.0 * _GRAD[kernel][2]) * h.outputscale * sums[:-1] / h.lengthscale
+        ls_bar = (-2.0 * KEOPS_GRADIENTS[kernel][2]) * h.outputscale * sums[:-1] / h.lengthscale
         noise_bar = lax.psum(jnp.sum(Uloc * Vloc), AXIS)
         return Hypers(ls_bar, factor * sums[-1], noise_bar)
 
@@ -462,32 +458,12 @@ def sharded_keops_mv(mesh: Mesh, kernel: str) -> Callable:
     """``mv(V, X, hypers) = K V`` by one KeOps reduction per shard, on the shard's device."""
     body, hbar_body = _keops_bodies(mesh, kernel)
 
-    def forward(V, X, hypers):
-        return _global(mesh, body, V, X, hypers)
-
-    @jax.custom_vjp
-    def mv(V, X, hypers):
-        return forward(V, X, hypers)
-
-    def fwd(V, X, hypers):
-        return forward(V, X, hypers), (V, X, hypers)
-
-    def bwd(res, U):
-        V, X, hypers = res
-        D = _size(mesh)
-        U2, V2 = (U[:, None], V[:, None]) if V.ndim == 1 else (U, V)
-        hbar = _sharded(mesh, hbar_body, (P(AXIS), P(AXIS), P(AXIS), P()), P())(
-            _pad_to(U2, D), _pad_to(V2, D), _pad_to(X, D), hypers
-        )
-        return forward(U, X, hypers), jnp.zeros_like(X), hbar
-
-    mv.defvjp(fwd, bwd)
-    return mv
+    return _sharded_operator(mesh, body, hbar_body)
 
 
 def sharded_keops_operator(mesh: Mesh, kernel: str, X, hypers: Hypers):
     """KeOps operator ``(mv, args)`` on the mesh, with X and hypers cast as the bridge does."""
-    from .keops_bridge import _prepare
+    from .keops_bridge import prepare_inputs
 
-    X, h = _prepare(X, hypers, kernel)
+    X, h = prepare_inputs(X, hypers, kernel)
     return sharded_keops_mv(mesh, kernel), (X, h)

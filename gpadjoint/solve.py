@@ -24,6 +24,13 @@ import jax.numpy as jnp
 from jax import lax
 
 
+class CGConvergenceWarning(RuntimeWarning):
+    """CG stopped at its iteration cap before reaching its tolerance (training or prediction).
+
+    The message says which solve, the residual reached and what to raise.
+    """
+
+
 class Preconditioner(NamedTuple):
     """P = L L^T + shift * I (L: (n, r)), with the Cholesky factor of I*shift + L^T L."""
 

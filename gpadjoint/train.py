@@ -10,7 +10,7 @@ Two layers, in the manner of optax:
   (0-based) draws its probes from ``jax.random.fold_in(key, e)``, so value and gradient share one
   draw and a run is reproducible from its seed. Any ``optax.GradientTransformation`` works.
 * :func:`fit` runs the loop around it: history, progress line, non-finite guard, CG diagnostics,
-  early stopping and atomic, resumable checkpoints.
+  early stopping and atomic, resumable checkpoints (:mod:`gpadjoint.checkpoint`).
 
 Units: X, y are already normalised (:mod:`gpadjoint.data`) and in the working dtype; the loss is
 ``-log p(y | theta) / n`` per datum in those units; hyperparameters in the history are
@@ -19,17 +19,11 @@ constrained (lengthscales in standardised input units, output scale and noise as
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 import time
 import warnings
-import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
-from functools import partial
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -37,17 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._io import atomic_write
+from .checkpoint import load_checkpoint, run_fingerprint, save_checkpoint  # noqa: F401 (public)
 from .kernels import Params, constrain, init_params
 from .matvec import Backend, choose_backend, make_backend
 from .mll import MLLConfig, choose_estimator, neg_mll, neg_mll_exact
+from .solve import CGConvergenceWarning
 
-CHECKPOINT_FORMAT = "gpadjoint-checkpoint-v1"
 _DEFAULT_MLL = MLLConfig()
-
-
-class CGConvergenceWarning(RuntimeWarning):
-    """CG stopped at ``cg_max_iter`` without reaching ``cg_tol`` during training."""
 
 
 class TrainState(NamedTuple):
@@ -73,8 +63,8 @@ class Trainer(NamedTuple):
 
     init(params, key) -> TrainState; step(state) -> (state, metrics);
     compile(state) -> seconds spent compiling (~0 when already compiled);
-    trace_count() -> how often the step for these settings has been traced in this process
-    (stays 1 over any number of steps).
+    trace_count() -> how often this trainer's step has been traced (stays 1 over any number of
+    steps).
     """
 
     init: Callable[..., TrainState]
@@ -197,13 +187,14 @@ def make_trainer(
     A step whose loss, gradient or updated parameters are not all finite returns the input state
     unchanged (``metrics["ok"]`` False); the caller decides what to do.
 
-    The step is compiled once per (backend, mll_config, optimizer, shapes and dtypes): trainers
-    for the same settings share the executable, e.g. a resumed run does not compile again.
+    The step is jitted once per trainer (a pure function of the state, with the data, backend,
+    estimator settings and optimiser closed over) and compiled on the first :meth:`compile` or
+    step; nothing is cached at module level, so a trainer's executable lives and dies with it.
     """
     X = jnp.asarray(X)
     y = jnp.asarray(y)
     dtype = X.dtype
-    static = (backend, mll_config, optimizer)
+    traces = [0]
 
     def init(params: Params, key) -> TrainState:
         params = Params(*(jnp.asarray(p, dtype) for p in params))
@@ -220,15 +211,19 @@ def make_trainer(
             last_alpha=jnp.zeros(X.shape[0], dtype) if warm_start else None,
         )
 
+    def pure_step(state: TrainState, X, y):
+        traces[0] += 1  # runs only while tracing
+        return _train_step(state, X, y, backend=backend, mll_config=mll_config,
+                           optimizer=optimizer)
+
+    jitted = jax.jit(pure_step)
+    executables: dict = {}  # this trainer's, by input signature (compile() times the first)
+
     def executable(state: TrainState):
-        sig = (static, _signature((state, X, y)))
-        exe = _COMPILED.get(sig)
-        if exe is None:
-            exe = _train_step.lower(
-                state, X, y, backend=backend, mll_config=mll_config, optimizer=optimizer
-            ).compile()
-            _COMPILED[sig] = exe
-        return exe
+        sig = _signature((state, X, y))
+        if sig not in executables:
+            executables[sig] = jitted.lower(state, X, y).compile()
+        return executables[sig]
 
     def compile(state: TrainState) -> float:
         t0 = time.perf_counter()
@@ -238,12 +233,7 @@ def make_trainer(
     def step(state: TrainState):
         return executable(state)(state, X, y)
 
-    return Trainer(init, step, compile, lambda: _TRACES.get(static, 0))
-
-
-# Compiled steps by (static settings, input signature), and how often each setting was traced.
-_COMPILED: dict = {}
-_TRACES: dict = {}
+    return Trainer(init, step, compile, lambda: traces[0])
 
 
 def _signature(tree):
@@ -257,10 +247,8 @@ def _weak(a) -> bool:
     return bool(getattr(a, "weak_type", False))
 
 
-@partial(jax.jit, static_argnames=("backend", "mll_config", "optimizer"))
 def _train_step(state: TrainState, X, y, *, backend, mll_config, optimizer):
-    static = (backend, mll_config, optimizer)
-    _TRACES[static] = _TRACES.get(static, 0) + 1  # runs only while tracing
+    """One epoch: value and gradient at the state's parameters, one optimiser update (traced)."""
     key = jax.random.fold_in(state.key, state.epoch)
 
     def loss(p):
@@ -841,7 +829,7 @@ def fit(
         )
     params0 = init_params(d, dtype) if params0 is None else params0
     state = trainer.init(params0, jax.random.PRNGKey(seed))
-    fingerprint = _fingerprint(X, y, kernel, backend, mll_config, seed, state, settings)
+    fingerprint = run_fingerprint(X, y, kernel, backend, mll_config, seed, state, settings)
 
     history: list[dict] = []
     if resume:
@@ -1093,132 +1081,3 @@ class _Progress:
         if self.enabled and self.tty and self.shown:
             sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _fingerprint(X, y, kernel, backend, mll_config, seed, state, settings) -> dict:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
-    h.update(np.ascontiguousarray(np.asarray(y)).tobytes())
-    fp = {
-        "n": int(X.shape[0]),
-        "d": int(X.shape[1]),
-        "dtype": str(X.dtype),
-        "data_sha256": h.hexdigest(),
-        "kernel": kernel,
-        "backend": backend.name,
-        "mll_config": asdict(mll_config),
-        "seed": int(seed),
-        "warm_start": state.last_alpha is not None,
-        "opt_state": [
-            [list(np.shape(a)), str(np.asarray(a).dtype)] for a in jax.tree.leaves(state.opt_state)
-        ],
-        "settings": None if settings is None else dict(settings),
-    }
-    return json.loads(json.dumps(fp))  # normalise (tuples -> lists) as it will be read back
-
-
-def save_checkpoint(path, state: TrainState, history: list[dict], fingerprint: dict,
-                    stopped_reason: str = "") -> None:
-    """Write ``state``, ``history`` and ``fingerprint`` to ``path`` atomically (npz, no pickle).
-
-    The file is written under a temporary name in the same folder, fsync'ed and renamed over
-    ``path``, so a crash leaves either the old or the new checkpoint, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = state.key
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    arrays = {
-        "format": np.asarray(CHECKPOINT_FORMAT),
-        "fingerprint": np.asarray(json.dumps(fingerprint)),
-        "history": np.asarray(json.dumps(history)),
-        "stopped_reason": np.asarray(stopped_reason),
-        "epoch": np.asarray(state.epoch),
-        "key": np.asarray(jax.random.key_data(key) if typed else key),
-        "key_impl": np.asarray(str(jax.random.key_impl(key)) if typed else ""),
-    }
-    for i, a in enumerate(jax.tree.leaves(state.params)):
-        arrays[f"params_{i}"] = np.asarray(a)
-    for i, a in enumerate(jax.tree.leaves(state.opt_state)):
-        arrays[f"opt_{i}"] = np.asarray(a)
-    if state.last_alpha is not None:
-        arrays["last_alpha"] = np.asarray(state.last_alpha)
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
-
-
-def load_checkpoint(path, template: TrainState, fingerprint: dict | None = None):
-    """Read a checkpoint into the structure of ``template`` -> ``(state, history)``.
-
-    Raises FileNotFoundError if absent, ValueError if the file is not a gpadjoint checkpoint,
-    if its fingerprint differs from ``fingerprint`` (each differing field is named) or if its
-    arrays do not fit the template.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path} is not a readable gpadjoint checkpoint: {e}") from None
-    if "format" not in data or str(data["format"]) != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
-    stored = json.loads(str(data["fingerprint"]))
-    if fingerprint is not None and stored != fingerprint:
-        diffs = [
-            f"{k}: checkpoint {_short(stored.get(k))} vs now {_short(fingerprint.get(k))}"
-            for k in sorted(set(stored) | set(fingerprint))
-            if stored.get(k) != fingerprint.get(k)
-        ]
-        raise ValueError(
-            f"checkpoint {path} was written for a different run and cannot be resumed: "
-            + "; ".join(diffs)
-            + ". Use the same data and settings, or resume=False (or another checkpoint path) "
-            "to start afresh."
-        )
-
-    def restore(prefix, tree):
-        leaves, treedef = jax.tree.flatten(tree)
-        out = []
-        for i, ref in enumerate(leaves):
-            k = f"{prefix}_{i}"
-            if k not in data:
-                raise ValueError(f"{path}: missing {k}; the checkpoint does not fit this run")
-            a = data[k]
-            if a.shape != np.shape(ref) or a.dtype != np.asarray(ref).dtype:
-                raise ValueError(
-                    f"{path}: {k} has shape {a.shape} {a.dtype}, expected "
-                    f"{np.shape(ref)} {np.asarray(ref).dtype}"
-                )
-            out.append(jnp.asarray(a))
-        if f"{prefix}_{len(leaves)}" in data:
-            raise ValueError(f"{path}: more {prefix} arrays than this run has")
-        return jax.tree.unflatten(treedef, out)
-
-    key = jnp.asarray(data["key"])
-    impl = str(data["key_impl"])
-    if impl:
-        key = jax.random.wrap_key_data(key, impl=impl)
-    last_alpha = None
-    if template.last_alpha is not None:
-        if "last_alpha" not in data:
-            raise ValueError(f"{path}: no CG warm start stored, but warm_start is on")
-        last_alpha = jnp.asarray(data["last_alpha"], template.last_alpha.dtype)
-    state = TrainState(
-        params=restore("params", template.params),
-        opt_state=restore("opt", template.opt_state),
-        epoch=jnp.asarray(data["epoch"], template.epoch.dtype),
-        key=key,
-        last_alpha=last_alpha,
-    )
-    history = json.loads(str(data["history"]))
-    return state, history
-
-
-def _short(v, limit=80) -> str:
-    s = json.dumps(v)
-    return s if len(s) <= limit else s[: limit - 3] + "..."

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from gpadjoint import provenance
 
@@ -89,8 +92,11 @@ def upsert_row(path: Path, row: dict, fields: list[str], key_fields: list[str]) 
     replace_rows(path, [row], fields, lambda r: tuple(r[k] for k in key_fields) == key)
 
 
-def run_child(script: Path, spec: dict, timeout: float) -> dict:
-    """Run ``script --child JSON`` in a fresh process; return its last JSON line plus peak RSS."""
+def run_child(script: Path, spec: dict, timeout: float, env: dict | None = None) -> dict:
+    """Run ``script --child JSON`` in a fresh process; return its last JSON line plus peak RSS.
+
+    ``env``: the child's environment (default: this process's), e.g. with XLA_FLAGS set.
+    """
     t0 = time.time()
     try:
         proc = subprocess.run(
@@ -99,6 +105,7 @@ def run_child(script: Path, spec: dict, timeout: float) -> dict:
             text=True,
             timeout=timeout,
             cwd=ROOT,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return {"status": f"timeout>{timeout:.0f}s"}
@@ -138,3 +145,80 @@ def time_calls(f, args: tuple, reps: int) -> dict:
         "reps": len(times),
         "peak_rss_mib": round(peak_rss_mib(), 1),
     }
+
+
+# --- shared by bench_uci, the GPyTorch baseline and the scripts built on them ----------------
+
+
+def seed_for(split: int) -> int:
+    """Return split + 1: the paper averages seeds 1-3 (initial values and probes)."""
+    return split + 1
+
+
+def load_split(ds: str, split: int):
+    """Split ``split`` of data set ``ds`` in the benchmarks' units: z-scored X, centred y."""
+    from gpadjoint.datasets import load_dataset
+
+    return load_dataset(ds, split, scale_y=False)
+
+
+def initial_raw(d: int, seed: int) -> dict:
+    """Return the paper's raw N(0, 1) start for ``seed`` as plain floats (for any framework)."""
+    import jax.numpy as jnp
+
+    from gpadjoint.train import initial_params
+
+    p = initial_params("normal", d, jnp.float32, seed)
+    return {
+        "raw_lengthscale": np.asarray(p.raw_lengthscale, np.float64).tolist(),
+        "raw_outputscale": float(p.raw_outputscale),
+        "raw_noise": float(p.raw_noise),
+        "mean": float(p.mean),
+    }
+
+
+def predictive_scores(y_test, mean, var) -> tuple[float, float]:
+    """Return test RMSE and mean Gaussian NLL of predictions ``mean``, ``var``."""
+    err = np.asarray(y_test, np.float64) - np.asarray(mean, np.float64)
+    var = np.asarray(var, np.float64)
+    rmse = float(np.sqrt(np.mean(err**2)))
+    nll = float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * err**2 / var))
+    return rmse, nll
+
+
+def save_progress(spec: dict, res: dict) -> None:
+    """Write what a run has so far next to its record, so that a crash loses nothing."""
+    if not spec.get("progress"):
+        return
+    from gpadjoint._io import atomic_write
+
+    text = json.dumps(res, default=float)
+    atomic_write(Path(spec["progress"]), lambda fh, t=text: fh.write(t), binary=False)
+
+
+def load_avg() -> list[float]:
+    """Return the 1, 5 and 15 minute load averages (empty where the OS has none)."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return []
+
+
+def segments_path(ckpt: Path) -> Path:
+    """Return the side file listing the process pieces of a checkpointed run."""
+    return ckpt.parent / (ckpt.name + ".segments")  # not *.json: the records are globbed
+
+
+def begin_segment(ckpt: Path | None, from_epoch: int) -> list[dict]:
+    """Append this process's piece of a run (first epoch, start, load) to the checkpoint's list."""
+    side = segments_path(ckpt) if ckpt is not None else None
+    segs = (json.loads(side.read_text()) if side is not None and side.exists() and from_epoch > 0
+            else [])
+    segs.append({"from_epoch": from_epoch, "started": datetime.now(timezone.utc).isoformat(),
+                 "load_avg": load_avg(), "commit": git_commit()})
+    if side is not None:
+        from gpadjoint._io import atomic_write
+
+        text = json.dumps(segs)
+        atomic_write(side, lambda fh, t=text: fh.write(t), binary=False)
+    return segs

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -113,24 +112,11 @@ def child(spec: dict) -> dict:
 
 
 def run(spec: dict, timeout: float) -> dict:
+    """Run one configuration in a child process with ``spec["devices"]`` simulated devices."""
     env = dict(os.environ)
     flag = f"--xla_force_host_platform_device_count={spec['devices']}"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
-    t0 = time.time()
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout, cwd=bu.ROOT,
-                              env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timeout>{timeout:.0f}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["?"]
-        return {"status": f"failed rc={proc.returncode}: {tail[0][:160]}"}
-    out = json.loads(lines[-1])
-    out["status"] = "ok"
-    out["child_wall_s"] = round(time.time() - t0, 2)
-    return out
+    return bu.run_child(Path(__file__), spec, timeout, env=env)
 
 
 def main(argv=None) -> int:

@@ -225,7 +225,7 @@ def main(argv=None) -> int:
             old = list(csv.DictReader(f))
     by_key = {tuple(r[k] for k in KEY): r for r in old}
     rows = []
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
 
     for r in recs:
         if r["method"] == "gpytorch":

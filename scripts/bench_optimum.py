@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     recs = [json.loads(p.read_text()) | {"_file": p.name} for p in sorted(records.glob("*.json"))]
     recs = [r for r in recs if r.get("status") == "ok"
             and r.get("final_train_loss_common") is not None]
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
 
     rows = []
     for ds in args.datasets:

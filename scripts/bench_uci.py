@@ -35,7 +35,6 @@ as ``final_train_loss_common`` next to each method's own last estimate ``final_t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -51,6 +50,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
+from gpytorch_baseline import (  # noqa: E402,F401 (the baseline's settings, re-exported)
+    GPYTORCH_SETTINGS,
+    LR,
+    NOISE_FLOOR,
+    run_gpytorch,
+)
 
 OUT_DIR = bu.ROOT / "results" / "uci"
 DATASETS = ["elevators", "protein", "kin40k", "keggdirected", "keggundirected"]
@@ -76,24 +81,6 @@ BACKENDS = ["dense", "blocked", "keops"]
 # pairs a gpadjoint "blocked" run with GPyTorch's "keops" run, labelled as such.
 GPYTORCH_BACKENDS = ["dense", "keops"]
 KERNEL = "matern32"
-LR = 0.05
-NOISE_FLOOR = 1e-4
-
-# GPyTorch settings of the paper's baseline (../shared/REFERENCE.md), every one pinned.
-GPYTORCH_SETTINGS = {
-    "max_preconditioner_size": 15,
-    "cg_tolerance": 1.0,
-    "num_trace_samples": 10,
-    "max_lanczos_quadrature_iterations": 10,
-    "max_root_decomposition_size": 10,
-    "min_preconditioning_size": 10,
-    "fast_computations": [True, True, True],
-    "tridiagonal_jitter": 0.0,
-    "max_cholesky_size": 0,
-    "max_cg_iterations": 1000,
-}
-
-
 def record_path(out_dir: Path, ds: str, split: int, method: str, backend: str, epochs: int):
     return out_dir / f"{ds}-split{split}-{method}-{backend}-{epochs}ep.json"
 
@@ -103,41 +90,8 @@ def checkpoint_path(record: Path, method: str) -> Path:
     return record.with_suffix(".ckpt.pt" if method == "gpytorch" else ".ckpt.npz")
 
 
-def seed_for(split: int) -> int:
-    """Return split + 1: the paper averages seeds 1-3 (initial values and probes)."""
-    return split + 1
-
-
 # --------------------------------------------------------------------------------------------
 # child: one run
-
-
-def _data(ds: str, split: int):
-    from gpadjoint.data import load_dataset
-
-    return load_dataset(ds, split, scale_y=False)
-
-
-def _initial_raw(d: int, seed: int) -> dict:
-    import jax.numpy as jnp
-
-    from gpadjoint.train import initial_params
-
-    p = initial_params("normal", d, jnp.float32, seed)
-    return {
-        "raw_lengthscale": np.asarray(p.raw_lengthscale, np.float64).tolist(),
-        "raw_outputscale": float(p.raw_outputscale),
-        "raw_noise": float(p.raw_noise),
-        "mean": float(p.mean),
-    }
-
-
-def _predictive_scores(y_test, mean, var) -> tuple[float, float]:
-    err = np.asarray(y_test, np.float64) - np.asarray(mean, np.float64)
-    var = np.asarray(var, np.float64)
-    rmse = float(np.sqrt(np.mean(err**2)))
-    nll = float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * err**2 / var))
-    return rmse, nll
 
 
 # gpadjoint-default: ``gpadjoint fit`` as shipped (gpadjoint/default.toml: L-BFGS on the fixed-probe
@@ -162,7 +116,7 @@ METHOD_OVERRIDES = {
 }
 
 
-def _paper_config_text(method: str) -> str:
+def paper_config_text(method: str) -> str:
     """configs/paper.toml (or the method's METHOD_BASE) with ``method``'s overrides applied.
 
     Overrides are ``"section.key": value``; each key must occur exactly once in its section.
@@ -192,7 +146,7 @@ def run_gpadjoint(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="gpadj_uci_") as tmp:
         out = Path(tmp) / "run.json"
-        text = _paper_config_text(spec["method"])
+        text = paper_config_text(spec["method"])
         config = Path(tmp) / f"paper-{spec['method']}.toml"
         config.write_text(text)
         ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else Path(tmp) / "ckpt.npz"
@@ -200,7 +154,7 @@ def run_gpadjoint(spec: dict) -> dict:
         # test hook: the process dies once epoch k is checkpointed (as a session's end kills it)
         die_after = int(os.environ.get("GPADJ_BENCH_DIE_AFTER_EPOCH", 0)) if not resume else 0
         resumed_from = int(np.load(ckpt)["epoch"]) if resume else None
-        segments = _begin_segment(ckpt if spec.get("checkpoint") else None, resumed_from or 0)
+        segments = bu.begin_segment(ckpt if spec.get("checkpoint") else None, resumed_from or 0)
         argv = [
             "fit",
             "--dataset",
@@ -214,7 +168,7 @@ def run_gpadjoint(spec: dict) -> dict:
             "--epochs",
             str(die_after or spec["epochs"]),
             "--seed",
-            str(seed_for(spec["split"])),
+            str(bu.seed_for(spec["split"])),
             "--quiet",
             "--out",
             str(out),
@@ -231,7 +185,7 @@ def run_gpadjoint(spec: dict) -> dict:
         if die_after:
             os.kill(os.getpid(), signal.SIGKILL)
         rec = json.loads(out.read_text())
-    s = _data(spec["dataset"], spec["split"])
+    s = bu.load_split(spec["dataset"], spec["split"])
     hist = rec["history"]
     # The history is in the run's internal units: targets divided by their std when the config
     # scales them (gpadjoint/default.toml); the curves below are in the benchmark's units
@@ -293,296 +247,10 @@ def run_gpadjoint(spec: dict) -> dict:
     }
 
 
-def _segments_path(ckpt: Path) -> Path:
-    return ckpt.parent / (ckpt.name + ".segments")  # not *.json: the records are globbed
-
-
-def _begin_segment(ckpt: Path | None, from_epoch: int) -> list[dict]:
-    """Append this process's piece of a run (first epoch, start, load) to the checkpoint's list."""
-    side = _segments_path(ckpt) if ckpt is not None else None
-    segs = (json.loads(side.read_text()) if side is not None and side.exists() and from_epoch > 0
-            else [])
-    segs.append({"from_epoch": from_epoch, "started": datetime.now(timezone.utc).isoformat(),
-                 "load_avg": load_avg(), "commit": bu.git_commit()})
-    if side is not None:
-        from gpadjoint._io import atomic_write
-
-        text = json.dumps(segs)
-        atomic_write(side, lambda fh, t=text: fh.write(t), binary=False)
-    return segs
-
-
-def _gpytorch_context(stack, settings: dict):
-    import gpytorch
-
-    gs = gpytorch.settings
-    for name, value in settings.items():
-        ctx = getattr(gs, name)
-        stack.enter_context(ctx(*value) if isinstance(value, list) else ctx(value))
-
-
-def make_gp(X, y, base_cls=None):
-    """Build the paper's GPyTorch model (constant mean, scale x Matern-3/2 ARD, noise > 1e-4).
-
-    Returns (model, likelihood); ``base_cls`` is the Matern kernel class (dense by default).
-    """
-    import gpytorch
-
-    base_cls = base_cls or gpytorch.kernels.MaternKernel
-    d = X.shape[1]
-
-    class GP(gpytorch.models.ExactGP):
-        def __init__(self, X, y, likelihood):
-            super().__init__(X, y, likelihood)
-            self.mean_module = gpytorch.means.ConstantMean()
-            self.covar_module = gpytorch.kernels.ScaleKernel(base_cls(nu=1.5, ard_num_dims=d))
-
-        def forward(self, x):
-            return gpytorch.distributions.MultivariateNormal(
-                self.mean_module(x), self.covar_module(x)
-            )
-
-    lik = gpytorch.likelihoods.GaussianLikelihood(
-        noise_constraint=gpytorch.constraints.GreaterThan(NOISE_FLOOR)
-    )
-    return GP(X, y, lik), lik
-
-
-def set_initial_raw(model, lik, seed: int, dtype) -> None:
-    """Give a :func:`make_gp` model gpadjoint's initial raw values for ``seed`` (same start)."""
-    import torch
-
-    raw = _initial_raw(model.covar_module.base_kernel.raw_lengthscale.shape[-1], seed)
-    with torch.no_grad():
-        model.covar_module.base_kernel.raw_lengthscale.copy_(
-            torch.tensor(raw["raw_lengthscale"], dtype=dtype).reshape(1, -1))
-        model.covar_module.raw_outputscale.copy_(torch.tensor(raw["raw_outputscale"], dtype=dtype))
-        lik.noise_covar.raw_noise.copy_(torch.tensor([raw["raw_noise"]], dtype=dtype))
-        model.mean_module.raw_constant.copy_(torch.tensor(raw["mean"], dtype=dtype))
-
-
-def gpytorch_epoch(model, mll, opt, X, y) -> tuple[float, float]:
-    """One full-batch Adam step on -mll; returns (loss, seconds)."""
-    t0 = time.perf_counter()
-    opt.zero_grad()
-    loss = -mll(model(X), y)
-    loss.backward()
-    opt.step()
-    return float(loss), time.perf_counter() - t0
-
-
-def gpytorch_model(spec: dict):
-    """Build the paper's GPyTorch model on the spec's data, with the shared initial values.
-
-    Returns (model, likelihood, X_train, y_train, X_test, split, settings, kernel class,
-    hypers()).
-    """
-    import gpytorch
-    import torch
-
-    s = _data(spec["dataset"], spec["split"])
-    seed = seed_for(spec["split"])
-    torch.manual_seed(seed)
-    dt = torch.float32
-    Xtr = torch.tensor(np.asarray(s.X_train), dtype=dt)
-    ytr = torch.tensor(np.asarray(s.y_train), dtype=dt)
-    Xte = torch.tensor(np.asarray(s.X_test), dtype=dt)
-    n, d = Xtr.shape
-    keops = spec["backend"] == "keops"
-    settings = dict(GPYTORCH_SETTINGS)
-    if keops:
-        # gpytorch 1.15's KeOps kernels decide per call whether to build a KeOps LazyTensor
-        # (both sizes >= max_cholesky_size). At 0 the preconditioner's diagonal (a size-1
-        # call) gets one too and fails ("LazyTensor cannot be made into a Tensor"); at 2 it
-        # stays a torch tensor while every n > 2 solve still takes the iterative path.
-        settings["max_cholesky_size"] = 2
-    base_cls = gpytorch.kernels.keops.MaternKernel if keops else gpytorch.kernels.MaternKernel
-
-    model, lik = make_gp(Xtr, ytr, base_cls)
-    set_initial_raw(model, lik, seed, dt)
-    model = model.to(dt)
-
-    def hypers() -> dict:
-        return {
-            "lengthscale": model.covar_module.base_kernel.lengthscale.detach()
-            .reshape(-1)
-            .double()
-            .tolist(),
-            "outputscale": float(model.covar_module.outputscale),
-            "noise": float(lik.noise),
-            "mean": float(model.mean_module.constant),
-        }
-
-    return model, lik, Xtr, ytr, Xte, s, settings, base_cls, hypers
-
-
-class PassCounter:
-    """Passes over the n x n kernel pairs: KeOps reductions whose two index ranges are both n."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.products = 0  # dense products touching an n x n operand (count_gpytorch_passes)
-        self.keops = 0
-
-    def big(self, t) -> bool:
-        """Whether ``t`` is an n x n operand."""
-        shape = getattr(t, "shape", ())
-        return len(shape) >= 2 and shape[-1] == self.n and shape[-2] == self.n
-
-
-@contextlib.contextmanager
-def count_keops(counter: PassCounter):
-    """Count pykeops reductions over the training set (forward and backward) into ``counter``."""
-    from pykeops.torch.generic import generic_red
-
-    base = generic_red.GenredAutograd_base
-    orig = base._forward
-
-    def counted(params, *args):
-        rows = [a.shape[-2] for a in args if hasattr(a, "shape") and a.dim() >= 2]
-        if rows.count(counter.n) >= 2:
-            counter.keops += 1
-        return orig(params, *args)
-
-    base._forward = staticmethod(counted)
-    try:
-        yield
-    finally:
-        base._forward = staticmethod(orig)
-
-
-def _gpytorch_fingerprint(spec: dict, settings: dict) -> dict:
-    """Return what a GPyTorch checkpoint must match to be resumed."""
-    return {k: spec[k] for k in ("dataset", "split", "method", "backend", "epochs")} | {
-        "settings": settings, "lr": LR, "seed": seed_for(spec["split"])}
-
-
-def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
-    import warnings
-
-    import gpytorch
-    import torch
-
-    model, lik, Xtr, ytr, Xte, s, settings, base_cls, hypers = gpytorch_model(spec)
-    n, d = Xtr.shape
-    keops = spec["backend"] == "keops"
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
-    losses, secs, curve, npasses = [], [], [], []
-    counter = PassCounter(n)
-    n_warn = 0
-    ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else None
-    prior = {"train_seconds": 0.0, "n_warn": 0}
-    if ckpt is not None and ckpt.exists():  # a killed run: continue where it stopped
-        state = torch.load(ckpt, weights_only=False)
-        if state["fingerprint"] != _gpytorch_fingerprint(spec, settings):
-            raise RuntimeError(f"checkpoint {ckpt} is of a different run "
-                               f"({state['fingerprint']}); delete it to start over")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        losses, secs, curve = state["losses"], state["secs"], state["curve"]
-        npasses = state.get("passes", [])
-        prior = {"train_seconds": state["train_seconds"], "n_warn": state["n_warn"]}
-    segments = _begin_segment(ckpt, len(losses))
-    die_after = int(os.environ.get("GPADJ_BENCH_DIE_AFTER_EPOCH", 0)) if not losses else 0
-    model.train()
-    lik.train()
-    t_train = time.perf_counter()
-    with contextlib.ExitStack() as stack, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _gpytorch_context(stack, settings)
-        from gpytorch.kernels.keops.keops_kernel import _use_keops
-
-        used_keops = bool(_use_keops(Xtr, Xtr)) if keops else False
-        if keops:  # passes per epoch, counted as scripts/count_gpytorch_passes.py does
-            stack.enter_context(count_keops(counter))
-
-        def warned():
-            return prior["n_warn"] + sum(
-                1 for w in caught if "CG" in str(w.message) or "conver" in str(w.message))
-
-        while len(losses) < spec["epochs"] and (not losses or math.isfinite(losses[-1])):
-            curve.append(hypers())  # the parameters this epoch's loss is evaluated at
-            k0 = counter.keops
-            loss, sec = gpytorch_epoch(model, mll, opt, Xtr, ytr)
-            secs.append(sec)
-            losses.append(loss)
-            if keops:
-                npasses.append(counter.keops - k0)
-            _save_progress(spec, {"stage": "train", "loss_curve": losses,
-                                  "seconds_curve": secs, "hyper_curve": curve})
-            if ckpt is not None:
-                state = {"fingerprint": _gpytorch_fingerprint(spec, settings),
-                         "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": torch.get_rng_state(), "losses": losses, "secs": secs,
-                         "curve": curve, "passes": npasses, "n_warn": warned(),
-                         "train_seconds": prior["train_seconds"] + time.perf_counter() - t_train}
-                from gpadjoint._io import atomic_write
-
-                atomic_write(ckpt, lambda fh, st=state: torch.save(st, fh))
-                if len(losses) == die_after:  # test hook, as for gpadjoint
-                    os.kill(os.getpid(), signal.SIGKILL)
-        n_warn = warned()
-    train_seconds = prior["train_seconds"] + time.perf_counter() - t_train
-
-    final = hypers()
-    res = {
-        "settings": {
-            "gpytorch": settings,
-            "optimizer": f"torch.optim.Adam(lr={LR})",
-            "kernel": f"ScaleKernel({base_cls.__module__}.MaternKernel(nu=1.5, ard))",
-            "noise_constraint": f"GreaterThan({NOISE_FLOOR})",
-            "keops_used_in_training": used_keops,
-            "predict": f"defaults + max_cholesky_size({settings['max_cholesky_size']})"
-            + (" + fast_pred_var()" if keops else ""),
-            "torch_threads": torch.get_num_threads(),
-        },
-        "epochs_run": len(losses),
-        "loss_curve": losses,
-        "seconds_curve": secs,
-        "hyper_curve": curve,
-        # KeOps reductions over n x n per epoch (one per mBCG iteration, plus the backward's)
-        "passes_curve": npasses if keops else None,
-        "cg_warnings": n_warn,
-        "final_hyperparameters": final,
-        "final_train_loss": losses[-1] if losses else None,
-        "seconds_per_epoch": float(np.median(secs)) if secs else None,
-        "train_seconds": train_seconds,
-        "n_train": int(n),
-        "d": int(d),
-        "resumed_from_epoch": segments[-1]["from_epoch"] or None,
-        "segments": segments,
-    }
-    after_train(res)  # the common evaluator, saved before GPyTorch's prediction runs
-    if os.environ.get("GPADJ_BENCH_CRASH_IN_PREDICT"):  # test hook: the kin40k segfault
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if spec.get("skip_own_predict"):
-        return res
-    model.eval()
-    lik.eval()
-    t0 = time.perf_counter()
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        stack.enter_context(gpytorch.settings.max_cholesky_size(settings["max_cholesky_size"]))
-        if keops:
-            stack.enter_context(gpytorch.settings.fast_pred_var())
-        pred = lik(model(Xte))
-        mean = pred.mean.double().numpy()
-        var = pred.variance.double().clamp_min(1e-12).numpy()
-    predict_seconds = time.perf_counter() - t0
-    rmse, nll = _predictive_scores(np.asarray(s.y_test), mean, var)
-    return res | {
-        "test_rmse": rmse,
-        "test_nll": nll,
-        "predict_seconds": predict_seconds,
-        "predict_method": "lanczos (LOVE)" if keops else "gpytorch default",
-    }
-
-
 def common_loss(spec: dict, final: dict) -> dict:
     from gpadjoint.evaluate import exact_loss
 
-    s = _data(spec["dataset"], spec["split"])
+    s = bu.load_split(spec["dataset"], spec["split"])
     out = exact_loss(s.X_train, s.y_train, kernel=KERNEL, **final)
     return {
         "final_train_loss_common": out["loss"],
@@ -603,7 +271,7 @@ def common_predict(spec: dict, final: dict, variance: bool = True) -> dict:
     from gpadjoint.kernels import unconstrain
     from gpadjoint.matvec import choose_backend, make_backend
 
-    s = _data(spec["dataset"], spec["split"])
+    s = bu.load_split(spec["dataset"], spec["split"])
     X = jnp.asarray(s.X_train, jnp.float32)
     y = jnp.asarray(s.y_train, jnp.float32)
     p = unconstrain(final["lengthscale"], final["outputscale"], final["noise"], final["mean"],
@@ -625,7 +293,7 @@ def common_predict(spec: dict, final: dict, variance: bool = True) -> dict:
     var = gpred.predict_variance(Xt, X, p, backend=be, method="auto", noise_floor=NOISE_FLOOR,
                                  precond_rank=15, tol=1e-2, max_iter=1000, y=y, love_rank=100,
                                  batch_size=1024)
-    rmse, nll = _predictive_scores(np.asarray(s.y_test), np.asarray(mean), np.asarray(var))
+    rmse, nll = bu.predictive_scores(np.asarray(s.y_test), np.asarray(mean), np.asarray(var))
     return {"test_rmse": rmse, "test_nll": nll, "predict_seconds": time.perf_counter() - t0,
             "predict_backend": f"{bname} ({why})"}
 
@@ -654,16 +322,6 @@ def _earlier_common_loss(spec: dict, res: dict) -> dict | None:
             "common_evaluator": part["common_evaluator"] | {"reused_from_progress": True}}
 
 
-def _save_progress(spec: dict, res: dict) -> None:
-    """Write what a run has so far next to its record, so that a crash loses nothing."""
-    if not spec.get("progress"):
-        return
-    from gpadjoint._io import atomic_write
-
-    text = json.dumps(res, default=float)
-    atomic_write(Path(spec["progress"]), lambda fh, t=text: fh.write(t), binary=False)
-
-
 def child(spec: dict) -> dict:
     t0 = time.time()
     if spec.get("common_predict"):
@@ -673,7 +331,7 @@ def child(spec: dict) -> dict:
         if spec.get("common", True) and res["final_train_loss"] is not None:
             res.update(_earlier_common_loss(spec, res)
                        or common_loss(spec, res["final_hyperparameters"]))
-        _save_progress(spec, res | {"stage": "predict"})
+        bu.save_progress(spec, res | {"stage": "predict"})
         if os.environ.get("GPADJ_BENCH_KILL_ALL_IN_PREDICT"):  # test hook: a session's end
             os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -722,13 +380,6 @@ def _recover(spec: dict, res: dict, progress: Path, timeout: float) -> dict:
         "predict_method": f"gpadjoint's predictor on this run's final hyperparameters (the "
                           f"method's own prediction crashed: {res['status']})",
     }
-
-
-def load_avg() -> list[float]:
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return []
 
 
 def main(argv=None) -> int:
@@ -784,7 +435,7 @@ def main(argv=None) -> int:
                         spec["skip_own_predict"] = args.skip_gpytorch_predict
                     print(f"run: {path.name}", flush=True)
                     started = datetime.now(timezone.utc).isoformat()
-                    load_before = load_avg()
+                    load_before = bu.load_avg()
                     commit = bu.git_commit()  # the code the child imports, not what HEAD is after
                     progress = path.with_suffix(".progress")
                     ckpt = checkpoint_path(path, method)
@@ -796,13 +447,13 @@ def main(argv=None) -> int:
                     res = _recover(spec, res, progress, args.timeout)
                     rec = {
                         **spec,
-                        "seed": seed_for(split),
+                        "seed": bu.seed_for(split),
                         "kernel": KERNEL,
                         "dtype": "float32",
                         "lr": LR,
                         "started": started,
                         "load_avg_before": load_before,
-                        "load_avg_after": load_avg(),
+                        "load_avg_after": bu.load_avg(),
                         "commit": commit,
                         "machine": bu.machine(),
                         "versions": bu.versions(),
@@ -818,7 +469,7 @@ def main(argv=None) -> int:
                     atomic_write(path, lambda fh, t=text: fh.write(t), binary=False)
                     if rec["status"] == "ok":  # finished: nothing left to resume
                         ckpt.unlink(missing_ok=True)
-                        _segments_path(ckpt).unlink(missing_ok=True)
+                        bu.segments_path(ckpt).unlink(missing_ok=True)
                     print(
                         f"  -> {rec['status']}: rmse {rec.get('test_rmse')}, "
                         f"s/epoch {rec.get('seconds_per_epoch')}, "

@@ -39,7 +39,7 @@ def sklearn_fit(name: str, split: int) -> dict:
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
 
     s = load_dataset(name, split, scale_y=True)
     d = s.X_train.shape[1]

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 import bench_uci  # noqa: E402
+import gpytorch_baseline as gb  # noqa: E402
 
 OUT = bu.ROOT / "results" / "gpytorch_passes.csv"
 FIELDS = [
@@ -39,7 +40,7 @@ FIELDS = [
 _MM = {"mm", "bmm", "addmm", "matmul", "baddbmm", "addbmm", "dot", "mv"}
 
 
-def _dispatch_mode(counter: bench_uci.PassCounter):
+def _dispatch_mode(counter: gb.PassCounter):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Mode(TorchDispatchMode):
@@ -59,23 +60,23 @@ def count(ds: str, split: int, backend: str, epochs: int) -> dict:
 
     spec = {"dataset": ds, "split": split, "backend": backend, "epochs": epochs,
             "method": "gpytorch"}
-    model, lik, Xtr, ytr, _, _, settings, _, _ = bench_uci.gpytorch_model(spec)
+    model, lik, Xtr, ytr, _, _, settings, _, _ = gb.gpytorch_model(spec)
     n = Xtr.shape[0]
-    counter = bench_uci.PassCounter(n)
-    opt = torch.optim.Adam(model.parameters(), lr=bench_uci.LR)
+    counter = gb.PassCounter(n)
+    opt = torch.optim.Adam(model.parameters(), lr=gb.LR)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
     model.train()
     lik.train()
     per_epoch, secs = [], []
     with contextlib.ExitStack() as stack:
-        bench_uci._gpytorch_context(stack, settings)
+        gb.gpytorch_context(stack, settings)
         if backend == "keops":
-            stack.enter_context(bench_uci.count_keops(counter))
+            stack.enter_context(gb.count_keops(counter))
         else:
             stack.enter_context(_dispatch_mode(counter))
         for _ in range(epochs):
             p0, k0 = counter.products, counter.keops
-            secs.append(bench_uci.gpytorch_epoch(model, mll, opt, Xtr, ytr)[1])
+            secs.append(gb.gpytorch_epoch(model, mll, opt, Xtr, ytr)[1])
             per_epoch.append((counter.products - p0, counter.keops - k0))
     products = float(np.median([p for p, _ in per_epoch]))
     keops = float(np.median([k for _, k in per_epoch]))

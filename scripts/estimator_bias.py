@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     import exact_optimum as eo
     import jax.numpy as jnp
 
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
     from gpadjoint.matvec import make_backend
     from gpadjoint.mll import MLLConfig, neg_mll
 

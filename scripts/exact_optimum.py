@@ -639,7 +639,7 @@ def run(dataset: str, split: int, *, out_dir: Path = OUT_DIR, init: str | None =
 
 def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, blas_threads,
          max_n, agreement, data, argv, log) -> dict:
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = load_avg()

@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 import bench_uci  # noqa: E402
+import gpytorch_baseline as gb  # noqa: E402
 
 OUT = bu.ROOT / "results" / "gradient_bias.csv"
 FIELDS = ["dataset", "split", "epoch", "n", "estimator", "coordinate", "exact", "mean", "se",
@@ -58,10 +59,10 @@ def _gpadjoint_grads(X, y, h, reps, precond_logdet, depths=(), cg_tol=1.0):
         return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in g])
 
     p64 = unconstrain(h["lengthscale"], h["outputscale"], h["noise"], h["mean"],
-                      noise_floor=bench_uci.NOISE_FLOOR, dtype=jnp.float64)
+                      noise_floor=gb.NOISE_FLOOR, dtype=jnp.float64)
     exact = flat(jax.grad(neg_mll_exact)(p64, jnp.asarray(X, jnp.float64),
                                          jnp.asarray(y, jnp.float64), kernel="matern32",
-                                         noise_floor=bench_uci.NOISE_FLOOR))
+                                         noise_floor=gb.NOISE_FLOOR))
     p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p64)
     X32, y32 = jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32)
     be = make_backend("dense", "matern32")
@@ -77,7 +78,7 @@ def _gpadjoint_grads(X, y, h, reps, precond_logdet, depths=(), cg_tol=1.0):
         tol = cg_tol if name.startswith(("gpadjoint-depth", "gpadjoint-plogdet-depth")) else 1.0
         cfg = MLLConfig(num_probes=10, lanczos_depth=depth, precond_rank=15, cg_tol=tol,
                         cg_min_iter=10, estimator="slq", precond_logdet=plog,
-                        noise_floor=bench_uci.NOISE_FLOOR)
+                        noise_floor=gb.NOISE_FLOOR)
         f = jax.jit(jax.grad(lambda p, k, cfg=cfg: neg_mll(p, X32, y32, k, backend=be,
                                                             config=cfg)[0]))
         out[name] = np.stack([flat(f(p32, jax.random.PRNGKey(100 + i))) for i in range(reps)])
@@ -92,7 +93,7 @@ def _gpytorch_grads(X, y, h, reps):
     Xt = torch.tensor(X, dtype=torch.float32)
     yt = torch.tensor(y, dtype=torch.float32)
 
-    model, lik = bench_uci.make_gp(Xt, yt)
+    model, lik = gb.make_gp(Xt, yt)
     model.covar_module.base_kernel.lengthscale = torch.tensor(h["lengthscale"]).reshape(1, d)
     model.covar_module.outputscale = torch.tensor(h["outputscale"])
     lik.noise = torch.tensor([h["noise"]])
@@ -107,7 +108,7 @@ def _gpytorch_grads(X, y, h, reps):
     for r in range(reps):
         torch.manual_seed(100 + r)
         with contextlib.ExitStack() as stack:
-            bench_uci._gpytorch_context(stack, dict(bench_uci.GPYTORCH_SETTINGS))
+            gb.gpytorch_context(stack, dict(gb.GPYTORCH_SETTINGS))
             for p in params:
                 p.grad = None
             (-mll(model(Xt), yt)).backward()
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
         bench_uci.OUT_DIR / f"{args.dataset}-split{args.split}-gpadjoint-dense-75ep.json")
     rec = json.loads(rec_path.read_text())
     h = rec["hyper_curve"][args.epoch]
-    s = bench_uci._data(args.dataset, args.split)
+    s = bu.load_split(args.dataset, args.split)
     if args.full_exact:
         return _full_exact(args, rec_path, rec, h, s)
     X = np.asarray(s.X_train[: args.n], np.float64)
@@ -187,7 +188,7 @@ def _full_exact(args, rec_path, rec, h, s) -> int:
     y = np.asarray(s.y_train, np.float64)
     g = exact_scale_gradient(X, y, kernel=bench_uci.KERNEL, lengthscale=h["lengthscale"],
                              outputscale=h["outputscale"], noise=h["noise"], mean=h["mean"],
-                             noise_floor=bench_uci.NOISE_FLOOR)
+                             noise_floor=gb.NOISE_FLOOR)
     curve = rec["hyper_curve"] + [rec["final_hyperparameters"]]
     nxt = curve[args.epoch + 1] if args.epoch + 1 < len(curve) else None
     base = {"dataset": args.dataset, "split": args.split, "epoch": args.epoch, "n": len(y),

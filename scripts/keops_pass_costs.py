@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 import bench_uci  # noqa: E402
+import gpytorch_baseline as gb  # noqa: E402
 
 OUT = bu.ROOT / "results" / "keops_pass_costs.csv"
 FIELDS = ["dataset", "split", "epoch", "n", "d", "method", "kind", "columns", "count",
@@ -63,11 +64,11 @@ def _gpadjoint(X, y, h, reps, log: _Log) -> tuple[list[float], list]:
 
     cfg = MLLConfig(num_probes=10, lanczos_depth=10, precond_rank=15, cg_tol=1.0,
                     cg_min_iter=10, estimator="slq", precond_logdet=False,
-                    noise_floor=bench_uci.NOISE_FLOOR)
+                    noise_floor=gb.NOISE_FLOOR)
     be = make_backend("keops", "matern32")
     X32, y32 = jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32)
     p = unconstrain(h["lengthscale"], h["outputscale"], h["noise"], h["mean"],
-                    noise_floor=bench_uci.NOISE_FLOOR, dtype=jnp.float32)
+                    noise_floor=gb.NOISE_FLOOR, dtype=jnp.float32)
     f = jax.jit(jax.value_and_grad(
         lambda p, k, x0: neg_mll(p, X32, y32, k, backend=be, config=cfg, x0=x0), has_aux=True))
     (_, aux), _ = f(p, jax.random.PRNGKey(0), None)  # cold CG (and its compile)
@@ -114,7 +115,7 @@ def _gpytorch(spec, h, reps, log: _Log, m: int) -> list[float]:
     from pykeops.torch.generic import generic_red
 
     # bench_uci's model and settings for its KeOps backend, moved to the point being timed
-    model, lik, Xt, yt, _, _, settings, _, _ = bench_uci.gpytorch_model(spec | {"backend": "keops"})
+    model, lik, Xt, yt, _, _, settings, _, _ = gb.gpytorch_model(spec | {"backend": "keops"})
     Xt, yt = Xt[:m].contiguous(), yt[:m].contiguous()
     model.set_train_data(Xt, yt, strict=False)
     n, d = Xt.shape
@@ -139,7 +140,7 @@ def _gpytorch(spec, h, reps, log: _Log, m: int) -> list[float]:
 
     def step():
         with contextlib.ExitStack() as stack:
-            bench_uci._gpytorch_context(stack, settings)
+            gb.gpytorch_context(stack, settings)
             model.zero_grad()
             (-mll(model(Xt), yt)).backward()
 
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     rec_path = Path(args.record) if args.record else (
         bench_uci.OUT_DIR / f"{args.dataset}-split{args.split}-gpadjoint-keops-10ep.json")
     h = json.loads(rec_path.read_text())["hyper_curve"][args.epoch]
-    s = bench_uci._data(args.dataset, args.split)
+    s = bu.load_split(args.dataset, args.split)
     m = args.n or len(s.y_train)
     X = np.asarray(s.X_train[:m], np.float64)
     y = np.asarray(s.y_train[:m], np.float64)
@@ -183,13 +184,13 @@ def main(argv=None) -> int:
     rows = []
     for method in args.methods:
         log = _Log()
-        load = bench_uci.load_avg()[0]
+        load = bu.load_avg()[0]
         if method == "gpadjoint":
             walls, passes = _gpadjoint(X, y, h, args.reps, log)
         else:
             spec = {"dataset": args.dataset, "split": args.split, "method": "gpytorch"}
             walls, passes = _gpytorch(spec, h, args.reps, log, m), []
-        load = max(load, bench_uci.load_avg()[0])
+        load = max(load, bu.load_avg()[0])
         groups = defaultdict(list)
         for kind, cols, secs in log.calls:
             groups[(kind, cols)].append(secs)

@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 import bench_uci  # noqa: E402
+import gpytorch_baseline as gb  # noqa: E402
 
 OUT = bu.ROOT / "results" / "subset_trajectories.csv"
 FIG_DIR = bu.ROOT / "results" / "figures"
@@ -47,7 +48,7 @@ def _mll_config(method: str):
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "paper.toml"
-        path.write_text(bench_uci._paper_config_text(method))
+        path.write_text(bench_uci.paper_config_text(method))
         return load_config(path).mll_config()
 
 
@@ -61,7 +62,7 @@ def gpadjoint_run(method: str, X, y, epochs: int, init_seed: int, seed: int):
     from gpadjoint.train import fit, initial_params
 
     if method == "exact":
-        cfg = MLLConfig(estimator="exact", noise_floor=bench_uci.NOISE_FLOOR)
+        cfg = MLLConfig(estimator="exact", noise_floor=gb.NOISE_FLOOR)
         dtype = jnp.float64
     else:
         cfg = _mll_config(method)
@@ -75,7 +76,7 @@ def gpadjoint_run(method: str, X, y, epochs: int, init_seed: int, seed: int):
     p0 = Params(*(jnp.asarray(a, dtype) for a in
                   initial_params("normal", X.shape[1], jnp.float32, init_seed)))
     res = fit(jnp.asarray(X, dtype), jnp.asarray(y, dtype), kernel="matern32", backend="dense",
-              mll_config=cfg, optimizer=optax.adam(bench_uci.LR), epochs=epochs, params0=p0,
+              mll_config=cfg, optimizer=optax.adam(gb.LR), epochs=epochs, params0=p0,
               seed=seed, progress=False, callback=keep, warm_start=True, converge_tol=0.0)
     return after, [h["loss"] for h in res.history], [h["seconds"] for h in res.history]
 
@@ -92,23 +93,23 @@ def gpytorch_run(X, y, epochs: int, init_seed: int, seed: int):
     torch.manual_seed(seed)
     Xt = torch.tensor(X, dtype=torch.float32)
     yt = torch.tensor(y, dtype=torch.float32)
-    model, lik = bench_uci.make_gp(Xt, yt)
-    bench_uci.set_initial_raw(model, lik, init_seed, torch.float32)
-    opt = torch.optim.Adam(model.parameters(), lr=bench_uci.LR)
+    model, lik = gb.make_gp(Xt, yt)
+    gb.set_initial_raw(model, lik, init_seed, torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=gb.LR)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(lik, model)
     model.train()
     lik.train()
     after, losses, secs = [], [], []
     with contextlib.ExitStack() as stack:
-        bench_uci._gpytorch_context(stack, dict(bench_uci.GPYTORCH_SETTINGS))
+        gb.gpytorch_context(stack, dict(gb.GPYTORCH_SETTINGS))
         for _ in range(epochs):
-            loss, s = bench_uci.gpytorch_epoch(model, mll, opt, Xt, yt)
+            loss, s = gb.gpytorch_epoch(model, mll, opt, Xt, yt)
             losses.append(loss)  # ExactMarginalLogLikelihood is already per data point
             secs.append(s)
             after.append(unconstrain(
                 model.covar_module.base_kernel.lengthscale.detach().double().reshape(-1).numpy(),
                 float(model.covar_module.outputscale), float(lik.noise),
-                float(model.mean_module.constant), noise_floor=bench_uci.NOISE_FLOOR,
+                float(model.mean_module.constant), noise_floor=gb.NOISE_FLOOR,
                 dtype=np.float64))
     return after, losses, secs
 
@@ -136,15 +137,15 @@ def main(argv=None) -> int:
     from gpadjoint.kernels import Params
     from gpadjoint.mll import neg_mll_exact
 
-    s = bench_uci._data(args.dataset, args.split)
+    s = bu.load_split(args.dataset, args.split)
     if args.n > len(s.y_train):
         ap.error(f"--n {args.n} exceeds the split's {len(s.y_train)} training points")
     X = np.asarray(s.X_train[: args.n], np.float64)
     y = np.asarray(s.y_train[: args.n], np.float64)
     X64, y64 = jnp.asarray(X), jnp.asarray(y)
     exact = jax.jit(lambda p: neg_mll_exact(p, X64, y64, kernel="matern32",
-                                            noise_floor=bench_uci.NOISE_FLOOR))
-    init_seed = bench_uci.seed_for(args.split)
+                                            noise_floor=gb.NOISE_FLOOR))
+    init_seed = bu.seed_for(args.split)
     base = {"dataset": args.dataset, "split": args.split, "n": args.n,
             "commit": bu.git_commit(), "machine": bu.machine()}
     scored = sorted({e for e in range(args.every - 1, args.epochs, args.every)}

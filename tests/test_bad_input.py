@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -18,11 +19,12 @@ import numpy as np
 import pytest
 
 import gpadjoint.data as D
+import gpadjoint.datasets as DS
 from gpadjoint.cli import main as cli_main
 from gpadjoint.config import load_config
 from gpadjoint.model import GPRegressor
 
-FAST = dict(epochs=1, num_probes=2, lanczos_depth=3, precond_rank=2, random_state=0)
+FAST = dict(epochs=1, num_probes=2, lanczos_depth=3, precond_rank=2, seed=0)
 
 
 class CLIError(Exception):
@@ -65,7 +67,7 @@ def write(tmp: Path, name: str, text: str) -> Path:
 
 
 def corrupted_yacht(tmp: Path) -> Path:
-    shutil.copytree(D.REPO_DATA_DIR / "yacht", tmp / "yacht")
+    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp / "yacht")
     f = tmp / "yacht" / "data.csv.gz"
     raw = bytearray(f.read_bytes())
     raw[100] ^= 0x01
@@ -74,7 +76,7 @@ def corrupted_yacht(tmp: Path) -> Path:
 
 
 def truncated_yacht(tmp: Path) -> Path:
-    shutil.copytree(D.REPO_DATA_DIR / "yacht", tmp / "yacht")
+    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp / "yacht")
     f = tmp / "yacht" / "data.csv.gz"
     f.write_bytes(f.read_bytes()[:200])
     return tmp
@@ -133,14 +135,14 @@ CASES = [
     ("gpadjoint fit --data", "target column that does not exist",
      lambda t: cli("fit", "--data", write(t, "n.csv", NUM_CSV), "--target", "cost"),
      CLIError, "target column 'cost' not in"),
-    ("load_dataset", "unknown data set name", lambda t: D.load_dataset("elevator"),
+    ("load_dataset", "unknown data set name", lambda t: DS.load_dataset("elevator"),
      ValueError, r"Unknown data set 'elevator'.*'elevators'.*yacht"),
     ("gpadjoint fit --dataset", "unknown data set name",
      lambda t: cli("fit", "--dataset", "elevator"), CLIError, r"elevator.*elevators"),
     ("GPRegressor", "unknown kernel", lambda t: GPRegressor(kernel="sqexp").fit(*xy()),
-     ValueError, r"kernel='sqexp' is not valid; choose one of .*matern32"),
+     ValueError, r"\[model\] kernel = 'sqexp': choose one of .*matern32"),
     ("GPRegressor", "unknown backend", lambda t: GPRegressor(backend="cuda").fit(*xy()),
-     ValueError, r"backend='cuda' is not valid; choose one of auto, dense, blocked, keops"),
+     ValueError, r"\[model\] backend = 'cuda': choose one of 'auto', 'dense', 'blocked', 'keops'"),
     ("gpadjoint fit", "unknown kernel",
      lambda t: cli("fit", "--dataset", "yacht", "--kernel", "sqexp"),
      CLIError, r"invalid choice: 'sqexp'"),
@@ -148,11 +150,11 @@ CASES = [
      lambda t: cli("fit", "--dataset", "yacht", "--backend", "cuda"),
      CLIError, r"invalid choice: 'cuda'"),
     ("load_dataset", "corrupted data file (one flipped bit)",
-     lambda t: D.load_dataset("yacht", data_dir=corrupted_yacht(t)),
-     D.ChecksumError, r"Checksum mismatch for .*yacht/data.csv.gz"),
+     lambda t: DS.load_dataset("yacht", data_dir=corrupted_yacht(t)),
+     DS.ChecksumError, r"Checksum mismatch for .*yacht/data.csv.gz"),
     ("load_dataset", "truncated data file",
-     lambda t: D.load_dataset("yacht", data_dir=truncated_yacht(t)),
-     D.ChecksumError, r"Checksum mismatch for .*yacht/data.csv.gz"),
+     lambda t: DS.load_dataset("yacht", data_dir=truncated_yacht(t)),
+     DS.ChecksumError, r"Checksum mismatch for .*yacht/data.csv.gz"),
     ("config file", "unknown key",
      lambda t: load_config(write(t, "c.toml", "[optim]\nlearning_rate = 0.1\n")),
      ValueError, r"unknown key 'learning_rate' in section \[optim\] \(did you mean 'lr'\?\)"),
@@ -164,15 +166,15 @@ CASES = [
                    write(t, "c.toml", "[mll]\nprobes = 4\n")),
      CLIError, r"unknown key 'probes' in section \[mll\] \(did you mean 'num_probes'\?\)"),
     ("GPRegressor", "epochs = -1", lambda t: GPRegressor(epochs=-1).fit(*xy()),
-     ValueError, "epochs must be an integer >= 0"),
+     ValueError, r"\[train\] epochs = -1: must be >= 0"),
     ("GPRegressor", "num_probes = 0", lambda t: GPRegressor(num_probes=0).fit(*xy()),
-     ValueError, "num_probes must be an integer >= 1"),
+     ValueError, r"\[mll\] num_probes = 0: must be positive"),
     ("GPRegressor", "lanczos_depth = 0", lambda t: GPRegressor(lanczos_depth=0).fit(*xy()),
-     ValueError, "lanczos_depth must be an integer >= 1"),
+     ValueError, r"\[mll\] lanczos_depth = 0: must be positive"),
     ("GPRegressor", "lr = 0", lambda t: GPRegressor(lr=0.0).fit(*xy()),
-     ValueError, "lr must be a number > 0"),
-    ("gpadjoint fit", "--epochs 0", lambda t: cli("fit", "--dataset", "yacht", "--epochs", "0"),
-     CLIError, r"\[train\] epochs.*positive"),
+     ValueError, r"\[optim\] lr = 0.0: must be positive"),
+    ("gpadjoint fit", "--epochs -1", lambda t: cli("fit", "--dataset", "yacht", "--epochs", "-1"),
+     CLIError, r"\[train\] epochs = -1: must be >= 0"),
     ("gpadjoint fit", "--lr -0.1", lambda t: cli("fit", "--dataset", "yacht", "--lr", "-0.1"),
      CLIError, r"\[optim\] lr.*positive"),
     ("config file", "num_probes = 0",
@@ -199,12 +201,46 @@ def _keops_unavailable(monkeypatch):
     make_backend("keops", "matern32")
 
 
+# What the user saw in each case, in CASES order: (entry point, bad input, error, message).
+SEEN: list[tuple[str, str, str, str]] = []
+
+
 @pytest.mark.parametrize(
     "entry,what,action,exc,pattern", CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES]
 )
 def test_bad_input_is_named(entry, what, action, exc, pattern, tmp_path, monkeypatch):
-    with pytest.raises(exc, match=pattern):
+    with pytest.raises(exc, match=pattern) as info:
         if action is None:
             _keops_unavailable(monkeypatch)
         else:
             action(tmp_path)
+    SEEN.append((entry, what, type(info.value).__name__,
+                 str(info.value).replace(str(tmp_path), "…")))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _table_of_messages():
+    """With GPADJ_BAD_INPUT_TABLE=PATH set, write what the user saw as a Markdown table there.
+
+    ``scripts/bad_input_table.py`` sets it (and GPADJ_COMMIT) to write results/bad_inputs.md.
+    """
+    yield
+    out = os.environ.get("GPADJ_BAD_INPUT_TABLE")
+    if not out:
+        return
+    lines = [
+        "# What the user sees for bad input",
+        "",
+        f"Written by `scripts/bad_input_table.py` (commit {os.environ.get('GPADJ_COMMIT', '?')}) "
+        "from the cases of `tests/test_bad_input.py`, which asserts these messages. Paths "
+        "shortened to `…/`.",
+        "",
+        "| entry point | bad input | error | message |",
+        "|---|---|---|---|",
+    ]
+    for entry, what, name, msg in SEEN:
+        msg = " ".join(msg.split())
+        msg = msg if len(msg) <= 300 else msg[:297] + "..."
+        msg = msg.replace("|", "\\|")
+        lines.append(f"| {entry} | {what} | {name} | {msg} |")
+    Path(out).write_text("\n".join(lines) + "\n")

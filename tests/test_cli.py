@@ -39,7 +39,7 @@ def test_fit_writes_a_complete_run_record(yacht_run, capsys):
     assert len(hp["lengthscale"]) == 6 and hp["noise"] > 0 and hp["outputscale"] > 0
     # the RMSE and NLL are those of the recorded hyperparameters' posterior, in the target's
     # units (yacht's target has std ~15), checked against scikit-learn's GP with them fixed
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
 
     s = load_dataset("yacht", 0)
     Xtr, Xte = s.unscale_X(s.X_train), s.unscale_X(s.X_test)
@@ -51,7 +51,7 @@ def test_fit_writes_a_complete_run_record(yacht_run, capsys):
 
 
 def test_saved_model_predicts_from_csv(yacht_run, tmp_path):
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
 
     rec, _, model = yacht_run
     split = load_dataset("yacht", 0)

@@ -11,35 +11,36 @@ import pandas as pd
 import pytest
 
 from gpadjoint import data as D
+from gpadjoint import datasets as DS
 
-SHIPPED = [n for n, i in D.DATASETS.items() if i.shipped]
-MANIFEST = pd.read_csv(D.REPO_DATA_DIR / "MANIFEST.tsv", sep="\t", dtype={"sha256": str})
+SHIPPED = [n for n, i in DS.DATASETS.items() if i.shipped]
+MANIFEST = pd.read_csv(DS.REPO_DATA_DIR / "MANIFEST.tsv", sep="\t", dtype={"sha256": str})
 
 
 def test_registry_matches_manifest_and_readme():
     assert len(SHIPPED) == 17
-    assert sorted(n for n, i in D.DATASETS.items() if not i.shipped) == sorted(
+    assert sorted(n for n, i in DS.DATASETS.items() if not i.shipped) == sorted(
         ["3droad", "slice", "buzz", "houseelectric", "song"])
-    readme = (D.REPO_DATA_DIR / "README.md").read_text()
+    readme = (DS.REPO_DATA_DIR / "README.md").read_text()
     table = dict(
         (m[1], (int(m[2]), int(m[3])))
         for m in re.finditer(r"^\| (\w+) \| (\d+) \| (\d+) \|", readme, re.M))
     assert sorted(table) == sorted(SHIPPED)
     for name in SHIPPED:
-        info = D.DATASETS[name]
+        info = DS.DATASETS[name]
         rows = MANIFEST[MANIFEST.dataset == name]
         assert set(rows.n_rows) == {info.n} and set(rows.d_features) == {info.d}
         assert table[name] == (info.n, info.d)
         assert dict(zip(rows.file, rows.sha256, strict=True)) == dict(info.files)
     # the README's n, d for the large sets
     for name in ("3droad", "slice", "buzz", "houseelectric", "song"):
-        i = D.DATASETS[name]
+        i = DS.DATASETS[name]
         assert f"{name} n={i.n} d={i.d}" in readme.replace("\n  ", " ")
-    assert "data1.csv.gz" in D.DATASETS["song"].files
+    assert "data1.csv.gz" in DS.DATASETS["song"].files
 
 
 def test_list_datasets():
-    rows = {r["name"]: r for r in D.list_datasets()}
+    rows = {r["name"]: r for r in DS.list_datasets()}
     assert len(rows) == 22
     assert rows["kin8nm"] == dict(name="kin8nm", n=8192, d=8, shipped=True, n_splits=20,
                                   available=True)
@@ -49,8 +50,8 @@ def test_list_datasets():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_set_shapes_and_splits(name):
-    info = D.DATASETS[name]
-    s = D.load_dataset(name, 0)
+    info = DS.DATASETS[name]
+    s = DS.load_dataset(name, 0)
     assert s.n_train + s.n_test == info.n and s.d == info.d
     assert s.X_train.shape == (s.n_train, info.d) and s.X_test.shape == (s.n_test, info.d)
     assert s.y_train.shape == (s.n_train,) and s.y_test.shape == (s.n_test,)
@@ -58,7 +59,7 @@ def test_shipped_set_shapes_and_splits(name):
     for a in (s.X_train, s.y_train, s.X_test, s.y_test, s.x_std):
         assert np.isfinite(a).all()
     # every split: train and test disjoint and covering all rows
-    data, splits = D._parse(name, D.REPO_DATA_DIR / name, ())
+    data, splits = DS._parse(name, DS.REPO_DATA_DIR / name, ())
     tests = []
     for k in range(info.n_splits):
         train, test = splits(k)
@@ -73,8 +74,8 @@ def test_shipped_set_shapes_and_splits(name):
 
 def test_standardisation_uses_training_statistics():
     for name in ("yacht", "kin8nm", "protein"):
-        s = D.load_dataset(name, 3)
-        data, splits = D._parse(name, D.REPO_DATA_DIR / name, ())
+        s = DS.load_dataset(name, 3)
+        data, splits = DS._parse(name, DS.REPO_DATA_DIR / name, ())
         train, test = splits(3)
         np.testing.assert_allclose(s.X_train.mean(0), 0, atol=1e-10)
         np.testing.assert_allclose(s.X_train.std(0), 1, rtol=1e-10)
@@ -88,10 +89,10 @@ def test_standardisation_uses_training_statistics():
 
 
 def test_scale_y_and_dtype():
-    s = D.load_dataset("concrete", 2, scale_y=True, dtype=np.float32)
+    s = DS.load_dataset("concrete", 2, scale_y=True, dtype=np.float32)
     assert s.X_train.dtype == s.y_test.dtype == np.float32
     assert s.y_std > 1 and abs(s.y_train.std() - 1) < 1e-5
-    ref = D.load_dataset("concrete", 2)
+    ref = DS.load_dataset("concrete", 2)
     np.testing.assert_allclose(s.unscale_y(s.y_test), ref.unscale_y(ref.y_test), rtol=1e-5)
     np.testing.assert_allclose(s.unscale_y_std(np.ones(3)), s.y_std)
     np.testing.assert_allclose(s.unscale_y_var(np.ones(3)), s.y_std**2)
@@ -100,7 +101,7 @@ def test_scale_y_and_dtype():
 
 @pytest.mark.parametrize("name,const", [("sml", [2, 20, 21, 22]), ("keggundirected", [9])])
 def test_constant_columns_get_unit_std(name, const):
-    s = D.load_dataset(name, 0)
+    s = DS.load_dataset(name, 0)
     assert np.isfinite(s.X_train).all() and np.isfinite(s.X_test).all()
     assert np.flatnonzero(np.ptp(s.X_train, axis=0) == 0).tolist() == const
     assert (s.x_std[const] == 1).all() and (s.X_train[:, const] == 0).all()
@@ -109,13 +110,13 @@ def test_constant_columns_get_unit_std(name, const):
 def test_column_constant_only_in_training_rows():
     # keggdirected column 7 is constant except row 23109, which is a test row of split 2; the
     # naive std of the training column is ~1e-21 (rounding), not 0.
-    s = D.load_dataset("keggdirected", 2)
+    s = DS.load_dataset("keggdirected", 2)
     assert s.x_std[7] == 1 and (s.X_train[:, 7] == 0).all()
     assert np.abs(s.X_test).max() < 100
 
 
 def _all_targets(name):
-    s = D.load_dataset(name, 0)
+    s = DS.load_dataset(name, 0)
     return np.concatenate([s.y_train, s.y_test]) + s.y_mean
 
 
@@ -140,50 +141,50 @@ def test_keggundirected_target_is_already_log():
 
 def test_kin8nm_has_20_splits_of_7373_819():
     for k in range(20):
-        s = D.load_dataset("kin8nm", k)
+        s = DS.load_dataset("kin8nm", k)
         assert (s.n_train, s.n_test) == (7373, 819)
-    _, splits = D._parse("kin8nm", D.REPO_DATA_DIR / "kin8nm", ())
+    _, splits = DS._parse("kin8nm", DS.REPO_DATA_DIR / "kin8nm", ())
     assert len(np.intersect1d(splits(0)[1], splits(1)[1])) == 76  # random splits, not folds
     with pytest.raises(ValueError, match="20 splits"):
-        D.load_dataset("kin8nm", 20)
+        DS.load_dataset("kin8nm", 20)
 
 
 def test_bad_name_and_split():
     with pytest.raises(ValueError, match=r"Unknown data set 'yatch'.*'yacht'.*airfoil"):
-        D.load_dataset("yatch")
+        DS.load_dataset("yatch")
     with pytest.raises(ValueError, match=r"split 10 out of range for 'yacht'.*0\.\.9"):
-        D.load_dataset("yacht", 10)
+        DS.load_dataset("yacht", 10)
     with pytest.raises(ValueError, match="out of range"):
-        D.load_dataset("yacht", -1)
+        DS.load_dataset("yacht", -1)
     with pytest.raises(TypeError, match="split must be an int"):
-        D.load_dataset("yacht", 1.0)
+        DS.load_dataset("yacht", 1.0)
 
 
 def test_checksum_catches_corrupted_copy(tmp_path):
-    shutil.copytree(D.REPO_DATA_DIR / "yacht", tmp_path / "yacht")
-    assert D.load_dataset("yacht", 1, data_dir=tmp_path).n_test == 31  # intact copy loads
+    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp_path / "yacht")
+    assert DS.load_dataset("yacht", 1, data_dir=tmp_path).n_test == 31  # intact copy loads
     f = tmp_path / "yacht" / "data.csv.gz"
     raw = bytearray(f.read_bytes())
     raw[100] ^= 0x01
     f.write_bytes(bytes(raw))
-    expected = D.DATASETS["yacht"].files["data.csv.gz"]
-    with pytest.raises(D.ChecksumError) as err:
-        D.load_dataset("yacht", 1, data_dir=tmp_path)
+    expected = DS.DATASETS["yacht"].files["data.csv.gz"]
+    with pytest.raises(DS.ChecksumError) as err:
+        DS.load_dataset("yacht", 1, data_dir=tmp_path)
     msg = str(err.value)
     assert str(f) in msg and expected in msg and hashlib.sha256(raw).hexdigest() in msg
     assert "re-copy" in msg
     (tmp_path / "yacht" / "test_mask.csv.gz").unlink()
     with pytest.raises(FileNotFoundError, match="missing test_mask.csv.gz"):
-        D.load_dataset("yacht", data_dir=tmp_path)
+        DS.load_dataset("yacht", data_dir=tmp_path)
 
 
 def test_large_set_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("GPADJOINT_DATA", str(tmp_path))
-    assert D.default_cache_dir() == tmp_path
+    assert DS.default_cache_dir() == tmp_path
     with pytest.raises(FileNotFoundError, match=r"not shipped.*download_dataset\('3droad'"):
-        D.load_dataset("3droad")
+        DS.load_dataset("3droad")
     with pytest.raises(ValueError, match="not a treforevans"):
-        D.download_dataset("kin8nm")
+        DS.download_dataset("kin8nm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,9 +205,9 @@ def server(tmp_path, monkeypatch):
         np.savetxt(f, data, delimiter=",", fmt="%.5g")
     with gzip.open(folder / "test_mask.csv.gz", "wt") as f:
         np.savetxt(f, mask, delimiter=",", fmt="%d")
-    info = D.DatasetInfo("tinyremote", n, d, False, "mask10",
+    info = DS.DatasetInfo("tinyremote", n, d, False, "mask10",
                          {"data.csv.gz": None, "test_mask.csv.gz": None})
-    monkeypatch.setitem(D.DATASETS, "tinyremote", info)
+    monkeypatch.setitem(DS.DATASETS, "tinyremote", info)
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -228,33 +229,33 @@ def test_download_and_load(server, tmp_path):
     url, data, mask = server
     cache = tmp_path / "cache"
     good = hashlib.sha256((tmp_path / "srv/tinyremote/data.csv.gz").read_bytes()).hexdigest()
-    folder = D.download_dataset("tinyremote", cache_dir=cache, base_url=url,
+    folder = DS.download_dataset("tinyremote", cache_dir=cache, base_url=url,
                                 sha256={"data.csv.gz": good})
     assert sorted(p.name for p in folder.iterdir()) == [
         "SHA256SUMS", "data.csv.gz", "test_mask.csv.gz"]
-    s = D.load_dataset("tinyremote", 3, data_dir=cache)
+    s = DS.load_dataset("tinyremote", 3, data_dir=cache)
     test = mask[:, 3] == 1
     np.testing.assert_allclose(s.unscale_X(s.X_test), data[test, :-1], atol=1e-4)
     np.testing.assert_allclose(s.unscale_y(s.y_train), data[~test, -1], atol=1e-4)
     # already there: no second download, but a hash given now is still checked
-    assert D.download_dataset("tinyremote", cache_dir=cache, base_url=url + "/gone") == folder
-    with pytest.raises(D.ChecksumError, match="force=True"):
-        D.download_dataset("tinyremote", cache_dir=cache, sha256={"data.csv.gz": "1" * 64})
+    assert DS.download_dataset("tinyremote", cache_dir=cache, base_url=url + "/gone") == folder
+    with pytest.raises(DS.ChecksumError, match="force=True"):
+        DS.download_dataset("tinyremote", cache_dir=cache, sha256={"data.csv.gz": "1" * 64})
     # the hashes recorded at download protect later loads
     (folder / "data.csv.gz").write_bytes(b"not the same bytes")
-    with pytest.raises(D.ChecksumError, match="download_dataset"):
-        D.load_dataset("tinyremote", 3, data_dir=cache)
+    with pytest.raises(DS.ChecksumError, match="download_dataset"):
+        DS.load_dataset("tinyremote", 3, data_dir=cache)
 
 
 def test_download_wrong_checksum_leaves_nothing(server, tmp_path):
     url, _, _ = server
     cache = tmp_path / "cache"
-    with pytest.raises(D.ChecksumError, match="expected sha256 " + "0" * 64):
-        D.download_dataset("tinyremote", cache_dir=cache, base_url=url,
+    with pytest.raises(DS.ChecksumError, match="expected sha256 " + "0" * 64):
+        DS.download_dataset("tinyremote", cache_dir=cache, base_url=url,
                            sha256={"test_mask.csv.gz": "0" * 64})
     assert not cache.exists() or not any(cache.rglob("*"))
     with pytest.raises(OSError):  # urllib's HTTPError (404) for a wrong base URL
-        D.download_dataset("tinyremote", cache_dir=cache, base_url=url + "/nope")
+        DS.download_dataset("tinyremote", cache_dir=cache, base_url=url + "/nope")
     assert not any(cache.rglob("*"))
 
 

@@ -34,10 +34,17 @@ estimator = "slq"      # n = 2400 would take the exact estimator; the test wants
 num_probes = 4
 lanczos_depth = 8
 precond_rank = 10
+cg_tol = 1e-2
+cg_min_iter = 10
+precond_logdet = false
+[optim]
+optimizer = "adam"     # all {epochs} epochs run (L-BFGS would stop once converged)
+lr = 0.05
 [train]
 epochs = {epochs}
 seed = 7
 checkpoint_every = 1
+init_subset = 0
 """
 
 

@@ -14,10 +14,11 @@ from _util import problem
 from jax.flatten_util import ravel_pytree
 from scipy.optimize import minimize
 
-from gpadjoint.config import OptimConfig, make_optimizer, resolve_optimizer
+from gpadjoint.config import OptimConfig
 from gpadjoint.kernels import init_params
 from gpadjoint.matvec import make_backend
 from gpadjoint.mll import MLLConfig, neg_mll
+from gpadjoint.optimizers import make_optimizer, resolve_optimizer
 from gpadjoint.train import LBFGS, fit, load_checkpoint
 
 N, D = 200, 2

@@ -32,7 +32,7 @@ def test_sklearn_estimator_checks(estimator, check):
 def test_hyperparameters_are_in_original_units():
     X, y = data()
     Xs = np.random.default_rng(1).uniform(-3, 3, (15, 2))
-    kw = dict(epochs=15, random_state=0)
+    kw = dict(epochs=15, seed=0)
     m1 = GPRegressor(**kw).fit(X, y)
     m2 = GPRegressor(**kw).fit(X * 1000, y * 1e-3)
     h1, h2 = m1.hyperparameters_, m2.hyperparameters_
@@ -45,7 +45,7 @@ def test_hyperparameters_are_in_original_units():
     np.testing.assert_allclose(mu2, 1e-3 * mu1, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(sd2, 1e-3 * sd1, rtol=1e-6)
     # and they are the internal values mapped out
-    h = constrain(m1._params(), m1.noise_floor)
+    h = constrain(m1._params(), m1.config_.model.noise_floor)
     np.testing.assert_allclose(h1["lengthscale"], np.asarray(h.lengthscale) * m1.x_std_)
     np.testing.assert_allclose(h1["noise"], float(h.noise) * m1.y_std_**2)
     assert m1.n_iter_ == len(m1.history_) == 15
@@ -55,13 +55,15 @@ def test_hyperparameters_are_in_original_units():
 def test_save_load_round_trip_predicts_identically(tmp_path, variance):
     X, y = data()
     Xs = np.random.default_rng(2).uniform(-3, 3, (20, 2))
-    m = GPRegressor(epochs=5, variance=variance, love_rank=20, random_state=3).fit(X, y)
+    m = GPRegressor(epochs=5, variance=variance, love_rank=20, seed=3).fit(X, y)
     mu, sd = m.predict(Xs, return_std=True)  # for love this caches the root, which is saved
     path = tmp_path / "sub" / "model.npz"
     assert m.save(path) == path
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.npz"]  # no temp file left
     m2 = GPRegressor.load(path)
-    assert m2.get_params() == m.get_params()
+    # the settings are stored resolved: the loaded model refits as this one did
+    assert m2.config_ == m.config_ == m2.run_config()
+    assert m2.get_params()["epochs"] == 5 and m.get_params()["lr"] is None
     assert m2.variance_ == variance and m2.backend_ == m.backend_
     for k, v in m.hyperparameters_.items():
         np.testing.assert_array_equal(m2.hyperparameters_[k], v)
@@ -80,7 +82,7 @@ def test_load_rejects_other_files(tmp_path):
 
 def test_return_std_is_positive_and_finite():
     X, y = data()
-    m = GPRegressor(epochs=10, random_state=0).fit(X, y)
+    m = GPRegressor(epochs=10, seed=0).fit(X, y)
     Xs = np.vstack([X[:10], [[1e6, -1e6]], [[0.0, 0.0]]])  # training inputs and far away
     mu, sd = m.predict(Xs, return_std=True)
     assert mu.shape == sd.shape == (12,)
@@ -117,9 +119,9 @@ def test_fit_validation_messages():
         GPRegressor(**FAST).fit(X[:1], y[:1])
     with pytest.raises(ValueError, match="0 feature"):
         GPRegressor(**FAST).fit(np.zeros((10, 0)), y)
-    with pytest.raises(ValueError, match="kernel='sq_exp' is not valid"):
+    with pytest.raises(ValueError, match=r"\[model\] kernel = 'sq_exp': choose one of"):
         GPRegressor(kernel="sq_exp").fit(X, y)
-    with pytest.raises(ValueError, match="epochs must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"\[train\] epochs = -1: must be >= 0"):
         GPRegressor(epochs=-1).fit(X, y)
     m = GPRegressor(**FAST).fit(X, y)
     with pytest.raises(ValueError, match=r"X contains 1 NaN/inf .* rows \[3\]"):
@@ -133,7 +135,7 @@ def test_small_n_and_constant_inputs():
     Xt = np.array([[0.5, 5.0], [3.0, 5.0]])
     for estimator in ("exact", "slq"):
         m = GPRegressor(epochs=3, lanczos_depth=10, precond_rank=15, love_rank=100,
-                        estimator=estimator, random_state=0).fit(X, y)
+                        estimator=estimator, seed=0).fit(X, y)
         assert m.x_std_[1] == 1.0
         for variance in ("exact", "love"):
             m.set_params(variance=variance)
@@ -151,14 +153,14 @@ def test_backend_choice_is_reported(capsys):
     assert m.backend_ == "dense" and m.backend_reason_.startswith("auto: ")
     assert m.variance_ == "exact" and m.variance_reason_.startswith("auto: ")
     out = capsys.readouterr().out
-    assert "backend dense (auto: " in out
+    assert "backend: dense (auto: " in out
     m = GPRegressor(**FAST, backend="blocked").fit(X, y)
     assert (m.backend_, m.backend_reason_) == ("blocked", "requested")
 
 
 def test_float32_and_epochs_zero():
     X, y = data()
-    m = GPRegressor(dtype="float32", epochs=5, random_state=0, estimator="slq").fit(X, y)
+    m = GPRegressor(dtype="float32", epochs=5, seed=0, estimator="slq").fit(X, y)
     assert m.params_.raw_lengthscale.dtype == np.float32 and m.alpha_.dtype == np.float32
     assert m.predict_dtype_ == "float32"
     mu, sd = m.predict(X, return_std=True)
@@ -166,24 +168,6 @@ def test_float32_and_epochs_zero():
     m0 = GPRegressor(epochs=0).fit(X, y)
     assert m0.history_ == [] and m0.stopped_reason_.startswith("epochs=0")
     np.testing.assert_allclose(m0.hyperparameters_["outputscale"], np.log(2) * m0.y_std_**2)
-
-
-def test_from_fitted_reproduces_the_fitted_model():
-    X, y = data()
-    m = GPRegressor(epochs=5, random_state=0).fit(X, y)
-    Xn = (X - m.x_mean_) / m.x_std_
-    yn = (y - m.y_mean_) / m.y_std_
-    m2 = GPRegressor.from_fitted(
-        X_train=Xn, y_train=yn, params=m.params_, x_mean=m.x_mean_, x_std=m.x_std_,
-        y_mean=m.y_mean_, y_std=m.y_std_, backend=m.backend_,
-    )
-    Xs = np.random.default_rng(4).uniform(-3, 3, (10, 2))
-    mu, sd = m.predict(Xs, return_std=True)
-    mu2, sd2 = m2.predict(Xs, return_std=True)
-    # X goes through (X - mean) / std and back: last-bit changes, amplified by cond(K) (~1e6
-    # once L-BFGS has taken the noise to its floor), reach the 1e-8 level of the CG solves.
-    np.testing.assert_allclose(mu2, mu, rtol=1e-6)
-    np.testing.assert_allclose(sd2, sd, rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -197,13 +181,13 @@ def test_yacht_rmse_close_to_sklearn():
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
-    from gpadjoint.data import load_dataset
+    from gpadjoint.datasets import load_dataset
 
     s = load_dataset("yacht", 0)
     Xtr, Xte = s.unscale_X(s.X_train), s.unscale_X(s.X_test)
     ytr, yte = s.unscale_y(s.y_train), s.unscale_y(s.y_test)
     m = GPRegressor(
-        epochs=300, lr=0.1, lanczos_depth=30, num_probes=16, precond_rank=30, random_state=0
+        epochs=300, lr=0.1, lanczos_depth=30, num_probes=16, precond_rank=30, seed=0
     ).fit(Xtr, ytr)
     rmse = float(np.sqrt(np.mean((m.predict(Xte) - yte) ** 2)))
 
@@ -229,7 +213,9 @@ def test_float32_exact_estimator_predicts_in_float64_like_sklearn(tmp_path, vari
     rng = np.random.default_rng(5)
     X = rng.uniform(-2, 2, (150, 2))
     y = np.sin(2 * X[:, 0]) + 0.5 * X[:, 1] + 1e-3 * rng.standard_normal(150)  # noise ~ floor
-    m = GPRegressor(dtype="float32", random_state=0, variance=variance,
+    # 50 steps: run to convergence (about 110), this likelihood's maximum drifts to infinite
+    # lengthscales and output scale (cond(K) ~ 4e15), where no two float64 solvers agree
+    m = GPRegressor(dtype="float32", seed=0, variance=variance, epochs=50,
                     love_rank=150).fit(X, y)
     assert m.estimator_ == "exact" and m.predict_dtype_ == "float64"
     assert m.alpha_.dtype == np.float64

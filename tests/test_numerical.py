@@ -14,8 +14,8 @@ from gpadjoint.model import GPRegressor
 # Adam pinned: these tests are about the estimator's numerics; L-BFGS's accept/reject decisions
 # (the default with SLQ) can turn round-off-level differences into 1e-5 ones within 15 steps
 SLQ = dict(estimator="slq", num_probes=8, lanczos_depth=15, precond_rank=10, epochs=15,
-           lr=0.1, random_state=0, optimizer="adam")
-EXACT = dict(estimator="exact", epochs=30, random_state=0)
+           lr=0.1, seed=0, optimizer="adam")
+EXACT = dict(estimator="exact", epochs=30, seed=0)
 
 
 def smooth(n=80, d=2, seed=0, noise=0.05):
@@ -78,7 +78,7 @@ def test_noise_free_targets_drive_noise_to_its_floor(settings, dtype):
     kw = dict(settings, epochs=60 if settings is SLQ else 60)
     m = GPRegressor(**kw, dtype=dtype).fit(X, y)
     mu, _ = assert_finite_fit(m, X)
-    floor = m.noise_floor * m.y_std_**2
+    floor = m.config_.model.noise_floor * m.y_std_**2
     assert m.hyperparameters_["noise"] >= floor * (1 - 1e-6)
     assert m.hyperparameters_["noise"] < 0.05 * np.var(y)  # it did go down
     assert np.sqrt(np.mean((mu - y) ** 2)) < 0.1 * np.std(y)

@@ -1,0 +1,151 @@
+"""Checkpoints of a training run: atomic, resumable, refused when the run differs.
+
+Stage 6a (mll -> **checkpoint** -> train). A checkpoint is one ``.npz`` (no pickle) holding a
+:class:`gpadjoint.train.TrainState` (any NamedTuple of that layout), the history so far and a
+fingerprint of the run (:func:`run_fingerprint`: data hash, kernel, backend, estimator
+settings, seed, optimiser-state layout and the caller's settings). :func:`load_checkpoint`
+refuses a file whose fingerprint differs and names each differing field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._io import atomic_write
+
+CHECKPOINT_FORMAT = "gpadjoint-checkpoint-v1"
+
+
+def run_fingerprint(X, y, kernel, backend, mll_config, seed, state, settings) -> dict:
+    """Return what a resumed run must match: data hash, settings, state layout (as JSON)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(y)).tobytes())
+    fp = {
+        "n": int(X.shape[0]),
+        "d": int(X.shape[1]),
+        "dtype": str(X.dtype),
+        "data_sha256": h.hexdigest(),
+        "kernel": kernel,
+        "backend": backend.name,
+        "mll_config": asdict(mll_config),
+        "seed": int(seed),
+        "warm_start": state.last_alpha is not None,
+        "opt_state": [
+            [list(np.shape(a)), str(np.asarray(a).dtype)] for a in jax.tree.leaves(state.opt_state)
+        ],
+        "settings": None if settings is None else dict(settings),
+    }
+    return json.loads(json.dumps(fp))  # normalise (tuples -> lists) as it will be read back
+
+
+def save_checkpoint(path, state: NamedTuple, history: list[dict], fingerprint: dict,
+                    stopped_reason: str = "") -> None:
+    """Write ``state``, ``history`` and ``fingerprint`` to ``path`` atomically (npz, no pickle).
+
+    The file is written under a temporary name in the same folder, fsync'ed and renamed over
+    ``path``, so a crash leaves either the old or the new checkpoint, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = state.key
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    arrays = {
+        "format": np.asarray(CHECKPOINT_FORMAT),
+        "fingerprint": np.asarray(json.dumps(fingerprint)),
+        "history": np.asarray(json.dumps(history)),
+        "stopped_reason": np.asarray(stopped_reason),
+        "epoch": np.asarray(state.epoch),
+        "key": np.asarray(jax.random.key_data(key) if typed else key),
+        "key_impl": np.asarray(str(jax.random.key_impl(key)) if typed else ""),
+    }
+    for i, a in enumerate(jax.tree.leaves(state.params)):
+        arrays[f"params_{i}"] = np.asarray(a)
+    for i, a in enumerate(jax.tree.leaves(state.opt_state)):
+        arrays[f"opt_{i}"] = np.asarray(a)
+    if state.last_alpha is not None:
+        arrays["last_alpha"] = np.asarray(state.last_alpha)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def load_checkpoint(path, template: NamedTuple, fingerprint: dict | None = None):
+    """Read a checkpoint into the structure of ``template`` -> ``(state, history)``.
+
+    Raises FileNotFoundError if absent, ValueError if the file is not a gpadjoint checkpoint,
+    if its fingerprint differs from ``fingerprint`` (each differing field is named) or if its
+    arrays do not fit the template.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path} is not a readable gpadjoint checkpoint: {e}") from None
+    if "format" not in data or str(data["format"]) != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    stored = json.loads(str(data["fingerprint"]))
+    if fingerprint is not None and stored != fingerprint:
+        diffs = [
+            f"{k}: checkpoint {_short(stored.get(k))} vs now {_short(fingerprint.get(k))}"
+            for k in sorted(set(stored) | set(fingerprint))
+            if stored.get(k) != fingerprint.get(k)
+        ]
+        raise ValueError(
+            f"checkpoint {path} was written for a different run and cannot be resumed: "
+            + "; ".join(diffs)
+            + ". Use the same data and settings, or resume=False (or another checkpoint path) "
+            "to start afresh."
+        )
+
+    def restore(prefix, tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        out = []
+        for i, ref in enumerate(leaves):
+            k = f"{prefix}_{i}"
+            if k not in data:
+                raise ValueError(f"{path}: missing {k}; the checkpoint does not fit this run")
+            a = data[k]
+            if a.shape != np.shape(ref) or a.dtype != np.asarray(ref).dtype:
+                raise ValueError(
+                    f"{path}: {k} has shape {a.shape} {a.dtype}, expected "
+                    f"{np.shape(ref)} {np.asarray(ref).dtype}"
+                )
+            out.append(jnp.asarray(a))
+        if f"{prefix}_{len(leaves)}" in data:
+            raise ValueError(f"{path}: more {prefix} arrays than this run has")
+        return jax.tree.unflatten(treedef, out)
+
+    key = jnp.asarray(data["key"])
+    impl = str(data["key_impl"])
+    if impl:
+        key = jax.random.wrap_key_data(key, impl=impl)
+    last_alpha = None
+    if template.last_alpha is not None:
+        if "last_alpha" not in data:
+            raise ValueError(f"{path}: no CG warm start stored, but warm_start is on")
+        last_alpha = jnp.asarray(data["last_alpha"], template.last_alpha.dtype)
+    state = template._replace(
+        params=restore("params", template.params),
+        opt_state=restore("opt", template.opt_state),
+        epoch=jnp.asarray(data["epoch"], template.epoch.dtype),
+        key=key,
+        last_alpha=last_alpha,
+    )
+    history = json.loads(str(data["history"]))
+    return state, history
+
+
+def _short(v, limit=80) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
