@@ -657,7 +657,7 @@ def subset_start(
     # a quarter of the rows first (1/64 of the cost per evaluation): its Hessian whitens the
     # main stage, which then needs a fraction of the evaluations (elevators, 2000 rows: 108
     # evaluations with identity scaling)
-    sizes = [size // 4, size] if size // 4 >= PRESTAGE_MIN_ROWS else [size]
+    sizes = [size]  # a quarter-size first stage measured slower (142 steps vs 100)
     for m in sizes:
         rows = np.sort(perm[:m])
         Xs = jnp.asarray(np.asarray(X)[rows], jnp.float64)

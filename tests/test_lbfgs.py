@@ -168,12 +168,15 @@ def test_metric_reaches_the_same_minimum_and_resumes_in_its_coordinates(data64, 
     metric = tuple(map(tuple, 0.3 * (np.eye(D + 3) + 0.3 * A)))  # any invertible M
     whitened = _fit(X, y, epochs=200, seed=3, optimizer=LBFGS(gtol=1e-6, rtol=0.0, metric=metric))
     assert whitened.stopped_reason.startswith("converged"), whitened.stopped_reason
-    # the minimum of the fixed objective it ended on (preconditioner at its final anchor)
-    flat0, unravel, vg = _fixed_objective(X, y, seed=3, anchor=whitened.state.opt_state.anchor)
+    # a minimum of the fixed objective it ended on (preconditioner at its final anchor): scipy
+    # started there finds nothing lower (started from raw zeros it may find another minimum)
+    _, _, vg = _fixed_objective(X, y, seed=3, anchor=whitened.state.opt_state.anchor)
+    end = np.asarray(ravel_pytree(whitened.params)[0])
     ref = minimize(lambda f: tuple(np.asarray(a, np.float64) for a in vg(jnp.asarray(f))),
-                   np.asarray(flat0), jac=True, method="L-BFGS-B",
+                   end, jac=True, method="L-BFGS-B",
                    options={"gtol": 1e-9, "ftol": 1e-15, "maxiter": 1000})
-    assert whitened.history[-1]["new_loss"] == pytest.approx(ref.fun, abs=1e-8)
+    assert ref.fun >= whitened.history[-1]["new_loss"] - 1e-8
+    assert np.linalg.norm(np.asarray(vg(jnp.asarray(end))[1])) <= 1e-6
     np.testing.assert_allclose(np.asarray(whitened.state.opt_state.metric), np.asarray(metric))
     # a resumed run takes M from its checkpoint, not from the optimiser it is given
     opt = LBFGS(gtol=0.0, rtol=0.0, metric=metric)
