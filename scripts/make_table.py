@@ -102,7 +102,7 @@ def estimator_bias_lines(folder: Path) -> list[str]:
             "grad_err", "gap_mean", "gap_of_mean", "seconds_per_eval"]
     lines = ["### The fixed-probe objective's bias at the exact optimum "
              "(scripts/estimator_bias.py)", "",
-             "Nats per datum, paper units, at the exact optimum's parameters. value_bias: SLQ loss "
+             "Nats per datum, paper units, at the exact run's best point. value_bias: SLQ loss "
              "minus exact loss (mean over seeds; value_sd their spread); gap_mean: 1/2 e^T H^-1 e "
              "of each seed's gradient error e, averaged; gap_of_mean: the same of the seed-mean "
              "error (the quadrature's deterministic bias). H is a subset Hessian (a proxy: ranks "
