@@ -437,12 +437,12 @@ def make_lbfgs_trainer(
                            new_grad_norm=gnorm)
             return state, metrics
 
-        # L-BFGS steps in the coordinates of _to_log: inverse lengthscales, log output scale,
-        # log of the noise above its floor, the mean itself (see _to_log for why)
+        # L-BFGS steps in the coordinates of _to_opt: inverse lengthscales, log output scale,
+        # log of the noise above its floor, the mean itself (see _to_opt for why)
         # ... and in coordinates v with u = M v (LBFGS.metric): gradient M^T g_u there, and a
         # direction d_v maps back to M d_v
         M = np.asarray(jax.device_get(s.metric), np.float64)
-        u, gu = _to_log(params), _log_grad(grad, params)
+        u, gu = _to_opt(params), _opt_grad(grad, params)
         v, gv = np.linalg.solve(M, _flat(u)), M.T @ _flat(gu)
         upd, inner = lbfgs_update(jnp.asarray(gv), s.inner, jnp.asarray(v))
         desc = _unflat(M @ -np.asarray(jax.device_get(upd)), u)
@@ -462,7 +462,7 @@ def make_lbfgs_trainer(
         best = None  # (t, value, grad, params, log-coordinate grad) of the best Armijo point
         wolfe = False
         for _ in range(lbfgs.max_linesearch_steps):
-            p_t = Params(*(np.asarray(a, dtype) for a in _from_log(
+            p_t = Params(*(np.asarray(a, dtype) for a in _from_opt(
                 Params(*(a + t * b for a, b in zip(u, desc))))))  # in the working dtype
             v_t, g_t, fin_t, solved_t, x0_t = run(p_t, x0)
             x0 = x0_t
@@ -477,7 +477,7 @@ def make_lbfgs_trainer(
                     t_q = lo + 0.25 * (hi - lo)
                 t = min(max(t_q, lo + 0.1 * (hi - lo)), lo + 0.5 * (hi - lo))
                 continue
-            gu_t = _log_grad(g_t, p_t)
+            gu_t = _opt_grad(g_t, p_t)
             best = (t, v_t, g_t, p_t, gu_t)
             if _tree_vdot(gu_t, desc) >= lbfgs.c2 * slope:
                 wolfe = True
@@ -496,7 +496,7 @@ def make_lbfgs_trainer(
         sy = t * (_tree_vdot(gu_new, desc) - slope)
         if not (wolfe or sy > 0):
             # no positive curvature pair: forget
-            inner = direction.init(jnp.asarray(np.linalg.solve(M, _flat(_to_log(p_new)))))
+            inner = direction.init(jnp.asarray(np.linalg.solve(M, _flat(_to_opt(p_new)))))
         new_params = Params(*(jnp.asarray(a, dtype) for a in p_new))
         new_grad = Params(*(jnp.asarray(a, dtype) for a in g_new))
         new_state = TrainState(
@@ -526,7 +526,7 @@ INV_LS_STEP = 1.0  # the most an inverse lengthscale moves in one L-BFGS step
 _MIN_INV_LS = 1e-12
 
 
-def _to_log(p: Params) -> Params:
+def _to_opt(p: Params) -> Params:
     """Raw parameters -> the L-BFGS coordinates (1/lengthscale, log scales, the mean).
 
     The coordinates: 1/lengthscale, log output scale, log(noise - floor), the mean. Log
@@ -548,15 +548,15 @@ def _softplus_inv(y):
     return y + np.log(-np.expm1(-y))
 
 
-def _from_log(u: Params) -> Params:
-    """Inverse of :func:`_to_log` (an inverse lengthscale's sign does not matter)."""
+def _from_opt(u: Params) -> Params:
+    """Inverse of :func:`_to_opt` (an inverse lengthscale's sign does not matter)."""
     inv = np.maximum(np.abs(np.asarray(u.raw_lengthscale, np.float64)), _MIN_INV_LS)
     return Params(_softplus_inv(1.0 / inv), _softplus_inv(np.exp(u.raw_outputscale)),
                   _softplus_inv(np.exp(u.raw_noise)), np.asarray(u.mean, np.float64))
 
 
-def _log_grad(g: Params, p: Params) -> Params:
-    """Gradient in :func:`_to_log` coordinates from the raw gradient ``g`` at ``p``."""
+def _opt_grad(g: Params, p: Params) -> Params:
+    """Gradient in :func:`_to_opt` coordinates from the raw gradient ``g`` at ``p``."""
 
     def dlog(gr, r):  # d raw / d log y = y / sigmoid(raw) with y = softplus(raw)
         y = _positive(r)
@@ -625,9 +625,6 @@ def _lbfgs_metrics(params: Params, value: float, gnorm: float, cfg: MLLConfig, o
     }
 
 
-PRESTAGE_MIN_ROWS = 250  # subset_start's first stage runs only from this many rows
-
-
 def subset_start(
     X, y, params0: Params, *, kernel: str, size: int, seed: int, noise_floor: float,
     max_steps: int = 200,
@@ -643,44 +640,32 @@ def subset_start(
 
     ``info["metric"]`` is the coordinate matrix for :class:`LBFGS` (``metric``): M = Q
     diag(lambda)^-1/2 from the forward-difference Hessian of the subset's loss per datum at its
-    optimum, in the trainer's log coordinates (k + 1 more exact evaluations), eigenvalues made
-    positive and floored at ``metric_floor`` times the largest.
+    optimum, in the trainer's coordinates (:func:`_to_opt`; k + 1 more exact evaluations), made
+    eigenvalues positive and floored at ``metric_floor`` times the largest.
     """
     n = X.shape[0]
     dtype = jnp.asarray(X).dtype
     if size >= n:
         return params0, {"size": n, "skipped": f"size {size} >= n = {n}"}
-    perm = np.random.default_rng(seed).permutation(n)[:size]
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[:size])
+    Xs = jnp.asarray(np.asarray(X)[rows], jnp.float64)
+    ys = jnp.asarray(np.asarray(y)[rows], jnp.float64)
     t0 = time.perf_counter()
-    params = Params(*(jnp.asarray(p, jnp.float64) for p in params0))
-    metric, stages = None, []
-    # a quarter of the rows first (1/64 of the cost per evaluation): its Hessian whitens the
-    # main stage, which then needs a fraction of the evaluations (elevators, 2000 rows: 108
-    # evaluations with identity scaling)
-    sizes = [size]  # a quarter-size first stage measured slower (142 steps vs 100)
-    for m in sizes:
-        rows = np.sort(perm[:m])
-        Xs = jnp.asarray(np.asarray(X)[rows], jnp.float64)
-        ys = jnp.asarray(np.asarray(y)[rows], jnp.float64)
-        res = fit(
-            Xs, ys, kernel=kernel, backend="dense",
-            mll_config=MLLConfig(estimator="exact", noise_floor=noise_floor),
-            optimizer=LBFGS(rtol=1e-7, gtol=1e-5, metric=metric), epochs=max_steps,
-            params0=params, progress=False,
-        )
-        params = res.params
-        metric, lam = _log_hessian_metric(Xs, ys, params, kernel, noise_floor, metric_floor)
-        stages.append({"rows": m, "steps": len(res.history),
-                       "evaluations": sum(r["evaluations"] for r in res.history) + len(lam) + 1,
-                       "stopped_reason": res.stopped_reason})
+    res = fit(
+        Xs, ys, kernel=kernel, backend="dense",
+        mll_config=MLLConfig(estimator="exact", noise_floor=noise_floor),
+        optimizer=LBFGS(rtol=1e-7, gtol=1e-5), epochs=max_steps,
+        params0=Params(*(jnp.asarray(p, jnp.float64) for p in params0)), progress=False,
+    )
+    params = res.params
+    metric, lam = _hessian_metric(Xs, ys, params, kernel, noise_floor, metric_floor)
     info = {
         "size": size,
         "seed": seed,
-        "steps": sum(st["steps"] for st in stages),
-        "evaluations": sum(st["evaluations"] for st in stages),
+        "steps": len(res.history),
+        "evaluations": sum(r["evaluations"] for r in res.history) + len(lam) + 1,
         "loss": res.history[-1]["new_loss"] if res.history else None,
         "stopped_reason": res.stopped_reason,
-        "stages": stages,
         "hessian_eigenvalues": [float(lam.min()), float(lam.max())],
         "metric": tuple(tuple(float(a) for a in row) for row in metric),
         "seconds": time.perf_counter() - t0,
@@ -688,17 +673,17 @@ def subset_start(
     return Params(*(jnp.asarray(p, dtype) for p in params)), info
 
 
-def _log_hessian_metric(X, y, params: Params, kernel: str, noise_floor: float, floor: float,
+def _hessian_metric(X, y, params: Params, kernel: str, noise_floor: float, floor: float,
                         step: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
     """(M, eigenvalues): M M^T is the inverse of the exact loss's Hessian in log coordinates."""
     fg = jax.jit(jax.value_and_grad(
         lambda p: neg_mll_exact(p, X, y, kernel=kernel, noise_floor=noise_floor)))
-    like = _to_log(params)
+    like = _to_opt(params)
 
     def grad_u(u):
-        p = _from_log(_unflat(u, like))
+        p = _from_opt(_unflat(u, like))
         _, g = fg(Params(*(jnp.asarray(a, jnp.float64) for a in p)))
-        return _flat(_log_grad(jax.device_get(g), p))
+        return _flat(_opt_grad(jax.device_get(g), p))
 
     u0 = _flat(like)
     g0 = grad_u(u0)
