@@ -437,12 +437,12 @@ def make_lbfgs_trainer(
                            new_grad_norm=gnorm)
             return state, metrics
 
-        # L-BFGS steps in the coordinates of _to_opt: inverse lengthscales, log output scale,
-        # log of the noise above its floor, the mean itself (see _to_opt for why)
+        # L-BFGS steps in the coordinates of to_opt: inverse lengthscales, log output scale,
+        # log of the noise above its floor, the mean itself (see to_opt for why)
         # ... and in coordinates v with u = M v (LBFGS.metric): gradient M^T g_u there, and a
         # direction d_v maps back to M d_v
         M = np.asarray(jax.device_get(s.metric), np.float64)
-        u, gu = _to_opt(params), _opt_grad(grad, params)
+        u, gu = to_opt(params), opt_grad(grad, params)
         v, gv = np.linalg.solve(M, _flat(u)), M.T @ _flat(gu)
         upd, inner = lbfgs_update(jnp.asarray(gv), s.inner, jnp.asarray(v))
         desc = _unflat(M @ -np.asarray(jax.device_get(upd)), u)
@@ -462,7 +462,7 @@ def make_lbfgs_trainer(
         best = None  # (t, value, grad, params, log-coordinate grad) of the best Armijo point
         wolfe = False
         for _ in range(lbfgs.max_linesearch_steps):
-            p_t = Params(*(np.asarray(a, dtype) for a in _from_opt(
+            p_t = Params(*(np.asarray(a, dtype) for a in from_opt(
                 Params(*(a + t * b for a, b in zip(u, desc))))))  # in the working dtype
             v_t, g_t, fin_t, solved_t, x0_t = run(p_t, x0)
             x0 = x0_t
@@ -477,7 +477,7 @@ def make_lbfgs_trainer(
                     t_q = lo + 0.25 * (hi - lo)
                 t = min(max(t_q, lo + 0.1 * (hi - lo)), lo + 0.5 * (hi - lo))
                 continue
-            gu_t = _opt_grad(g_t, p_t)
+            gu_t = opt_grad(g_t, p_t)
             best = (t, v_t, g_t, p_t, gu_t)
             if _tree_vdot(gu_t, desc) >= lbfgs.c2 * slope:
                 wolfe = True
@@ -496,7 +496,7 @@ def make_lbfgs_trainer(
         sy = t * (_tree_vdot(gu_new, desc) - slope)
         if not (wolfe or sy > 0):
             # no positive curvature pair: forget
-            inner = direction.init(jnp.asarray(np.linalg.solve(M, _flat(_to_opt(p_new)))))
+            inner = direction.init(jnp.asarray(np.linalg.solve(M, _flat(to_opt(p_new)))))
         new_params = Params(*(jnp.asarray(a, dtype) for a in p_new))
         new_grad = Params(*(jnp.asarray(a, dtype) for a in g_new))
         new_state = TrainState(
@@ -526,7 +526,7 @@ INV_LS_STEP = 1.0  # the most an inverse lengthscale moves in one L-BFGS step
 _MIN_INV_LS = 1e-12
 
 
-def _to_opt(p: Params) -> Params:
+def to_opt(p: Params) -> Params:
     """Raw parameters -> the L-BFGS coordinates (1/lengthscale, log scales, the mean).
 
     The coordinates: 1/lengthscale, log output scale, log(noise - floor), the mean. Log
@@ -548,15 +548,15 @@ def _softplus_inv(y):
     return y + np.log(-np.expm1(-y))
 
 
-def _from_opt(u: Params) -> Params:
-    """Inverse of :func:`_to_opt` (an inverse lengthscale's sign does not matter)."""
+def from_opt(u: Params) -> Params:
+    """Inverse of :func:`to_opt` (an inverse lengthscale's sign does not matter)."""
     inv = np.maximum(np.abs(np.asarray(u.raw_lengthscale, np.float64)), _MIN_INV_LS)
     return Params(_softplus_inv(1.0 / inv), _softplus_inv(np.exp(u.raw_outputscale)),
                   _softplus_inv(np.exp(u.raw_noise)), np.asarray(u.mean, np.float64))
 
 
-def _opt_grad(g: Params, p: Params) -> Params:
-    """Gradient in :func:`_to_opt` coordinates from the raw gradient ``g`` at ``p``."""
+def opt_grad(g: Params, p: Params) -> Params:
+    """Gradient in :func:`to_opt` coordinates from the raw gradient ``g`` at ``p``."""
 
     def dlog(gr, r):  # d raw / d log y = y / sigmoid(raw) with y = softplus(raw)
         y = _positive(r)
@@ -640,7 +640,7 @@ def subset_start(
 
     ``info["metric"]`` is the coordinate matrix for :class:`LBFGS` (``metric``): M = Q
     diag(lambda)^-1/2 from the forward-difference Hessian of the subset's loss per datum at its
-    optimum, in the trainer's coordinates (:func:`_to_opt`; k + 1 more exact evaluations), made
+    optimum, in the trainer's coordinates (:func:`to_opt`; k + 1 more exact evaluations), made
     eigenvalues positive and floored at ``metric_floor`` times the largest.
     """
     n = X.shape[0]
@@ -678,12 +678,12 @@ def _hessian_metric(X, y, params: Params, kernel: str, noise_floor: float, floor
     """(M, eigenvalues): M M^T is the inverse of the exact loss's Hessian in log coordinates."""
     fg = jax.jit(jax.value_and_grad(
         lambda p: neg_mll_exact(p, X, y, kernel=kernel, noise_floor=noise_floor)))
-    like = _to_opt(params)
+    like = to_opt(params)
 
     def grad_u(u):
-        p = _from_opt(_unflat(u, like))
+        p = from_opt(_unflat(u, like))
         _, g = fg(Params(*(jnp.asarray(a, jnp.float64) for a in p)))
-        return _flat(_opt_grad(jax.device_get(g), p))
+        return _flat(opt_grad(jax.device_get(g), p))
 
     u0 = _flat(like)
     g0 = grad_u(u0)

@@ -25,11 +25,15 @@ hundreds (curvature ~ 1/l^4) while the noise has curvature O(1); raw-coordinate 
 evaluations on elevators' 4000-point subset and was still at |g| ~ 5e-5, so restarts (and the
 whole full-n stage) run in coordinates whitened by a forward-difference Hessian of the subset
 loss (p + 1 subset gradients, cheap next to one full-n evaluation): 44 more evaluations reached
-6e-7 there.
+6e-7 there. Those whitened attempts step in the trainer's coordinates (:func:`to_u`: 1/lengthscale,
+log scales, the mean): in raw coordinates the full elevators run crawled along the weak inputs'
+lengthscales (41 evaluations, still at |g| ~ 2e-3).
 
 Warm start: the same L-BFGS first runs to convergence on the first ``--subset`` training points
-(default 4000), and the full-n run starts from that optimum (or from ``--init FILE``, a JSON with
-lengthscale / outputscale / noise / mean, e.g. another fit's ``final_hyperparameters``).
+(default 4000), and the full-n run starts from that optimum. ``--init FILE`` (a JSON with
+lengthscale / outputscale / noise / mean, e.g. another fit's ``final_hyperparameters``) skips
+the subset stage: that point is evaluated at full n (once; recorded) and the full stage starts
+from the best full-n point recorded.
 
 Every evaluation is appended to ``<dataset>-split<k>.progress.jsonl`` (raw parameters, loss,
 gradient, its norm, seconds). Run the same command again after an interruption and it restarts
@@ -83,12 +87,14 @@ from gpadjoint.kernels import (  # noqa: E402
     sq_dist,
     unconstrain,
 )
+from gpadjoint.train import from_opt, opt_grad, to_opt  # noqa: E402
 
 ROOT = bu.ROOT
 OUT_DIR = ROOT / "results" / "optimum"
 KERNEL = "matern32"
 GRAD_TOL = 1e-6  # 2-norm of the gradient in raw coordinates
 SUBSET = 4000
+HESS_STEP = 1e-5  # forward-difference step of the preconditioner's Hessian, to_u coordinates
 BLOCK = 1024  # rows per block of the K builder and its VJP
 # Memory: the one n x n float64 array (K, its factor, K^-1, all in place) plus the process
 # (JAX, compiled code) and a few (BLOCK, n) arrays of the builder and its VJP; OVERHEAD_GIB
@@ -128,6 +134,33 @@ def hypers_of(theta, noise_floor: float = NOISE_FLOOR) -> dict:
     return {"lengthscale": [float(v) for v in np.asarray(h.lengthscale)],
             "outputscale": float(h.outputscale), "noise": float(h.noise),
             "mean": float(p.mean)}
+
+
+def _params_np(vec) -> Params:
+    t = np.asarray(vec, np.float64)
+    return Params(t[:-3], t[-3], t[-2], t[-1])
+
+
+def to_u(theta) -> np.ndarray:
+    """Raw vector -> the trainer's L-BFGS coordinates (:func:`gpadjoint.train.to_opt`).
+
+    1/lengthscale, log output scale, log(noise - floor), mean: a weak input's lengthscale
+    drifting from 100 to 800 is a move from 0.01 to 0.0013 here, and the loss is smooth and
+    even in 1/l at 0, where in raw coordinates it is a walk to infinity along a slope that
+    vanishes like 1/l^2 (elevators split 0 in raw coordinates: 41 full-n evaluations, still
+    descending at |g| ~ 2e-3).
+    """
+    return flatten(to_opt(_params_np(theta)))
+
+
+def from_u(u) -> np.ndarray:
+    """Inverse of :func:`to_u`."""
+    return flatten(from_opt(_params_np(u)))
+
+
+def grad_u(g, theta) -> np.ndarray:
+    """Return the gradient in :func:`to_u` coordinates from the raw gradient ``g`` at ``theta``."""
+    return flatten(opt_grad(_params_np(g), _params_np(theta)))
 
 
 class NotPositiveDefinite(np.linalg.LinAlgError):
@@ -484,7 +517,15 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
         M, hinfo = None, None
         if hess_fg is not None and (attempt or precondition_first):
             t0 = time.perf_counter()
-            M, hinfo = hessian_preconditioner(hess_fg, x, record=record_hessian_eval)
+            u_x = to_u(x)
+
+            def hess_in_u(u, x=x, u_x=u_x):  # the subset's loss and gradient, to_u coordinates
+                raw = x if np.array_equal(u, u_x) else from_u(u)  # the centre without round-off
+                f, g = hess_fg(raw)
+                record_hessian_eval(raw, f, g)
+                return f, grad_u(g, raw)
+
+            M, hinfo = hessian_preconditioner(hess_in_u, u_x, step=HESS_STEP)
             hinfo["seconds"] = round(time.perf_counter() - t0, 2)
             log(f"  [{stage}] preconditioner: Hessian eigenvalues "
                 f"{min(hinfo['eigenvalues']):.2e} .. {max(hinfo['eigenvalues']):.2e} "
@@ -503,15 +544,18 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
                     f_c, g_c = best["loss"], np.asarray(best["grad"])
                 else:
                     f_c, g_c = obj(x_c)
+                # whitened coordinates v: u = u_c + M v in to_u coordinates
+                u_c, gu_c = to_u(x_c), grad_u(g_c, x_c)
                 # scipy's first step has unit length; scaling v by |M^T g| makes it the Newton
                 # step -M M^T g of the model Hessian (L-BFGS rescales itself after that)
-                M = M * (damp * float(np.linalg.norm(M.T @ g_c)))
+                M = M * (damp * float(np.linalg.norm(M.T @ gu_c)))
 
-                def fun(v, M=M, x_c=x_c, f_c=f_c, g_c=g_c):
+                def fun(v, M=M, u_c=u_c, f_c=f_c, gu_c=gu_c):
                     if not np.any(v):  # the centre, evaluated just above
-                        return f_c, M.T @ g_c
-                    f, g = obj(x_c + M @ v)
-                    return f, M.T @ g
+                        return f_c, M.T @ gu_c
+                    raw = from_u(u_c + M @ v)
+                    f, g = obj(raw)
+                    return f, M.T @ grad_u(g, raw)
                 v0 = np.zeros(x.size)
             res = minimize(fun, v0, jac=True, method="L-BFGS-B",
                            options={"gtol": 0.0, "ftol": 0.0, "maxiter": limit,
@@ -681,7 +725,24 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
     t_sub, t_full = {}, {}
     hess_fg = make_value_and_grad(X[:hess_n], y[:hess_n], noise_floor=noise_floor,
                                   timings=t_sub)
+    fg = make_value_and_grad(X, y, noise_floor=noise_floor, timings=t_full)
     with interrupt:
+        if init is not None:
+            # a start given by --init goes straight to the full stage. It is evaluated once and
+            # recorded (a rerun of the same command finds it and does not evaluate it again);
+            # the full stage then starts from the best full-n point recorded, this one or an
+            # earlier session's
+            if not any(np.array_equal(r["raw"], theta0) for r in evaluations(records, "full")):
+                t0 = time.perf_counter()
+                f0, g0 = fg(theta0)
+                dt = time.perf_counter() - t0
+                append_record(progress, {
+                    "stage": "full", "n": n, "eval": 0, "origin": origin, "loss": float(f0),
+                    "grad_norm": float(np.linalg.norm(g0)), "seconds": round(dt, 4),
+                    "raw": [float(v) for v in theta0], "grad": [float(v) for v in g0],
+                    "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                log(f"  --init point: loss {f0:.12f}  |g| {np.linalg.norm(g0):.3e}  {dt:.1f} s")
+                records = read_progress(progress)
         best_full = best_record(records, "full")
         subset_ended = [r for r in records if r.get("event") == "stage_end"
                         and r.get("stage") == "subset"]
@@ -711,7 +772,6 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
             else:
                 x_full, full_origin = theta0, origin
         log(f"stage full: n = {n}, from {full_origin}")
-        fg = make_value_and_grad(X, y, noise_floor=noise_floor, timings=t_full)
         res = optimise(fg, x_full, progress=progress, stage="full", n=n, gtol=gtol,
                        restarts=restarts, hess_fg=hess_fg, hess_n=hess_n,
                        precondition_first=True, interrupt=interrupt, timings=t_full,

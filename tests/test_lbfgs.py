@@ -146,7 +146,7 @@ def _exact_loss_in_log_coords(X, y, like):
 
 
 def test_subset_metric_whitens_the_subset_hessian(data64):
-    from gpadjoint.train import _flat, _to_opt, subset_start
+    from gpadjoint.train import _flat, subset_start, to_opt
 
     X, y = data64
     p0 = init_params(D, jnp.float64)
@@ -156,7 +156,7 @@ def test_subset_metric_whitens_the_subset_hessian(data64):
     assert M.shape == (D + 3, D + 3) and info["stopped_reason"].startswith("converged")
     rows = np.sort(np.random.default_rng(0).permutation(N)[:150])
     f = _exact_loss_in_log_coords(X[rows], y[rows], None)
-    H = np.asarray(jax.hessian(f)(jnp.asarray(_flat(_to_opt(params)))))
+    H = np.asarray(jax.hessian(f)(jnp.asarray(_flat(to_opt(params)))))
     # M^T H M = I: L-BFGS's first step in the metric's coordinates is the Newton step
     np.testing.assert_allclose(M.T @ H @ M, np.eye(D + 3), atol=2e-3)
 
