@@ -457,7 +457,7 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
              restarts: int = 3, maxiter: int = 5000, hess_fg=None, hess_n: int | None = None,
              precondition_first=False, first_maxiter: int = 100,
              interrupt: _Interrupt | None = None, timings: dict | None = None,
-             log=print) -> dict:
+             start: dict | None = None, log=print) -> dict:
     """L-BFGS-B on ``fg`` from ``theta0`` until |grad|_2 <= gtol, recording every evaluation.
 
     The test is this function's own, at every evaluation, on the 2-norm of the gradient in the
@@ -468,9 +468,11 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
     data), restarts, and the first attempt if ``precondition_first`` (else the first attempt
     stops after ``first_maxiter`` iterations), run in coordinates whitened by its Hessian at
     the current best point (:func:`hessian_preconditioner`). The result says honestly where it
-    ended.
+    ended. ``start``: the progress record of ``theta0`` when it was evaluated before (a resumed
+    run), so that its loss and gradient are not computed again.
     """
-    state = {"best": None, "count": 0, "seconds": 0.0}
+    known = start is not None and np.array_equal(start["raw"], theta0) and "grad" in start
+    state = {"best": start if known else None, "count": 0, "seconds": 0.0}
 
     def obj(theta):
         t0 = time.perf_counter()
@@ -775,7 +777,7 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
         res = optimise(fg, x_full, progress=progress, stage="full", n=n, gtol=gtol,
                        restarts=restarts, hess_fg=hess_fg, hess_n=hess_n,
                        precondition_first=True, interrupt=interrupt, timings=t_full,
-                       log=log)
+                       start=best_full, log=log)
         append_record(progress, {"event": "stage_end", "stage": "full", "loss": res["loss"],
                                  "grad_norm": res["grad_norm"], "message": res["message"]})
     peak = bu.peak_rss_mib() / 1024
