@@ -58,7 +58,10 @@ def reference(ds: str, split: int, recs: list[dict], ref_dir: Path = REF_DIR) ->
     path = ref_dir / f"{ds}-split{split}.json"
     if path.exists():
         ref = json.loads(path.read_text())
-        return {"reference_kind": "exact", "reference_loss": ref["loss"],
+        kind = "exact" if ref.get("converged") else (
+            f"exact run, stopped before |g| <= {ref.get('grad_tol', 1e-6):g} (|g| "
+            f"{ref['grad_norm']:.1e}): gap is a lower bound")
+        return {"reference_kind": kind, "reference_loss": ref["loss"],
                 "reference_rmse": ref.get("test_rmse"), "reference_file": str(
                     path.relative_to(bu.ROOT) if path.is_relative_to(bu.ROOT) else path)}
     scored = [r for r in recs if r.get("final_train_loss_common") is not None]

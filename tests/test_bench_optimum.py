@@ -32,7 +32,15 @@ def test_reference_order(tmp_path):
     _progress(tmp_path / "ds-split0.progress.jsonl", [-0.93, -0.94])
     assert bo.reference("ds", 0, recs, tmp_path)["reference_loss"] == -0.95
     # the finished optimum always wins
-    (tmp_path / "ds-split0.json").write_text(json.dumps({"loss": -0.97, "test_rmse": 0.1}))
+    (tmp_path / "ds-split0.json").write_text(json.dumps(
+        {"loss": -0.97, "test_rmse": 0.1, "converged": True, "grad_norm": 5e-7}))
     ref = bo.reference("ds", 0, recs, tmp_path)
     assert (ref["reference_kind"], ref["reference_loss"], ref["reference_rmse"]) == (
         "exact", -0.97, 0.1)
+    # a record the script wrote after stopping short of its gradient test says so
+    (tmp_path / "ds-split0.json").write_text(json.dumps(
+        {"loss": -0.97, "test_rmse": 0.1, "converged": False, "grad_norm": 3e-5,
+         "grad_tol": 1e-6}))
+    ref = bo.reference("ds", 0, recs, tmp_path)
+    assert ref["reference_loss"] == -0.97 and "lower bound" in ref["reference_kind"]
+    assert "3.0e-05" in ref["reference_kind"]
