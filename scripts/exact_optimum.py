@@ -593,6 +593,18 @@ def optimise(fg, theta0, *, progress: Path, stage: str, n: int, gtol: float = GR
     }
 
 
+def record_best(records: list[dict], gtol: float) -> dict:
+    """:func:`optimise`'s result for the best full-n point recorded, with no new evaluation."""
+    best = best_record(records, "full")
+    ok = best["grad_norm"] <= gtol
+    return {"theta": np.asarray(best["raw"]), "loss": best["loss"],
+            "grad_norm": best["grad_norm"], "converged": ok,
+            "message": (f"converged: |grad|_2 = {best['grad_norm']:.3e} <= {gtol:g}" if ok else
+                        f"NOT converged: |grad|_2 = {best['grad_norm']:.3e} > {gtol:g} at the "
+                        "best point; written by --write-best (rerun without it to continue)"),
+            "attempts": [], "evaluations": 0, "seconds": 0.0}
+
+
 # --------------------------------------------------------------------------------------------
 # driver
 
@@ -669,8 +681,13 @@ def load_avg() -> list[float]:
 def run(dataset: str, split: int, *, out_dir: Path = OUT_DIR, init: str | None = None,
         subset: int = SUBSET, gtol: float = GRAD_TOL, noise_floor: float = NOISE_FLOOR,
         restarts: int = 6, blas_threads: int | None = BLAS_THREADS, max_n: int = MAX_N,
-        agreement: bool = True, data=None, argv=None, log=print) -> dict:
+        agreement: bool = True, data=None, argv=None, write_best: bool = False,
+        log=print) -> dict:
     """Fit one split; write and return the record.
+
+    ``write_best``: no more evaluations; write the record at the best full-n point already in
+    the progress file (marked not converged unless its gradient passes the test), e.g. when
+    the time for the reference runs is up; rerun without it to continue.
 
     ``data``: a Split, to skip loading; ``agreement``: first compare the value and gradient
     with ``jax.value_and_grad(neg_mll_exact)`` on 300 points (recorded).
@@ -680,11 +697,12 @@ def run(dataset: str, split: int, *, out_dir: Path = OUT_DIR, init: str | None =
     with threadpool_limits(limits=blas_threads, user_api="blas"):
         return _run(dataset, split, out_dir=out_dir, init=init, subset=subset, gtol=gtol,
                     noise_floor=noise_floor, restarts=restarts, blas_threads=blas_threads,
-                    max_n=max_n, agreement=agreement, data=data, argv=argv, log=log)
+                    max_n=max_n, agreement=agreement, data=data, argv=argv,
+                    write_best=write_best, log=log)
 
 
 def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, blas_threads,
-         max_n, agreement, data, argv, log) -> dict:
+         max_n, agreement, data, argv, write_best, log) -> dict:
     from gpadjoint.datasets import load_dataset
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -746,6 +764,8 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
                 log(f"  --init point: loss {f0:.12f}  |g| {np.linalg.norm(g0):.3e}  {dt:.1f} s")
                 records = read_progress(progress)
         best_full = best_record(records, "full")
+        if write_best and best_full is None:
+            raise SystemExit("--write-best: no full-n evaluation is recorded yet; run without it")
         subset_ended = [r for r in records if r.get("event") == "stage_end"
                         and r.get("stage") == "subset"]
         if best_full is not None:
@@ -774,10 +794,13 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
             else:
                 x_full, full_origin = theta0, origin
         log(f"stage full: n = {n}, from {full_origin}")
-        res = optimise(fg, x_full, progress=progress, stage="full", n=n, gtol=gtol,
-                       restarts=restarts, hess_fg=hess_fg, hess_n=hess_n,
-                       precondition_first=True, interrupt=interrupt, timings=t_full,
-                       start=best_full, log=log)
+        if write_best:
+            res = record_best(records, gtol)
+        else:
+                res = optimise(fg, x_full, progress=progress, stage="full", n=n, gtol=gtol,
+                           restarts=restarts, hess_fg=hess_fg, hess_n=hess_n,
+                           precondition_first=True, interrupt=interrupt, timings=t_full,
+                           start=best_full, log=log)
         append_record(progress, {"event": "stage_end", "stage": "full", "loss": res["loss"],
                                  "grad_norm": res["grad_norm"], "message": res["message"]})
     peak = bu.peak_rss_mib() / 1024
@@ -870,12 +893,16 @@ def main(argv=None) -> int:
                     help="refuse larger n (whole-matrix LAPACK untested beyond)")
     ap.add_argument("--blas-threads", type=int, default=BLAS_THREADS,
                     help="OpenBLAS threads for the factorisation and inverse")
+    ap.add_argument("--write-best", action="store_true",
+                    help="write the record at the best full-n point recorded so far, without "
+                         "evaluating more (marked not converged); rerun without it to continue")
     args = ap.parse_args(argv)
     cmd = "python scripts/exact_optimum.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         rec = run(args.dataset, args.split, out_dir=Path(args.out_dir), init=args.init,
                   subset=args.subset, gtol=args.gtol, restarts=args.restarts,
-                  blas_threads=args.blas_threads, max_n=args.max_n, argv=cmd)
+                  blas_threads=args.blas_threads, max_n=args.max_n, argv=cmd,
+                  write_best=args.write_best)
     except KeyboardInterrupt:
         print("interrupted; every evaluation so far is in the progress file; run the same "
               "command again to resume from the best point", file=sys.stderr)

@@ -104,6 +104,25 @@ def test_optimum_reaches_gradient_tolerance_and_resumes_from_best(eo, tmp_path):
         next(r for r in new if r.get("stage") == "full:hessian")["raw"], planted)
     assert not [r for r in new if str(r.get("stage")).startswith("subset")]
 
+    # --write-best: the record at the best full-n point recorded, no evaluation, marked honestly
+    n_before = len(eo.read_progress(prog))
+    eo.append_record(prog, {"stage": "full", "n": sp.n_train, "eval": 0, "loss": f - 2.0,
+                            "grad_norm": 0.5, "seconds": 0.0, "raw": list(theta + 0.2),
+                            "grad": list(np.full(theta.size, 0.1))})
+    rec = eo.run("synthetic", 0, out_dir=tmp_path, subset=60, data=sp, argv="test",
+                 agreement=False, write_best=True, log=_quiet)
+    added = eo.read_progress(prog)[n_before + 1:]
+    assert [r for r in added if "loss" in r and "event" not in r] == []  # nothing evaluated
+    assert rec["loss"] == f - 2.0 and not rec["converged"] and "NOT converged" in rec["message"]
+    np.testing.assert_array_equal(rec["raw"], theta + 0.2)
+    assert np.isfinite(rec["test_rmse"])
+
+
+def test_write_best_needs_a_full_evaluation(eo, tmp_path):
+    with pytest.raises(SystemExit, match="no full-n evaluation"):
+        eo.run("synthetic", 0, out_dir=tmp_path, subset=60, data=_data(), argv="test",
+               agreement=False, write_best=True, log=_quiet)
+
 
 def _quiet(*args, **kw):
     pass
