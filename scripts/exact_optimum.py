@@ -825,8 +825,9 @@ def _run(dataset, split, *, out_dir, init, subset, gtol, noise_floor, restarts, 
                 "hyperparameters": hypers_of(b["raw"], noise_floor)}
 
     stages_out = {}
-    if subset:
-        stages_out["subset"] = stage_summary("subset", subset) | stages.get("subset", {})
+    sub = stage_summary("subset", subset) if subset else None
+    if sub is not None:  # a run started by --init has no subset stage
+        stages_out["subset"] = sub | stages.get("subset", {})
     stages_out["full"] = stage_summary("full", n) | {"origin": full_origin,
                                                      "attempts_this_session": res["attempts"]}
     del fg, hess_fg  # their n x n arrays: predict() builds its own

@@ -162,3 +162,25 @@ def test_refuses_when_the_arrays_do_not_fit(eo, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="refusing"):
         eo.run("synthetic", 0, out_dir=tmp_path, data=_data(n=12000, n_test=1), log=_quiet)
     assert not list(tmp_path.iterdir())
+
+
+def test_init_file_goes_straight_to_the_full_stage(eo, tmp_path):
+    sp = _data()
+    init = tmp_path / "fit.json"
+    init.write_text(json.dumps({"final_hyperparameters": {
+        "lengthscale": [1.0, 2.0, 3.0], "outputscale": 0.8, "noise": 0.05, "mean": 0.1}}))
+    rec = eo.run("synthetic", 0, out_dir=tmp_path, init=str(init), subset=60, data=sp,
+                 argv="test", agreement=False, log=_quiet)
+    assert rec["converged"] and "subset" not in rec["stages"]
+    prog = eo.read_progress(tmp_path / "synthetic-split0.progress.jsonl")
+    evals = [r for r in prog if "loss" in r and "event" not in r]
+    assert not [r for r in evals if r["stage"] == "subset"]
+    first = eo.hypers_of(evals[0]["raw"])  # the --init point, evaluated first at full n
+    np.testing.assert_allclose(first["lengthscale"], [1.0, 2.0, 3.0], rtol=1e-10)
+    assert first["noise"] == pytest.approx(0.05, rel=1e-10)
+    # the same command again evaluates nothing new before writing its (converged) record
+    again = eo.run("synthetic", 0, out_dir=tmp_path, init=str(init), subset=60, data=sp,
+                   argv="test", agreement=False, log=_quiet)
+    assert again["loss"] <= rec["loss"] + 1e-12
+    assert not [r for r in eo.read_progress(tmp_path / "synthetic-split0.progress.jsonl")[
+        len(prog):] if r.get("eval") == 0]
