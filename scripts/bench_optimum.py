@@ -59,7 +59,7 @@ def reference(ds: str, split: int, recs: list[dict], ref_dir: Path = REF_DIR) ->
     if path.exists():
         ref = json.loads(path.read_text())
         kind = "exact" if ref.get("converged") else (
-            f"exact run, stopped before |g| <= {ref.get('grad_tol', 1e-6):g} (|g| "
+            f"exact run, stopped before gradient norm <= {ref.get('grad_tol', 1e-6):g} ("
             f"{ref['grad_norm']:.1e}): gap is a lower bound")
         return {"reference_kind": kind, "reference_loss": ref["loss"],
                 "reference_rmse": ref.get("test_rmse"), "reference_file": str(
@@ -76,7 +76,8 @@ def reference(ds: str, split: int, recs: list[dict], ref_dir: Path = REF_DIR) ->
         best_exact = min(full, key=lambda e: e["loss"])
         if not scored or best_exact["loss"] <= min(r["final_train_loss_common"] for r in scored):
             return {"reference_kind": f"exact run, not converged ({len(full)} full-n evaluations, "
-                                      f"|g| {best_exact['grad_norm']:.1e}): gap is a lower bound",
+                                      f"gradient norm {best_exact['grad_norm']:.1e}): gap is a "
+                                      "lower bound",
                     "reference_loss": best_exact["loss"], "reference_rmse": None,
                     "reference_file": str(progress.relative_to(bu.ROOT)
                                           if progress.is_relative_to(bu.ROOT) else progress)}

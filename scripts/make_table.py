@@ -66,8 +66,12 @@ def optimum_lines(folder: Path) -> list[str]:
     ref_dir = folder / "optimum"
     for path in sorted(ref_dir.glob("*.json")) if ref_dir.exists() else []:
         r = json.loads(path.read_text())
-        lines.append(f"- `{path.name}`: exact loss {r.get('loss')}, gradient norm "
-                     f"{r.get('grad_norm')}, test RMSE {r.get('test_rmse')}")
+        state = ("converged" if r.get("converged") else
+                 f"not converged: gradient test {r.get('grad_tol', 1e-6):g} not reached, so "
+                 "gaps against it are lower bounds")
+        lines.append(f"- `{path.name}`: exact loss {r.get('loss'):.7f}, gradient norm "
+                     f"{r.get('grad_norm'):.2g} ({state}; {r.get('evaluations')} evaluations), "
+                     f"test RMSE {r.get('test_rmse'):.6f}")
     for path in sorted(ref_dir.glob("*.progress.jsonl")) if ref_dir.exists() else []:
         if (ref_dir / path.name.replace(".progress.jsonl", ".json")).exists():
             continue
@@ -85,7 +89,8 @@ def optimum_lines(folder: Path) -> list[str]:
         cols = ["dataset", "split", "method", "reference_kind", "gap", "seconds_to_0.01",
                 "seconds_to_0.002", "gpytorch_train_s", "rmse_minus_reference"]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
+        lines += ["| " + " | ".join(_cell(r.get(c, "")).replace("|", "\\|") for c in cols)
+                  + " |" for r in rows]
     if len(lines) == 2:
         lines.append("No exact optimum computed yet.")
     return lines + [""] + estimator_bias_lines(folder)
