@@ -193,3 +193,26 @@ def test_metric_of_the_wrong_size_is_refused(data64):
     X, y = data64
     with pytest.raises(ValueError, match="LBFGS.metric must be a finite"):
         _fit(X, y, epochs=1, optimizer=LBFGS(metric=((1.0,),)))
+
+
+def test_subset_start_flags_an_interpolating_fit():
+    import warnings
+
+    from gpadjoint.train import SubsetStartWarning, subset_start
+
+    rng = np.random.default_rng(5)
+    X = rng.uniform(-1, 1, (400, 2))
+    smooth = np.sin(2 * X[:, 0]) + X[:, 1] ** 2
+    p0 = init_params(2, jnp.float64)
+    # noise-free targets: the exact fit of the subset drives the noise to its floor
+    with pytest.warns(SubsetStartWarning, match="interpolated"):
+        params, info = subset_start(jnp.asarray(X), jnp.asarray(smooth - smooth.mean()), p0,
+                                    kernel="matern32", size=100, seed=0, noise_floor=1e-4)
+    assert info["interpolating"] and info["noise"] <= 1e-3
+    # the same function with noise of variance 0.01: no warning, the noise is found
+    noisy = smooth + 0.1 * rng.standard_normal(400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SubsetStartWarning)
+        _, info = subset_start(jnp.asarray(X), jnp.asarray(noisy - noisy.mean()), p0,
+                               kernel="matern32", size=100, seed=0, noise_floor=1e-4)
+    assert not info["interpolating"] and 1e-3 < info["noise"] < 0.1
