@@ -1,24 +1,17 @@
 """scripts/bench_epoch.py's time to quality: the bisection finds the first epoch a linear scan
 finds, and an interrupted run resumes from the evaluations it stored."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpadjoint.evaluate import exact_loss
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench_epoch():
-    spec = importlib.util.spec_from_file_location("bench_epoch", ROOT / "scripts/bench_epoch.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench_epoch(load_script):
+    return load_script("bench_epoch")
 
 
 def _record(X, y, epochs):

@@ -1,7 +1,5 @@
 """scripts/cg_cost.py: the CG trace it reports, and its unit conversion of a record."""
 
-import importlib.util
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,15 +7,10 @@ import pytest
 
 from gpadjoint.kernels import NOISE_FLOOR, constrain, dense_cov, unconstrain
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def cc():
-    spec = importlib.util.spec_from_file_location("cg_cost", ROOT / "scripts/cg_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def cc(load_script):
+    return load_script("cg_cost")
 
 
 def test_record_params_converts_paper_units(cc):

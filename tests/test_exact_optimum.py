@@ -2,9 +2,7 @@
 jax.grad of it (and finite differences); L-BFGS reaches |grad| <= 1e-6 at a minimum; a rerun
 resumes from the best recorded point; an interrupt leaves whole records; too large n is refused."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,16 +12,10 @@ import pytest
 from gpadjoint.data import Split
 from gpadjoint.mll import neg_mll_exact
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def eo():
-    spec = importlib.util.spec_from_file_location("exact_optimum",
-                                                  ROOT / "scripts/exact_optimum.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def eo(load_script):
+    return load_script("exact_optimum")
 
 
 def _data(n=160, d=3, seed=0, n_test=40):
