@@ -669,8 +669,8 @@ def subset_start(
         params0=Params(*(jnp.asarray(p, jnp.float64) for p in params0)), progress=False,
     )
     params = res.params
-    noise = float(constrain(params, noise_floor).noise)
-    outputscale = float(constrain(params, noise_floor).outputscale)
+    fitted = constrain(params, noise_floor)
+    noise, outputscale = float(fitted.noise), float(fitted.outputscale)
     interpolating = noise <= INTERPOLATING_NOISE * noise_floor
     if interpolating:
         warnings.warn(SubsetStartWarning(
