@@ -100,6 +100,23 @@ def test_bad_input_is_refused_with_the_reason():
         evaluate.exact_loss(X, y, kernel="matern32", method="lu", **hp)
 
 
+@pytest.mark.parametrize("block", [64, 2048])
+def test_exact_point_matches_scikit_learn_loss_and_predictive(block):
+    X, y, hp = _problem()
+    Xt = np.random.default_rng(5).normal(size=(150, 3))
+    out = evaluate.exact_point(X, y, Xt, kernel="matern32", block=block, **hp)
+    assert out["loss"] == pytest.approx(_sklearn_loss(X, y, hp), rel=1e-10)
+    k = (ConstantKernel(hp["outputscale"], "fixed")
+         * Matern(hp["lengthscale"], "fixed", nu=1.5)
+         + WhiteKernel(hp["noise"], "fixed"))
+    gp = GaussianProcessRegressor(k, optimizer=None, alpha=0.0).fit(X, y - hp["mean"])
+    mu, sd = gp.predict(Xt, return_std=True)  # WhiteKernel: noise included in sd
+    np.testing.assert_allclose(out["mean"], mu + hp["mean"], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(out["var"], sd**2, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match=r"X_test must be \(m, 3\)"):
+        evaluate.exact_point(X, y, Xt[:, :2], kernel="matern32", **hp)
+
+
 @pytest.mark.parametrize("n, block", [(257, 64), (300, 300), (100, 128)])
 def test_blocked_cholesky_and_substitution_match_numpy(n, block):
     import scipy.linalg as sla
@@ -113,6 +130,9 @@ def test_blocked_cholesky_and_substitution_match_numpy(n, block):
     np.testing.assert_allclose(np.tril(A), L0, rtol=0, atol=1e-12 * np.abs(L0).max())
     z = evaluate._forward_substitution(A, r, block)
     np.testing.assert_allclose(z, sla.solve_triangular(L0, r, lower=True), atol=1e-12)
+    R = rng.normal(size=(n, 3))  # several right-hand sides at once
+    np.testing.assert_allclose(evaluate._forward_substitution(A, R, block),
+                               sla.solve_triangular(L0, R, lower=True), atol=1e-12)
     a = evaluate._backward_substitution(A, z, block)
     np.testing.assert_allclose(a, np.linalg.solve(L0 @ L0.T, r), rtol=1e-9, atol=1e-14)
     Ai = np.linalg.inv(L0 @ L0.T)
