@@ -140,7 +140,7 @@ def exact_point(
     mean: float,
     block: int = 2048,
 ) -> dict:
-    """The exact loss and the exact posterior predictive at ``X_test``, from one Cholesky.
+    """Return the exact loss and the exact posterior predictive at ``X_test``, by one Cholesky.
 
     Float64 throughout and blocked like :func:`exact_loss`'s ``"cholesky"`` (one n x n array;
     works where one LAPACK call on the whole matrix does not), so that any hyperparameters,

@@ -6,10 +6,12 @@ For every data set and split with a reference, one row per method record in ``re
 * the reference: ``results/optimum/<dataset>-split<k>.json`` (``scripts/exact_optimum.py``:
   float64 Cholesky and L-BFGS to a gradient norm <= 1e-6; ``reference_kind`` = ``exact``). While
   that run is still going, the best exact loss in its progress file (an upper bound on the
-  optimum's loss, so gaps are lower bounds; labelled so) when no record reached lower. Where
+  optimum's loss, so gaps are lower bounds; labelled so) when nothing else reached lower. Where
   no exact optimum could be computed (kin40k: one float64 value and gradient would take ~15 min
-  here, two n x n arrays do not fit beside anything else), the stand-in is the lowest common
-  loss any record on that split reached, labelled ``stand-in: best run (<record>)``;
+  here, two n x n arrays do not fit beside anything else), the stand-in is the lowest exact
+  loss known on that split: of the points ``scripts/exact_point.py`` scored
+  (``<dataset>-split<k>.points.jsonl``) and of every record's final parameters, labelled with
+  its source;
 * ``gap`` = the method's final loss by the common float64 evaluator
   (:func:`gpadjoint.evaluate.exact_loss`, ``final_train_loss_common`` of the record) minus the
   reference loss, in nats per datum (paper units: targets centred, not scaled);
@@ -54,7 +56,13 @@ FIELDS = KEY + [
 
 
 def reference(ds: str, split: int, recs: list[dict], ref_dir: Path = REF_DIR) -> dict | None:
-    """Return the exact optimum of (ds, split) if computed, else the best run's common loss."""
+    """Return the exact optimum of (ds, split) if computed, else the lowest known exact loss.
+
+    Without a finished ``exact_optimum.py`` record, every candidate is an exact loss at some
+    point, so an upper bound on the optimum's: the best point of an unfinished exact_optimum
+    run, the points scored by ``exact_point.py`` and the records' final common losses. The
+    lowest is the stand-in, labelled with where it comes from; gaps against it are lower bounds.
+    """
     path = ref_dir / f"{ds}-split{split}.json"
     if path.exists():
         ref = json.loads(path.read_text())
@@ -62,31 +70,40 @@ def reference(ds: str, split: int, recs: list[dict], ref_dir: Path = REF_DIR) ->
             f"exact run, stopped before gradient norm <= {ref.get('grad_tol', 1e-6):g} ("
             f"{ref['grad_norm']:.1e}): gap is a lower bound")
         return {"reference_kind": kind, "reference_loss": ref["loss"],
-                "reference_rmse": ref.get("test_rmse"), "reference_file": str(
-                    path.relative_to(bu.ROOT) if path.is_relative_to(bu.ROOT) else path)}
-    scored = [r for r in recs if r.get("final_train_loss_common") is not None]
+                "reference_rmse": ref.get("test_rmse"), "reference_file": _rel(path)}
+    candidates = []  # (loss, kind, test RMSE or None, file)
     progress = ref_dir / f"{ds}-split{split}.progress.jsonl"
-    full = []
-    if progress.exists():
-        evals = [json.loads(x) for x in progress.read_text().splitlines() if x.strip()]
-        full = [e for e in evals if e.get("stage") == "full" and "loss" in e]
+    full = [e for e in _jsonl(progress) if e.get("stage") == "full" and "loss" in e]
     if full:
-        # exact_optimum.py has not converged yet: its best exact loss is an upper bound on the
-        # optimum's, so every gap against it is a lower bound of the true gap
-        best_exact = min(full, key=lambda e: e["loss"])
-        if not scored or best_exact["loss"] <= min(r["final_train_loss_common"] for r in scored):
-            return {"reference_kind": f"exact run, not converged ({len(full)} full-n evaluations, "
-                                      f"gradient norm {best_exact['grad_norm']:.1e}): gap is a "
-                                      "lower bound",
-                    "reference_loss": best_exact["loss"], "reference_rmse": None,
-                    "reference_file": str(progress.relative_to(bu.ROOT)
-                                          if progress.is_relative_to(bu.ROOT) else progress)}
-    if not scored:
+        best = min(full, key=lambda e: e["loss"])
+        candidates.append((best["loss"], f"exact run, not converged ({len(full)} full-n "
+                           f"evaluations, gradient norm {best['grad_norm']:.1e}): gap is a "
+                           "lower bound", None, _rel(progress)))
+    points = ref_dir / f"{ds}-split{split}.points.jsonl"
+    for e in _jsonl(points):
+        candidates.append((e["loss"], f"stand-in: exact loss at the {e['label']} "
+                           "(exact_point.py), an upper bound on the optimum's: gap is a lower "
+                           "bound", e.get("test_rmse"), _rel(points)))
+    scored = [r for r in recs if r.get("final_train_loss_common") is not None]
+    if scored:
+        best = min(scored, key=lambda r: r["final_train_loss_common"])
+        candidates.append((best["final_train_loss_common"],
+                           f"stand-in: best run ({best['_file']})", None, ""))
+    if not candidates:
         return None
-    best = min(scored, key=lambda r: r["final_train_loss_common"])
-    return {"reference_kind": f"stand-in: best run ({best['_file']})",
-            "reference_loss": best["final_train_loss_common"], "reference_rmse": None,
-            "reference_file": ""}
+    loss, kind, rmse, file = min(candidates, key=lambda c: c[0])
+    return {"reference_kind": kind, "reference_loss": loss, "reference_rmse": rmse,
+            "reference_file": file}
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(bu.ROOT) if path.is_relative_to(bu.ROOT) else path)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def row_for(r: dict, ref: dict, peer: dict | None, X, y, evals: Path | None) -> dict:

@@ -48,7 +48,7 @@ OUT_DIR = bu.ROOT / "results" / "optimum"
 
 
 def subset_point(sp, size: int) -> tuple[dict, dict]:
-    """The default's subset start for ``size`` rows, in the paper's units, and its info.
+    """Return the default's subset start for ``size`` rows in the paper's units, and its info.
 
     ``sp``: the split with targets scaled to unit variance (``scale_y=True``), as the default
     fits it.

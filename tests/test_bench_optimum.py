@@ -31,6 +31,16 @@ def test_reference_order(tmp_path):
     # ... unless a run already went lower than the unfinished exact fit
     _progress(tmp_path / "ds-split0.progress.jsonl", [-0.93, -0.94])
     assert bo.reference("ds", 0, recs, tmp_path)["reference_loss"] == -0.95
+    # a point scored by exact_point.py below both is the stand-in, with its test RMSE
+    pts = tmp_path / "ds-split0.points.jsonl"
+    pts.write_text("\n".join(json.dumps({"label": lab, "loss": v, "test_rmse": e}) for lab, v, e
+                              in [("subset start, 2000 rows", -0.99, 0.05),
+                                  ("subset start, 4000 rows", -1.02, 0.04)]) + "\n")
+    ref = bo.reference("ds", 0, recs, tmp_path)
+    assert (ref["reference_loss"], ref["reference_rmse"]) == (-1.02, 0.04)
+    assert "subset start, 4000 rows" in ref["reference_kind"]
+    assert "lower bound" in ref["reference_kind"]
+    pts.unlink()
     # the finished optimum always wins
     (tmp_path / "ds-split0.json").write_text(json.dumps(
         {"loss": -0.97, "test_rmse": 0.1, "converged": True, "grad_norm": 5e-7}))
