@@ -151,7 +151,9 @@ def _run_record(model, cfg, cfg_source, t_start, *, name, split, n_test, checkpo
         # the subset fit the run started from ([train] init_subset), its seconds included in
         # train_seconds
         "init_subset": model.init_subset_,
-        "complete": not interrupted and len(hist) > 0,
+        # whether all rows were fitted after that start ([train] full_fit), and why
+        "full_fit": model.full_fit_,
+        "complete": not interrupted and (len(hist) > 0 or not model.full_fit_["fit"]),
         "history": hist,
         # L-BFGS records the value at the parameters it returns; Adam the one entering its last
         # step

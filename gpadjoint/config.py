@@ -58,6 +58,7 @@ OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
 SCHEDULES = ("constant", "cosine", "exponential")
 INITS = ("softplus0", "normal")
 VARIANCES = ("exact", "love", "auto")
+FULL_FITS = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class TrainConfig(Section):
     _TYPES: ClassVar[dict[str, type]] = {
         "epochs": int, "seed": int, "early_stopping": bool, "patience": int, "min_delta": float,
         "checkpoint_every": int, "init": str, "log_every": int, "converge_tol": float,
-        "init_subset": int,
+        "init_subset": int, "init_subset_max": int, "full_fit": str,
     }
 
     epochs: int = _DEFAULTS["train"]["epochs"]
@@ -159,12 +160,18 @@ class TrainConfig(Section):
     log_every: int = _DEFAULTS["train"]["log_every"]
     converge_tol: float = _DEFAULTS["train"]["converge_tol"]
     init_subset: int = _DEFAULTS["train"]["init_subset"]
+    init_subset_max: int = _DEFAULTS["train"]["init_subset_max"]
+    full_fit: str = _DEFAULTS["train"]["full_fit"]
 
     def _validate(self):
         self._positive("patience", "log_every")
         self._non_negative("epochs", "seed", "min_delta", "checkpoint_every", "converge_tol",
-                           "init_subset")
+                           "init_subset", "init_subset_max")
         self._choice("init", INITS)
+        self._choice("full_fit", FULL_FITS)
+        if self.full_fit == "never" and self.init_subset == 0:
+            self._fail("full_fit", "'never' keeps the fit of init_subset rows, but init_subset "
+                       "is 0: set init_subset > 0, or full_fit = 'always'")
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,10 @@ def run_gpadjoint(spec: dict) -> dict:
         "evaluations_curve": [h.get("evaluations") for h in hist],
         "stopped_reason": rec.get("stopped_reason"),
         "final_hyperparameters": final,
-        "final_train_loss": rec["final_train_loss"] + shift,
+        # None when no full-n step ran (full_fit kept the subset start: no estimate at all n)
+        "final_train_loss": (None if rec["final_train_loss"] is None
+                             else rec["final_train_loss"] + shift),
+        "full_fit": rec.get("full_fit"),
         "seconds_per_epoch": rec["seconds_per_epoch"],
         "train_seconds": rec["train_seconds"],
         "compile_seconds": rec.get("compile_seconds"),
@@ -328,7 +331,8 @@ def child(spec: dict) -> dict:
         return common_predict(spec, spec["common_predict"])
 
     def after_train(res):
-        if spec.get("common", True) and res["final_train_loss"] is not None:
+        kept_start = (res.get("full_fit") or {}).get("fit") is False  # no full-n estimate
+        if spec.get("common", True) and (res["final_train_loss"] is not None or kept_start):
             res.update(_earlier_common_loss(spec, res)
                        or common_loss(spec, res["final_hyperparameters"]))
         bu.save_progress(spec, res | {"stage": "predict"})

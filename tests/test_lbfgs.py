@@ -216,3 +216,83 @@ def test_subset_start_flags_an_interpolating_fit():
         _, info = subset_start(jnp.asarray(X), jnp.asarray(noisy - noisy.mean()), p0,
                                kernel="matern32", size=100, seed=0, noise_floor=1e-4)
     assert not info["interpolating"] and 1e-3 < info["noise"] < 0.1
+
+
+def _interpolating_data(noise_sd=0.0, n=400):
+    rng = np.random.default_rng(5)
+    X = rng.uniform(-1, 1, (n, 2))
+    y = np.sin(2 * X[:, 0]) + X[:, 1] ** 2 + noise_sd * rng.standard_normal(n)
+    return X, y
+
+
+@pytest.mark.filterwarnings("ignore::gpadjoint.train.SubsetStartWarning")
+def test_full_fit_auto_keeps_an_interpolating_subset_start_and_says_why():
+    from gpadjoint import GPRegressor
+    from gpadjoint.kernels import constrain
+
+    X, y = _interpolating_data()
+    kw = dict(estimator="slq", exact_max_n=100, init_subset=100, num_probes=4,
+              lanczos_depth=8, precond_rank=20, epochs=3)
+    m = GPRegressor(**kw).fit(X, y)
+    assert m.init_subset_["interpolating"]
+    assert not m.full_fit_["fit"] and m.full_fit_["mode"] == "auto"
+    assert m.history_ == [] and m.stopped_reason_.startswith("kept the subset start")
+    assert "cond ~" in m.full_fit_["reason"] and "full_fit = 'always'" in m.full_fit_["reason"]
+    # the kept start is the subset's exact fit: the noise it found, and it predicts from all n
+    # (a tight CG: at this fit, mean 10 and output scale 100, predict_cg_tol = 1e-2 leaves a
+    # constant error of ~1e-2 x |y - mean| ~ 0.09 in every prediction)
+    h = constrain(m.params_, m.config_.model.noise_floor)
+    assert float(h.noise) == pytest.approx(m.init_subset_["noise"], rel=1e-6)
+    mu = GPRegressor(**kw, predict_cg_tol=1e-9).fit(X, y).predict(X[:50])
+    assert np.sqrt(np.mean((mu - y[:50]) ** 2)) < 0.01
+    # 'always' fits all rows from the same start
+    m2 = GPRegressor(**kw, full_fit="always").fit(X, y)
+    assert m2.full_fit_["fit"] and len(m2.history_) >= 1
+    # noisy targets: the subset fit does not interpolate and auto fits all rows
+    Xn, yn = _interpolating_data(noise_sd=0.1)
+    m3 = GPRegressor(**kw).fit(Xn, yn)
+    assert not m3.init_subset_["interpolating"]
+    assert m3.full_fit_["fit"] and len(m3.history_) >= 1
+
+
+def test_full_fit_never_keeps_the_subset_and_needs_one():
+    from gpadjoint import GPRegressor
+
+    Xn, yn = _interpolating_data(noise_sd=0.1)
+    m = GPRegressor(estimator="slq", exact_max_n=100, init_subset=100, num_probes=4,
+                    lanczos_depth=8, precond_rank=20, epochs=3, full_fit="never").fit(Xn, yn)
+    assert not m.full_fit_["fit"] and m.history_ == []
+    with pytest.raises(ValueError, match="full_fit.*init_subset is 0"):
+        GPRegressor(init_subset=0, full_fit="never").fit(Xn, yn)
+    with pytest.raises(ValueError, match="full_fit.*choose one of"):
+        GPRegressor(full_fit="sometimes").fit(Xn, yn)
+
+
+def test_subset_start_doubles_nested_rows_while_the_fit_interpolates():
+    import warnings
+
+    from gpadjoint.train import SubsetStartWarning, subset_start
+
+    X, y = _interpolating_data()
+    p0 = init_params(2, jnp.float64)
+    with pytest.warns(SubsetStartWarning, match="init_subset_max"):
+        params, info = subset_start(jnp.asarray(X), jnp.asarray(y - y.mean()), p0,
+                                    kernel="matern32", size=50, seed=0, noise_floor=1e-4,
+                                    max_size=300)
+    # 50 -> 100 -> 200; 400 would exceed max_size (and be all n)
+    assert [st["size"] for st in info["stages"]] == [50, 100, 200] and info["size"] == 200
+    assert all(st["interpolating"] for st in info["stages"])
+    assert info["steps"] == sum(st["steps"] for st in info["stages"])
+    # the last stage is the exact fit of those 200 rows: restarting it there moves nothing
+    with pytest.warns(SubsetStartWarning):
+        _, again = subset_start(jnp.asarray(X), jnp.asarray(y - y.mean()), params,
+                                kernel="matern32", size=200, seed=0, noise_floor=1e-4)
+    assert again["loss"] == pytest.approx(info["loss"], abs=1e-6)
+    # data with noise: one stage, no warning
+    Xn, yn = _interpolating_data(noise_sd=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SubsetStartWarning)
+        _, info = subset_start(jnp.asarray(Xn), jnp.asarray(yn - yn.mean()), p0,
+                               kernel="matern32", size=50, seed=0, noise_floor=1e-4,
+                               max_size=300)
+    assert [st["size"] for st in info["stages"]] == [50]
