@@ -82,13 +82,26 @@ def optimum_lines(folder: Path) -> list[str]:
             lines.append(f"- `{path.name}` (in progress, not converged): best exact loss "
                          f"{best['loss']:.5f} after {len(full)} full-n evaluations, gradient "
                          f"norm there {best['grad_norm']:.2g}")
+    for path in sorted(ref_dir.glob("*.points.jsonl")) if ref_dir.exists() else []:
+        lines += ["", f"Exact losses at given points (scripts/exact_point.py, `{path.name}`; "
+                      "each an upper bound on the optimum's loss):", "",
+                  "| point | loss | test RMSE | test NLL | noise | output scale | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        for line in path.read_text().splitlines():
+            if line.strip():
+                e = json.loads(line)
+                h = e["hyperparameters"]
+                lines.append(f"| {e['label']} | {e['loss']:.5f} | {e['test_rmse']:.5f} | "
+                             f"{e['test_nll']:.4f} | {h['noise']:.3g} | {h['outputscale']:.3g} "
+                             f"| {e['wall_seconds']:.0f} |")
     csv_path = folder / "optimum.csv"
     if csv_path.exists():
         with csv_path.open() as fh:
             rows = list(csv.DictReader(fh))
+        lines.append("")
         cols = ["dataset", "split", "method", "reference_kind", "gap", "seconds_to_0.01",
                 "seconds_to_0.002", "gpytorch_train_s", "rmse_minus_reference"]
-        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_cell(r.get(c, "")).replace("|", "\\|") for c in cols)
                   + " |" for r in rows]
     if len(lines) == 2:

@@ -54,3 +54,17 @@ def test_reference_order(tmp_path):
     ref = bo.reference("ds", 0, recs, tmp_path)
     assert ref["reference_loss"] == -0.97 and "lower bound" in ref["reference_kind"]
     assert "3.0e-05" in ref["reference_kind"]
+
+
+def test_results_readme_lists_the_scored_points(tmp_path):
+    import make_table
+
+    (tmp_path / "optimum").mkdir()
+    e = {"label": "subset start, 4000 rows", "loss": -0.784069, "test_rmse": 0.0644,
+         "test_nll": -1.1103, "hyperparameters": {"noise": 2.1e-4, "outputscale": 252.0},
+         "wall_seconds": 520.0}
+    (tmp_path / "optimum" / "kin40k-split0.points.jsonl").write_text(json.dumps(e) + "\n")
+    text = "\n".join(make_table.optimum_lines(tmp_path))
+    assert "| subset start, 4000 rows | -0.78407 | 0.06440 | -1.1103 | 0.00021 | 252 | 520 |" \
+        in text
+    assert "No exact optimum computed yet." not in text
