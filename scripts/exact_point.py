@@ -126,6 +126,7 @@ def main(argv=None) -> int:
                         "subset_start)")
     g.add_argument("--params", metavar="FILE", help="record or JSON with hyperparameters in "
                                                      "the paper's units")
+    ap.add_argument("--label", help="name of the point in the record (default: its source)")
     ap.add_argument("--out-dir", default=str(OUT_DIR))
     args = ap.parse_args(argv)
     if args.subset_start is not None and args.subset_start < 2:
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
     else:
         hyp, source = params_point(args.params)
         label = f"final hyperparameters of {Path(args.params).name}"
+    label = args.label or label
     print(f"{label}: {hyp}", flush=True)
     scores = evaluate_point(bu.load_split(args.dataset, args.split), hyp)
     rec = {"dataset": args.dataset, "split": args.split, "label": label, "source": source,
