@@ -260,12 +260,19 @@ def cmd_fit(args) -> int:
         model.save(args.save_model)
         _say(f"model saved to {args.save_model}", q)
 
-    print(f"test RMSE {rmse:.4f}   test NLL {nll:.4f}   final train loss "
-          f"{record['final_train_loss']:.4f}   {record['seconds_per_epoch']:.2f} s/epoch "
-          f"({len(hist)} epochs, {model.fit_seconds_:.0f} s training, "
-          f"{record['predict_seconds']:.0f} s prediction)")
+    if hist:
+        trained = (f"final train loss {record['final_train_loss']:.4f}   "
+                   f"{record['seconds_per_epoch']:.2f} s/epoch ({len(hist)} epochs, ")
+    else:  # full_fit kept the subset start (or epochs = 0): no step on all n
+        trained = "no full-n step (" + model.stopped_reason_.split(":")[0] + ", "
+    print(f"test RMSE {_num(rmse)}   test NLL {_num(nll)}   {trained}"
+          f"{model.fit_seconds_:.0f} s training, {record['predict_seconds']:.0f} s prediction)")
     print(f"run record: {out}")
     return 0
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def cmd_datasets(args) -> int:

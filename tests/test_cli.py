@@ -95,3 +95,27 @@ def test_out_may_name_a_directory(tmp_path):
         tmp_path / "new" / name)
     assert record_path(str(tmp_path / "r.json"), "x", t) == tmp_path / "r.json"
     assert record_path(None, "x", t).parent.name == "runs"
+
+
+@pytest.mark.filterwarnings("ignore::gpadjoint.train.SubsetStartWarning")
+def test_fit_that_keeps_the_subset_start_completes_its_record(tmp_path, capsys):
+    # noise-free targets: the subset fit interpolates and full_fit = "auto" keeps it
+    rng = np.random.default_rng(5)
+    X = rng.uniform(-1, 1, (440, 2))
+    y = np.sin(2 * X[:, 0]) + X[:, 1] ** 2
+    csv = tmp_path / "smooth.csv"
+    pd.DataFrame({"a": X[:, 0], "b": X[:, 1], "y": y}).to_csv(csv, index=False)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[mll]\nestimator = "slq"\nexact_max_n = 100\nnum_probes = 4\n'
+                   'lanczos_depth = 8\nprecond_rank = 20\n[train]\ninit_subset = 100\n'
+                   'epochs = 3\n[predict]\ncg_tol = 1e-9\n')
+    out = tmp_path / "run.json"
+    rc = main(["fit", "--data", str(csv), "--target", "y", "--test-fraction", "0.1",
+               "--config", str(cfg), "--out", str(out), "--quiet"])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["complete"] and rec["history"] == [] and rec["final_train_loss"] is None
+    assert rec["full_fit"]["fit"] is False and rec["init_subset"]["interpolating"]
+    assert rec["stopped_reason"].startswith("kept the subset start")
+    assert rec["test_rmse"] < 0.01  # noise-free data, interpolated from all training rows
+    assert "no full-n step (kept the subset start" in capsys.readouterr().out
