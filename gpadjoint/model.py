@@ -334,7 +334,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     def _train(self, backend, optimizer, say, *, checkpoint, resume, callback, settings,
                progress):
         """Train from the configured start (subset start included) -> (params, interrupted)."""
-        from .train import LBFGS, EarlyStopping, initial_params, subset_start
+        from .train import LBFGS, EarlyStopping, initial_params, subset_metric, subset_start
         from .train import fit as train_fit
 
         cfg = self.config_
@@ -347,12 +347,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         if tc.init_subset and n > tc.init_subset and not resume and tc.epochs > 0:
             params0, self.init_subset_ = subset_start(
                 Xn, yn, params0, kernel=mc.kernel, size=tc.init_subset, seed=tc.seed,
-                noise_floor=mc.noise_floor, max_size=tc.init_subset_max)
-            metric = self.init_subset_.pop("metric")
-            if isinstance(optimizer, LBFGS):
-                # L-BFGS in the coordinates the subset's Hessian whitens (LBFGS.metric); a
-                # resumed run takes them from its checkpoint
-                optimizer = optimizer._replace(metric=metric)
+                noise_floor=mc.noise_floor, max_size=tc.init_subset_max, metric=False)
             i = self.init_subset_
             sizes = " -> ".join(str(st["size"]) for st in i["stages"])
             say(f"start: exact fit on {sizes} random rows ({i['evaluations']} evaluations, "
@@ -364,6 +359,12 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             self.history_, self.fit_info_ = [], {}
             self.stopped_reason_ = f"kept the subset start: {self.full_fit_['reason']}"
             return params0, False
+        if self.init_subset_ is not None and isinstance(optimizer, LBFGS):
+            # L-BFGS in the coordinates the subset's Hessian whitens (LBFGS.metric); a resumed
+            # run takes them from its checkpoint. Only now: a kept start needs no metric
+            self.init_subset_ = subset_metric(Xn, yn, params0, self.init_subset_,
+                                              kernel=mc.kernel, noise_floor=mc.noise_floor)
+            optimizer = optimizer._replace(metric=self.init_subset_.pop("metric"))
         if tc.epochs == 0:
             self.history_, self.stopped_reason_ = [], "epochs=0: not trained"
             self.fit_info_ = {}

@@ -640,6 +640,7 @@ def subset_start(
     X, y, params0: Params, *, kernel: str, size: int, seed: int, noise_floor: float,
     max_size: int | None = None,
     max_steps: int = 200,
+    metric: bool = True,
     metric_floor: float = 1e-4,
 ) -> tuple[Params, dict]:
     """Maximum-likelihood parameters of ``size`` random rows, as a start for the full fit.
@@ -659,7 +660,8 @@ def subset_start(
     ``info["metric"]`` is the coordinate matrix for :class:`LBFGS` (``metric``): M = Q
     diag(lambda)^-1/2 from the forward-difference Hessian of the last subset's loss per datum at
     its optimum, in the trainer's coordinates (:func:`to_opt`; k + 1 more exact evaluations),
-    made eigenvalues positive and floored at ``metric_floor`` times the largest.
+    made eigenvalues positive and floored at ``metric_floor`` times the largest; with
+    ``metric=False`` it is left out (:func:`subset_metric` computes it later, when needed).
     """
     n = X.shape[0]
     dtype = jnp.asarray(X).dtype
@@ -702,23 +704,46 @@ def subset_start(
             f"{n * outputscale / noise:.0e}, so each CG solve of the full fit may run to "
             "cg_max_iter. Raise init_subset_max, or set init_subset = 0 to start from `init`."),
             stacklevel=2)
-    metric, lam = _hessian_metric(Xs, ys, params, kernel, noise_floor, metric_floor)
     info = {
         "size": size,
         "seed": seed,
         "steps": sum(st["steps"] for st in stages),
-        "evaluations": sum(st["evaluations"] for st in stages) + len(lam) + 1,
+        "evaluations": sum(st["evaluations"] for st in stages),
         "loss": stages[-1]["loss"],
         "stopped_reason": stages[-1]["stopped_reason"],
         "noise": noise,
         "outputscale": outputscale,
         "interpolating": interpolating,
         "stages": stages,
-        "hessian_eigenvalues": [float(lam.min()), float(lam.max())],
-        "metric": tuple(tuple(float(a) for a in row) for row in metric),
         "seconds": time.perf_counter() - t0,
     }
-    return Params(*(jnp.asarray(p, dtype) for p in params)), info
+    out = Params(*(jnp.asarray(p, dtype) for p in params))
+    if metric:
+        info = subset_metric(X, y, out, info, kernel=kernel, noise_floor=noise_floor,
+                             metric_floor=metric_floor)
+    return out, info
+
+
+def subset_metric(X, y, params: Params, info: dict, *, kernel: str, noise_floor: float,
+                  metric_floor: float = 1e-4) -> dict:
+    """Return ``info`` of :func:`subset_start` with the L-BFGS ``metric`` at ``params`` added.
+
+    The rows are the subset's (``info["size"]`` and ``info["seed"]``); the k + 1 exact
+    evaluations and their seconds are added to ``info``'s.
+    """
+    t0 = time.perf_counter()
+    n = X.shape[0]
+    rows = np.sort(np.random.default_rng(info["seed"]).permutation(n)[:info["size"]])
+    Xs = jnp.asarray(np.asarray(X)[rows], jnp.float64)
+    ys = jnp.asarray(np.asarray(y)[rows], jnp.float64)
+    p64 = Params(*(jnp.asarray(p, jnp.float64) for p in params))
+    metric, lam = _hessian_metric(Xs, ys, p64, kernel, noise_floor, metric_floor)
+    return info | {
+        "evaluations": info["evaluations"] + len(lam) + 1,
+        "hessian_eigenvalues": [float(lam.min()), float(lam.max())],
+        "metric": tuple(tuple(float(a) for a in row) for row in metric),
+        "seconds": info["seconds"] + time.perf_counter() - t0,
+    }
 
 
 def _hessian_metric(X, y, params: Params, kernel: str, noise_floor: float, floor: float,

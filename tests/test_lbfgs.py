@@ -159,6 +159,16 @@ def test_subset_metric_whitens_the_subset_hessian(data64):
     H = np.asarray(jax.hessian(f)(jnp.asarray(_flat(to_opt(params)))))
     # M^T H M = I: L-BFGS's first step in the metric's coordinates is the Newton step
     np.testing.assert_allclose(M.T @ H @ M, np.eye(D + 3), atol=2e-3)
+    # computed later from the fit's info alone (the model does so only when it fits all n)
+    from gpadjoint.train import subset_metric
+
+    p2, bare = subset_start(X, y, p0, kernel="matern32", size=150, seed=0, noise_floor=1e-4,
+                            metric=False)
+    assert "metric" not in bare and bare["evaluations"] < info["evaluations"]
+    later = subset_metric(X, y, p2, bare, kernel="matern32", noise_floor=1e-4,
+                          metric_floor=1e-12)
+    np.testing.assert_allclose(np.asarray(later["metric"]), M, rtol=1e-6, atol=1e-9)
+    assert later["evaluations"] == info["evaluations"]
 
 
 def test_metric_reaches_the_same_minimum_and_resumes_in_its_coordinates(data64, tmp_path):
