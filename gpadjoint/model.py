@@ -411,7 +411,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             f"within 10x noise_floor), where K of all {n} rows has cond ~ n s2 / noise = "
             f"{cond:.0e} and each CG solve of the SLQ estimator runs hundreds to thousands of "
             "passes (kin40k, n = 36 000: ~1000 of 2.8 s on a 2-core CPU); the fit keeps it. "
-            "Set full_fit = 'always' to fit all rows anyway, or raise init_subset")}
+            "Set full_fit = 'always' to fit all rows anyway, or raise init_subset_max")}
 
     def _solve_alpha(self, backend) -> None:
         """Set ``alpha_`` and the prediction engine that follows the estimator.
