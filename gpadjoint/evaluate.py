@@ -123,7 +123,7 @@ def exact_loss(
         out = _cholesky_loss(X, r, h, kernel, block)
     else:
         out = _slq_loss(X, r, h, kernel, num_probes, lanczos_depth, seed, precond_rank)
-    out["loss"] = 0.5 * (out["quad"] + out["logdet"] + n * math.log(2 * math.pi)) / n
+    out["loss"] = _loss(out, n)
     out.update(method=method, reason=reason, seconds=time.perf_counter() - t0)
     return out
 
@@ -156,11 +156,8 @@ def exact_point(
     Xt = np.asarray(X_test, np.float64)
     if Xt.ndim != 2 or Xt.shape[1] != X.shape[1]:
         raise ValueError(f"X_test must be (m, {X.shape[1]}) like X; got {Xt.shape}")
-    n = X.shape[0]
     t0 = time.perf_counter()
-    L = _factor(X, h, kernel, block)
-    z = _forward_substitution(L, r, block)
-    logdet = 2.0 * float(np.sum(np.log(np.diag(L))))
+    L, z, out = _cholesky_whiten(X, r, h, kernel, block)
     alpha = _backward_substitution(L, z, block)
     Xj = jnp.asarray(X)
     cross = jax.jit(lambda A: cross_cov(kernel, A, Xj, h))
@@ -171,9 +168,13 @@ def exact_point(
         mu[i : i + block] = float(mean) + Ks @ alpha
         V = _forward_substitution(L, Ks.T, block)  # L^-1 K(X, X*) for this batch
         var[i : i + block] = float(h.outputscale) - np.sum(V * V, axis=0) + float(h.noise)
-    quad = float(z @ z)
-    return {"loss": 0.5 * (quad + logdet + n * math.log(2 * math.pi)) / n, "logdet": logdet,
-            "quad": quad, "mean": mu, "var": var, "seconds": time.perf_counter() - t0}
+    return out | {"loss": _loss(out, X.shape[0]), "mean": mu, "var": var,
+                  "seconds": time.perf_counter() - t0}
+
+
+def _loss(out: dict, n: int) -> float:
+    """-log p(y) / n from log det K and y^T K^-1 y, 2 pi included."""
+    return 0.5 * (out["quad"] + out["logdet"] + n * math.log(2 * math.pi)) / n
 
 
 def _factor(X, h: Hypers, kernel: str, block: int) -> np.ndarray:
@@ -188,11 +189,15 @@ def _factor(X, h: Hypers, kernel: str, block: int) -> np.ndarray:
     return blocked_cholesky(K, block)
 
 
+def _cholesky_whiten(X, r, h: Hypers, kernel: str, block: int):
+    """(L, z = L^-1 r, {"logdet", "quad"}) from one blocked factorisation of K."""
+    L = _factor(X, h, kernel, block)
+    z = _forward_substitution(L, r, block)
+    return L, z, {"logdet": 2.0 * float(np.sum(np.log(np.diag(L)))), "quad": float(z @ z)}
+
+
 def _cholesky_loss(X, r, h: Hypers, kernel: str, block: int) -> dict:
-    K = _factor(X, h, kernel, block)
-    z = _forward_substitution(K, r, block)
-    logdet = 2.0 * float(np.sum(np.log(np.diag(K))))
-    return {"logdet": logdet, "quad": float(z @ z)}
+    return _cholesky_whiten(X, r, h, kernel, block)[2]
 
 
 def blocked_cholesky(A: np.ndarray, block: int = 2048) -> np.ndarray:

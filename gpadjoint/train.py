@@ -668,14 +668,11 @@ def subset_start(
     if size >= n:
         return params0, {"size": n, "skipped": f"size {size} >= n = {n}"}
     max_size = size if max_size is None else max_size
-    order = np.random.default_rng(seed).permutation(n)  # nested subsets: the first `size` rows
     t0 = time.perf_counter()
     params = Params(*(jnp.asarray(p, jnp.float64) for p in params0))
     stages = []
     while True:
-        rows = np.sort(order[:size])
-        Xs = jnp.asarray(np.asarray(X)[rows], jnp.float64)
-        ys = jnp.asarray(np.asarray(y)[rows], jnp.float64)
+        Xs, ys = _subset_rows(X, y, seed, size)
         t = time.perf_counter()
         res = fit(
             Xs, ys, kernel=kernel, backend="dense",
@@ -724,6 +721,16 @@ def subset_start(
     return out, info
 
 
+def _subset_rows(X, y, seed: int, size: int):
+    """float64 (X, y) of the first ``size`` rows of the seed's permutation, in row order.
+
+    One permutation per seed, so the subsets of growing size are nested.
+    """
+    rows = np.sort(np.random.default_rng(seed).permutation(X.shape[0])[:size])
+    return (jnp.asarray(np.asarray(X)[rows], jnp.float64),
+            jnp.asarray(np.asarray(y)[rows], jnp.float64))
+
+
 def subset_metric(X, y, params: Params, info: dict, *, kernel: str, noise_floor: float,
                   metric_floor: float = 1e-4) -> dict:
     """Return ``info`` of :func:`subset_start` with the L-BFGS ``metric`` at ``params`` added.
@@ -732,10 +739,7 @@ def subset_metric(X, y, params: Params, info: dict, *, kernel: str, noise_floor:
     evaluations and their seconds are added to ``info``'s.
     """
     t0 = time.perf_counter()
-    n = X.shape[0]
-    rows = np.sort(np.random.default_rng(info["seed"]).permutation(n)[:info["size"]])
-    Xs = jnp.asarray(np.asarray(X)[rows], jnp.float64)
-    ys = jnp.asarray(np.asarray(y)[rows], jnp.float64)
+    Xs, ys = _subset_rows(X, y, info["seed"], info["size"])
     p64 = Params(*(jnp.asarray(p, jnp.float64) for p in params))
     metric, lam = _hessian_metric(Xs, ys, p64, kernel, noise_floor, metric_floor)
     return info | {

@@ -67,7 +67,6 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
-import scipy.linalg as sla  # noqa: E402
 from scipy.linalg import lapack  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
@@ -313,28 +312,15 @@ def make_value_and_grad(X, y, *, kernel: str = KERNEL, noise_floor: float = NOIS
 
 def predict(theta, X, y, X_test, *, kernel: str = KERNEL, noise_floor: float = NOISE_FLOOR,
             block: int = BLOCK):
-    """Posterior predictive mean and variance (noise included) at X_test, by one Cholesky."""
-    Xj = jnp.asarray(np.asarray(X, np.float64))
-    Xt = np.asarray(X_test, np.float64)
-    n = Xj.shape[0]
-    theta = np.asarray(theta, np.float64)
-    p = unflatten(theta)
-    h = constrain(p, noise_floor)
-    fill, _ = make_block_builder(kernel, noise_floor)
-    A = np.empty((n, n), np.float64)
-    fill(jnp.asarray(theta[:-1]), Xj, A, block)
-    c, info = lapack.dpotrf(A.T, lower=1, overwrite_a=1, clean=1)  # clean: zero the rest
-    if info != 0:
-        raise NotPositiveDefinite(f"dpotrf info={info}")
-    alpha, _ = lapack.dpotrs(c, np.asarray(y, np.float64) - float(p.mean), lower=1)
-    mean = np.empty(len(Xt))
-    var = np.empty(len(Xt))
-    for i in range(0, len(Xt), block):
-        Ks = np.asarray(cross_cov(kernel, jnp.asarray(Xt[i:i + block]), Xj, h))  # (m, n)
-        mean[i:i + block] = float(p.mean) + Ks @ alpha
-        V = sla.solve_triangular(c, Ks.T, lower=True, check_finite=False)
-        var[i:i + block] = float(h.outputscale) - np.sum(V * V, axis=0) + float(h.noise)
-    return mean, var
+    """Posterior predictive mean and variance (noise included) at X_test, by one Cholesky.
+
+    :func:`gpadjoint.evaluate.exact_point` (blocked, one n x n float64 array) at ``theta``.
+    """
+    from gpadjoint.evaluate import exact_point
+
+    out = exact_point(X, y, X_test, kernel=kernel, block=block,
+                      **hypers_of(np.asarray(theta, np.float64), noise_floor))
+    return out["mean"], out["var"]
 
 
 def score_test(theta, split, **kw) -> dict:
