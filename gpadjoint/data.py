@@ -102,6 +102,32 @@ def normalisation(X_tr, y_tr, scale_y: bool):
     return x_mean, x_std, y_mean, y_std
 
 
+def hyperparameters_in_data_units(h: dict, x_std, y_mean: float, y_std: float) -> dict:
+    """Map hyperparameters fitted on standardised data to the data's original units.
+
+    ``h``: lengthscale (d,), outputscale, noise, mean for inputs ``(X - x_mean) / x_std`` and
+    targets ``(y - y_mean) / y_std``. A lengthscale scales with x_std, the variances with
+    y_std**2, the constant mean as y does. :func:`hyperparameters_in_split_units` inverts it.
+    """
+    return {
+        "lengthscale": np.asarray(h["lengthscale"], np.float64) * np.asarray(x_std, np.float64),
+        "outputscale": float(h["outputscale"]) * y_std**2,
+        "noise": float(h["noise"]) * y_std**2,
+        "mean": float(h["mean"]) * y_std + y_mean,
+    }
+
+
+def hyperparameters_in_split_units(h: dict, split: Split) -> dict:
+    """Map original-unit hyperparameters (a run record's) to ``split``'s standardised units."""
+    ys = float(split.y_std)
+    return {
+        "lengthscale": (np.asarray(h["lengthscale"], np.float64)
+                        / np.asarray(split.x_std, np.float64)).tolist(),
+        "outputscale": float(h["outputscale"]) / ys**2,
+        "noise": float(h["noise"]) / ys**2,
+        "mean": (float(h["mean"]) - float(split.y_mean)) / ys,
+    }
+
 def standardise(X, y, train, test, name, split, scale_y, dtype) -> Split:
     """Normalise with training statistics; ``train``/``test`` are row-index arrays into X, y."""
     X_tr, y_tr = X[train], y[train]

@@ -37,6 +37,7 @@ from . import __version__
 from . import predict as gpred
 from ._io import atomic_write
 from .config import RunConfig, default_config, keywords, load_config
+from .data import hyperparameters_in_data_units
 from .kernels import Params, constrain
 from .matvec import choose_backend, make_backend
 from .mll import MLLConfig, choose_estimator
@@ -476,13 +477,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         # parameters float64 prediction uses, and float32 rounding of them is amplified by
         # cond(K) once the noise nears its floor
         h = constrain(self._params("float64"), self.config_.model.noise_floor)
-        y2 = self.y_std_**2
-        return {
-            "lengthscale": np.asarray(h.lengthscale, np.float64) * self.x_std_,
-            "outputscale": float(h.outputscale) * y2,
-            "noise": float(h.noise) * y2,
-            "mean": float(self.params_.mean) * self.y_std_ + self.y_mean_,
-        }
+        return hyperparameters_in_data_units(
+            {"lengthscale": h.lengthscale, "outputscale": h.outputscale, "noise": h.noise,
+             "mean": self.params_.mean}, self.x_std_, self.y_mean_, self.y_std_)
 
     # --- predict ------------------------------------------------------------------------------
 

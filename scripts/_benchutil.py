@@ -1,4 +1,11 @@
-"""Helpers shared by the benchmark scripts: provenance, resumable CSV, isolated child runs.
+"""The benchmark harness: provenance, records, child runs, settings, units and scores.
+
+What every benchmark script shares, written once: the provenance columns of a row or record
+(commit, machine, versions, load), JSON records and resumable CSV rows (read, write, upsert),
+child runs (:func:`run_child`: a fresh process per configuration, with a timeout), the settings
+a gpadjoint run resolved (:func:`run_settings`), a config as TOML (:func:`config_toml`), the
+unit conversion of a record's hyperparameters (:func:`split_units`) and the test scores
+(:func:`predictive_scores`). ``scripts/bench.py`` is the one entry point.
 
 Each configuration runs in a fresh child process so that its peak resident memory
 (``ru_maxrss``) belongs to that configuration alone, and so a crash or an out-of-memory kill
@@ -177,6 +184,13 @@ def initial_raw(d: int, seed: int) -> dict:
     }
 
 
+def split_units(hp: dict, split) -> dict:
+    """Return a run record's hyperparameters (the data's units) in ``split``'s scaled units."""
+    from gpadjoint.data import hyperparameters_in_split_units
+
+    return hyperparameters_in_split_units(hp, split)
+
+
 def predictive_scores(y_test, mean, var) -> tuple[float, float]:
     """Return test RMSE and mean Gaussian NLL of predictions ``mean``, ``var``."""
     err = np.asarray(y_test, np.float64) - np.asarray(mean, np.float64)
@@ -222,3 +236,93 @@ def begin_segment(ckpt: Path | None, from_epoch: int) -> list[dict]:
         text = json.dumps(segs)
         atomic_write(side, lambda fh, t=text: fh.write(t), binary=False)
     return segs
+
+
+# --- records --------------------------------------------------------------------------------
+
+
+def write_record(path: Path, rec: dict) -> None:
+    """Write one JSON record atomically (a killed writer leaves the old file or none)."""
+    from gpadjoint._io import atomic_write
+
+    text = json.dumps(rec, indent=1, default=float)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda fh, t=text: fh.write(t), binary=False)
+
+
+def read_records(folder: Path, ok_only: bool = True) -> list[dict]:
+    """Return the JSON records in ``folder`` (only finished ones by default), with ``_file``."""
+    recs = []
+    for path in sorted(Path(folder).glob("*.json")):
+        rec = json.loads(path.read_text())
+        if not ok_only or rec.get("status") == "ok":
+            recs.append(rec | {"_file": path.name})
+    return recs
+
+
+# --- the settings a run resolved -------------------------------------------------------------
+
+# the optimiser keys that matter for each optimiser (the others are not read by it)
+_OPTIM_KEYS = {
+    "lbfgs": ("lbfgs_memory", "lbfgs_rtol", "lbfgs_gtol"),
+    "adam": ("lr", "schedule", "b1", "b2", "eps", "clip_norm", "warmup_epochs"),
+    "adamw": ("lr", "schedule", "b1", "b2", "eps", "weight_decay", "clip_norm", "warmup_epochs"),
+    "sgd": ("lr", "schedule", "momentum", "clip_norm", "warmup_epochs"),
+}
+
+
+def run_settings(config: dict, n: int, *, estimator: str | None = None,
+                 optimizer: str | None = None) -> dict:
+    """Return the settings a gpadjoint run used, flat: what its record and table must state.
+
+    ``config``: the run's resolved :class:`gpadjoint.config.RunConfig` as a dict (``to_dict``);
+    ``n``: training rows. ``estimator`` / ``optimizer``: what the fitted model resolved "auto"
+    to (``GPRegressor.estimator_`` / ``optimizer_``); when not given (a record written before
+    they were recorded) they are resolved here by the package's own rules, which are
+    deterministic in the config and n. A key absent from an older config is absent here.
+    """
+    from types import SimpleNamespace
+
+    from gpadjoint.mll import choose_estimator
+    from gpadjoint.optimizers import resolve_optimizer
+
+    model, mll, optim, train = (config.get(k, {}) for k in ("model", "mll", "optim", "train"))
+    if estimator is None:  # configs before the exact estimator existed had SLQ only
+        estimator = choose_estimator(n, SimpleNamespace(
+            estimator=mll.get("estimator", "slq"), exact_max_n=mll.get("exact_max_n", 0)))[0]
+    if optimizer is None:
+        optimizer = resolve_optimizer(optim.get("optimizer", "adam"), estimator)[0]
+    out = {
+        "dtype": model.get("dtype"),
+        "scale_y": model.get("scale_y"),
+        "optimizer": {"name": optimizer} | {k: optim[k] for k in _OPTIM_KEYS.get(optimizer, ())
+                                             if k in optim},
+        "estimator": estimator,
+        "epochs": train.get("epochs"),
+    }
+    if estimator == "slq":
+        out |= {k: mll[k] for k in ("num_probes", "lanczos_depth", "precond_rank",
+                                     "precond_logdet", "cg_tol", "cg_min_iter", "cg_max_iter")
+                if k in mll}
+    out["start"] = {k: train[k] for k in ("init", "init_subset", "init_subset_max")
+                    if k in train}
+    out["full_fit"] = train.get("full_fit", "always")  # before the key: every run fitted all n
+    return out
+
+
+def config_toml(config: dict) -> str:
+    """Return a :meth:`RunConfig.to_dict` dict as TOML text (every key is a scalar)."""
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float) and not math.isfinite(v):
+            return ("-inf" if v < 0 else "inf") if not math.isnan(v) else "nan"
+        if isinstance(v, (int, float, str)):
+            return json.dumps(v)  # a JSON number or plain string is valid TOML
+        raise TypeError(f"config_toml: {type(v).__name__} values are not supported ({v!r})")
+
+    lines = []
+    for section, keys in config.items():
+        lines += [f"[{section}]"] + [f"{k} = {value(v)}" for k, v in keys.items()] + [""]
+    return "\n".join(lines)

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", nargs="+", default=["elevators", "kin40k"])
     ap.add_argument("--splits", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+",
-                    default=["gpadjoint-default", "gpadjoint-adam", "gpadjoint", "gpytorch"])
+                    default=["gpadjoint-default", "gpadjoint-adam", "gpadjoint-paper", "gpytorch"])
     ap.add_argument("--records", default=str(RECORDS))
     ap.add_argument("--references", default=str(REF_DIR))
     ap.add_argument("--out", default=str(OUT))

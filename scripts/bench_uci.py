@@ -37,9 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import re
-import signal
 import sys
 import tempfile
 import time
@@ -52,27 +49,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 from gpytorch_baseline import (  # noqa: E402,F401 (the baseline's settings, re-exported)
     GPYTORCH_SETTINGS,
-    LR,
     NOISE_FLOOR,
     run_gpytorch,
 )
 
 OUT_DIR = bu.ROOT / "results" / "uci"
 DATASETS = ["elevators", "protein", "kin40k", "keggdirected", "keggundirected"]
-METHODS = ["gpadjoint", "gpytorch", "gpadjoint-plogdet", "gpadjoint-deep", "gpadjoint-matched",
-           "gpadjoint-default", "gpadjoint-adam"]
-# gpadjoint-plogdet: configs/paper.toml with [mll] precond_logdet = true, i.e. SLQ on
-# P^{-1/2} K P^{-1/2} with the same rank-15 preconditioner the CG uses (and GPyTorch uses).
-# gpadjoint-deep: that, with Lanczos depth 20 and CG to tolerance 1e-3 (not the paper's
-# settings: a more accurate estimator at about twice the passes).
-# gpadjoint-matched: the paper's depth, probes and preconditioner rank, with the two things
-# GPyTorch's estimator does beyond the paper's matched: the log det preconditioned by the CG's
-# own rank-15 pivoted Cholesky (GPyTorch's inv_quad_logdet does this), and CG run to a real
-# tolerance, 1e-2 on the solve's relative residual. GPyTorch's cg_tolerance(1.0) is tested
-# against the *mean* relative residual over the solve and the 10 probe columns, so its CG runs
-# 20-27 iterations late in a kin40k run; the paper's tolerance 1 on the solve alone stops ours
-# at its 10-iteration minimum, and the lagging solve biases every gradient coordinate that
-# depends on it (scripts/gradient_bias.py).
+# Each gpadjoint method is a base config and RunConfig.with_overrides keys on top of it.
+# gpadjoint-paper: configs/paper.toml, the paper's settings (float32 Adam, SLQ depth 10, 10
+# probes, rank-15 CG to tolerance 1). gpadjoint-plogdet: that with the log det preconditioned,
+# i.e. SLQ on P^{-1/2} K P^{-1/2} with the same rank-15 preconditioner the CG (and GPyTorch)
+# uses. gpadjoint-deep: that, with Lanczos depth 20 and CG to 1e-3 (not the paper's settings: a
+# more accurate estimator at about twice the passes; the one found nearly unbiased on
+# elevators). gpadjoint-matched: the paper's depth, probes and rank with the two things
+# GPyTorch's estimator does beyond the paper's: the log det preconditioned by the CG's own
+# pivoted Cholesky, and CG to a real tolerance, 1e-2 on the solve's relative residual
+# (GPyTorch's cg_tolerance(1.0) is tested against the *mean* relative residual over the solve
+# and the probe columns, so its CG runs 20-27 iterations late in a kin40k run, while the paper's
+# tolerance 1 stops ours at its 10-iteration minimum and biases the gradient).
+# gpadjoint-default: `gpadjoint fit` as shipped (gpadjoint/default.toml); only the split and seed
+# are the benchmark's. gpadjoint-adam: the previous default, default.toml with Adam (lr 0.1,
+# 100 epochs) and the estimator settings it had before L-BFGS became the default.
+PAPER, DEFAULT = "configs/paper.toml", "gpadjoint/default.toml"
+METHODS = {
+    "gpadjoint-paper": (PAPER, {}),
+    "gpytorch": (None, {}),
+    "gpadjoint-plogdet": (PAPER, {"mll__precond_logdet": True}),
+    "gpadjoint-deep": (PAPER, {"mll__precond_logdet": True, "mll__lanczos_depth": 20,
+                               "mll__cg_tol": 1e-3}),
+    "gpadjoint-matched": (PAPER, {"mll__precond_logdet": True, "mll__cg_tol": 1e-2}),
+    "gpadjoint-default": (DEFAULT, {}),
+    "gpadjoint-adam": (DEFAULT, {"optim__optimizer": "adam", "train__epochs": 100,
+                                 "model__dtype": "float32", "train__init_subset": 0,
+                                 "mll__cg_tol": 1e-2, "mll__cg_min_iter": 10,
+                                 "mll__lanczos_depth": 10, "mll__precond_rank": 30,
+                                 "mll__num_probes": 10}),
+}
 BACKENDS = ["dense", "blocked", "keops"]
 # "blocked" (row tiles of K built on the fly, O(n * tile) memory) is gpadjoint's fast CPU path
 # when K does not fit in memory (kin40k and larger here). GPyTorch has no counterpart: without
@@ -81,6 +93,8 @@ BACKENDS = ["dense", "blocked", "keops"]
 # pairs a gpadjoint "blocked" run with GPyTorch's "keops" run, labelled as such.
 GPYTORCH_BACKENDS = ["dense", "keops"]
 KERNEL = "matern32"
+# the program each run's child process executes (`CHILD_SCRIPT --child SPEC`)
+CHILD_SCRIPT = Path(__file__)
 def record_path(out_dir: Path, ds: str, split: int, method: str, backend: str, epochs: int):
     return out_dir / f"{ds}-split{split}-{method}-{backend}-{epochs}ep.json"
 
@@ -94,51 +108,26 @@ def checkpoint_path(record: Path, method: str) -> Path:
 # child: one run
 
 
-# gpadjoint-default: ``gpadjoint fit`` as shipped (gpadjoint/default.toml: L-BFGS on the fixed-probe
-# SLQ objective, targets scaled to unit variance, raw-zero start); only the split and seed are
-# the benchmark's. gpadjoint-adam: the previous default, gpadjoint/default.toml with Adam (lr 0.1,
-# 100 epochs) and the estimator settings it had before L-BFGS became the default.
-METHOD_BASE = {"gpadjoint-default": "default.toml", "gpadjoint-adam": "default.toml"}
-# the base config's keys each gpadjoint method changes (see METHODS); every method also
-# checkpoints after each epoch, which does not change the result, so a killed run resumes.
-METHOD_OVERRIDES = {
-    "gpadjoint-default": {},
-    "gpadjoint-adam": {"optim.optimizer": '"adam"', "train.epochs": "100",
-                       "model.dtype": '"float32"', "train.init_subset": "0",
-                       "mll.cg_tol": "1e-2", "mll.cg_min_iter": "10", "mll.lanczos_depth": "10",
-                       "mll.precond_rank": "30", "mll.num_probes": "10"},
-    "gpadjoint": {},
-    "gpadjoint-plogdet": {"mll.precond_logdet": "true"},
-    # the estimator scripts/gradient_bias.py found nearly unbiased on elevators (0.8 % vs 5-10 %)
-    "gpadjoint-deep": {"mll.precond_logdet": "true", "mll.lanczos_depth": "20",
-                       "mll.cg_tol": "1e-3"},
-    "gpadjoint-matched": {"mll.precond_logdet": "true", "mll.cg_tol": "1e-2"},
-}
+def method_config(method: str, epochs: int | None = None):
+    """Return the :class:`RunConfig` of gpadjoint method ``method`` (base file + overrides).
 
-
-def paper_config_text(method: str) -> str:
-    """configs/paper.toml (or the method's METHOD_BASE) with ``method``'s overrides applied.
-
-    Overrides are ``"section.key": value``; each key must occur exactly once in its section.
-    The file is edited as text so that its comments and layout survive.
+    Every method also checkpoints after each epoch (which does not change the result), so that
+    a killed run resumes; ``epochs`` replaces the base's epoch count.
     """
-    base = METHOD_BASE.get(method, "paper.toml")
-    # default.toml is package data (what an installed `gpadjoint fit` reads); paper.toml a file
-    text = (bu.ROOT / ("gpadjoint" if base == "default.toml" else "configs") / base).read_text()
-    for dotted, value in {"train.checkpoint_every": "1", **METHOD_OVERRIDES[method]}.items():
-        section, key = dotted.split(".")
-        head = re.search(rf"^\[{section}\]\s*$", text, flags=re.M)
-        if head is None:
-            raise RuntimeError(f"configs/paper.toml: no [{section}] section")
-        nxt = re.search(r"^\[", text[head.end():], flags=re.M)
-        end = head.end() + nxt.start() if nxt else len(text)
-        body, n = re.subn(rf"^{key}\s*=\s*\S+", f"{key} = {value}", text[head.end():end],
-                          flags=re.M)
-        if n != 1:
-            raise RuntimeError(f"configs/paper.toml: expected one '{key} =' in [{section}], "
-                               f"found {n}")
-        text = text[:head.end()] + body + text[end:]
-    return text
+    from gpadjoint.config import default_config, load_config
+
+    base, over = METHODS[method]
+    if base is None:
+        raise ValueError(f"{method!r} is not a gpadjoint method")
+    cfg = default_config() if base == DEFAULT else load_config(bu.ROOT / base)
+    return cfg.with_overrides(**over).with_overrides(train__checkpoint_every=1,
+                                                     train__epochs=epochs)
+
+
+def method_source(method: str) -> str:
+    """Say where a method's config comes from: its base file and the overrides on top."""
+    base, over = METHODS[method]
+    return base + (" + " + ", ".join(f"{k}={v!r}" for k, v in over.items()) if over else "")
 
 
 def run_gpadjoint(spec: dict) -> dict:
@@ -146,13 +135,10 @@ def run_gpadjoint(spec: dict) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="gpadj_uci_") as tmp:
         out = Path(tmp) / "run.json"
-        text = paper_config_text(spec["method"])
-        config = Path(tmp) / f"paper-{spec['method']}.toml"
-        config.write_text(text)
+        config = Path(tmp) / f"{spec['method']}.toml"
+        config.write_text(bu.config_toml(method_config(spec["method"]).to_dict()))
         ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else Path(tmp) / "ckpt.npz"
         resume = ckpt.exists()
-        # test hook: the process dies once epoch k is checkpointed (as a session's end kills it)
-        die_after = int(os.environ.get("GPADJ_BENCH_DIE_AFTER_EPOCH", 0)) if not resume else 0
         resumed_from = int(np.load(ckpt)["epoch"]) if resume else None
         segments = bu.begin_segment(ckpt if spec.get("checkpoint") else None, resumed_from or 0)
         argv = [
@@ -166,7 +152,7 @@ def run_gpadjoint(spec: dict) -> dict:
             "--backend",
             spec["backend"],
             "--epochs",
-            str(die_after or spec["epochs"]),
+            str(spec["epochs"]),
             "--seed",
             str(bu.seed_for(spec["split"])),
             "--quiet",
@@ -182,8 +168,6 @@ def run_gpadjoint(spec: dict) -> dict:
             raise RuntimeError(
                 f"gpadjoint fit exited with {rc}"
                 + (f" resuming from {ckpt} (delete it to start over)" if resume else ""))
-        if die_after:
-            os.kill(os.getpid(), signal.SIGKILL)
         rec = json.loads(out.read_text())
     s = bu.load_split(spec["dataset"], spec["split"])
     hist = rec["history"]
@@ -198,19 +182,16 @@ def run_gpadjoint(spec: dict) -> dict:
     shift = math.log(ys)  # -log p(y) / n = -log p(y / ys) / n + log ys
     hist = [h | {"outputscale": h["outputscale"] * ys**2, "noise": h["noise"] * ys**2,
                  "mean": h["mean"] * ys, "loss": h["loss"] + shift} for h in hist]
-    # The run record gives hyperparameters in original units; the common evaluator works on the
-    # standardised training data both methods trained on.
-    hp = rec["hyperparameters"]
-    final = {
-        "lengthscale": (np.asarray(hp["lengthscale"]) / np.asarray(s.x_std)).tolist(),
-        "outputscale": hp["outputscale"] / float(s.y_std) ** 2,
-        "noise": hp["noise"] / float(s.y_std) ** 2,
-        "mean": (hp["mean"] - float(s.y_mean)) / float(s.y_std),
-    }
+    # the record gives hyperparameters in the data's units; the common evaluator works on the
+    # standardised training data both methods trained on
+    final = bu.split_units(rec["hyperparameters"], s)
     return {
-        "settings": {
+        # what ran, resolved: the settings from the run's own config and fitted model (never
+        # constants), the full config beside them
+        "settings": bu.run_settings(rec["config"], rec["n_train"], estimator=rec["estimator"],
+                                    optimizer=rec["optimizer"]) | {
             "config": rec["config"],
-            "config_source": rec["config_source"],
+            "config_source": method_source(spec["method"]),
             "backend_reason": rec["backend_reason"],
         },
         "epochs_run": len(hist),
@@ -336,9 +317,6 @@ def child(spec: dict) -> dict:
             res.update(_earlier_common_loss(spec, res)
                        or common_loss(spec, res["final_hyperparameters"]))
         bu.save_progress(spec, res | {"stage": "predict"})
-        if os.environ.get("GPADJ_BENCH_KILL_ALL_IN_PREDICT"):  # test hook: a session's end
-            os.kill(os.getppid(), signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     if spec["method"] == "gpytorch":
         res = run_gpytorch(spec, after_train)
@@ -376,7 +354,7 @@ def _recover(spec: dict, res: dict, progress: Path, timeout: float) -> dict:
     stage = part.pop("stage", "train")
     if stage != "predict":
         return part | {"status": f"{res['status']} (during training; partial curves kept)"}
-    pred = bu.run_child(Path(__file__), spec | {"common_predict": part["final_hyperparameters"]},
+    pred = bu.run_child(CHILD_SCRIPT, spec | {"common_predict": part["final_hyperparameters"]},
                         timeout)
     return part | pred | {
         "status": "ok" if pred.get("status", "ok") == "ok" else pred["status"],
@@ -390,7 +368,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=DATASETS)
     ap.add_argument("--splits", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=METHODS[:2], choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS)[:2], choices=list(METHODS))
     ap.add_argument("--backends", nargs="+", default=["dense"], choices=BACKENDS)
     ap.add_argument("--epochs", type=int, default=75)
     ap.add_argument("--out-dir", default=str(OUT_DIR))
@@ -445,7 +423,7 @@ def main(argv=None) -> int:
                     ckpt = checkpoint_path(path, method)
                     if ckpt.exists():
                         print(f"  resuming from {ckpt.name}", flush=True)
-                    res = bu.run_child(Path(__file__), spec | {"progress": str(progress),
+                    res = bu.run_child(CHILD_SCRIPT, spec | {"progress": str(progress),
                                                                 "checkpoint": str(ckpt)},
                                        args.timeout)
                     res = _recover(spec, res, progress, args.timeout)
@@ -453,8 +431,6 @@ def main(argv=None) -> int:
                         **spec,
                         "seed": bu.seed_for(split),
                         "kernel": KERNEL,
-                        "dtype": "float32",
-                        "lr": LR,
                         "started": started,
                         "load_avg_before": load_before,
                         "load_avg_after": bu.load_avg(),

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -214,7 +212,6 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
         npasses = state.get("passes", [])
         prior = {"train_seconds": state["train_seconds"], "n_warn": state["n_warn"]}
     segments = bu.begin_segment(ckpt, len(losses))
-    die_after = int(os.environ.get("GPADJ_BENCH_DIE_AFTER_EPOCH", 0)) if not losses else 0
     model.train()
     lik.train()
     t_train = time.perf_counter()
@@ -250,14 +247,13 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
                 from gpadjoint._io import atomic_write
 
                 atomic_write(ckpt, lambda fh, st=state: torch.save(st, fh))
-                if len(losses) == die_after:  # test hook, as for gpadjoint
-                    os.kill(os.getpid(), signal.SIGKILL)
         n_warn = warned()
     train_seconds = prior["train_seconds"] + time.perf_counter() - t_train
 
     final = hypers()
     res = {
         "settings": {
+            "dtype": str(Xtr.dtype).removeprefix("torch."),
             "gpytorch": settings,
             "optimizer": f"torch.optim.Adam(lr={LR})",
             "kernel": f"ScaleKernel({base_cls.__module__}.MaternKernel(nu=1.5, ard))",
@@ -284,8 +280,6 @@ def run_gpytorch(spec: dict, after_train=lambda res: None) -> dict:
         "segments": segments,
     }
     after_train(res)  # the common evaluator, saved before GPyTorch's prediction runs
-    if os.environ.get("GPADJ_BENCH_CRASH_IN_PREDICT"):  # test hook: the kin40k segfault
-        os.kill(os.getpid(), signal.SIGSEGV)
     if spec.get("skip_own_predict"):
         return res
     model.eval()
