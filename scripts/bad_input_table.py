@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 
 
-def main() -> int:
+def main(argv=None) -> int:
     out = bu.ROOT / "results" / "bad_inputs.md"
     env = os.environ | {"GPADJ_BAD_INPUT_TABLE": str(out), "GPADJ_COMMIT": bu.git_commit()}
     rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

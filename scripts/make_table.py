@@ -47,7 +47,7 @@ PAPER = {
     "keggundirected": {"adjoint": (0.12, 0.002, -0.69, 0.263, 24.20),
                        "gpytorch": (0.12, 0.003, -0.40, 0.039, 1.67)},
 }
-PAPER_KEY = {"gpadjoint": "adjoint", "gpytorch": "gpytorch"}  # gpadjoint-plogdet: not in it
+PAPER_KEY = {"gpadjoint-paper": "adjoint", "gpytorch": "gpytorch"}  # gpadjoint-plogdet: not in it
 
 FIELDS = [
     "dataset", "method", "backend", "epochs", "splits", "n_train", "test_rmse_mean",
@@ -110,7 +110,7 @@ def optimum_lines(folder: Path) -> list[str]:
 
 
 def estimator_bias_lines(folder: Path) -> list[str]:
-    """Return results/estimator_bias_summary.csv (scripts/estimator_bias.py) as a table."""
+    """Return results/estimator_bias_summary.csv (the estimator_bias investigation) as a table."""
     path = folder / "estimator_bias_summary.csv"
     if not path.exists():
         return []
@@ -119,7 +119,7 @@ def estimator_bias_lines(folder: Path) -> list[str]:
     cols = ["dataset", "split", "rank", "depth", "probes", "seeds", "value_bias", "value_sd",
             "grad_err", "gap_mean", "gap_of_mean", "seconds_per_eval"]
     lines = ["### The fixed-probe objective's bias at the exact optimum "
-             "(scripts/estimator_bias.py)", "",
+             f"({_gone('estimator_bias')})", "",
              "Nats per datum, paper units, at the exact run's best point. value_bias: SLQ loss "
              "minus exact loss (mean over seeds; value_sd their spread); gap_mean: 1/2 e^T H^-1 e "
              "of each seed's gradient error e, averaged; gap_of_mean: the same of the seed-mean "
@@ -315,7 +315,7 @@ def loss_figures(recs: list[dict], folder: Path) -> list[Path]:
     by_ds = defaultdict(list)
     for r in recs:
         by_ds[r["dataset"]].append(r)
-    colours = {"gpadjoint": "tab:blue", "gpytorch": "tab:orange",
+    colours = {"gpadjoint-paper": "tab:blue", "gpytorch": "tab:orange",
                "gpadjoint-plogdet": "tab:green", "gpadjoint-deep": "tab:purple",
                "gpadjoint-matched": "tab:red"}
     styles = {"dense": "-", "keops": "--"}
@@ -383,6 +383,14 @@ def gradient_figure(csv_path: Path, folder: Path) -> Path | None:
     return path
 
 
+def _gone(name: str) -> str:
+    """Name an investigation's script that is no longer in the tree, and where git keeps it."""
+    return f"scripts/{name}.py, an investigation; `git show {INVESTIGATIONS_AT}:scripts/{name}.py`"
+
+
+# the last commit holding the investigations' scripts (scripts/README.md lists them)
+INVESTIGATIONS_AT = "2f88f9f"
+
 # One section of results/README.md per benchmark file: (file, script, what it measures, columns
 # shown, row filter). Every other column stays in the file itself.
 SECTIONS = [
@@ -393,44 +401,44 @@ SECTIONS = [
       "seconds_per_epoch", "gpytorch_seconds_per_epoch", "seconds_per_epoch_ratio",
       "passes_per_epoch", "gpytorch_passes_per_epoch", "final_loss_common",
       "gpytorch_final_loss_common", "time_to_quality_ratio", "time_to_quality_kind"], None),
-    ("small_uci_vs_sklearn.csv", "scripts/compare_sklearn.py",
+    ("small_uci_vs_sklearn.csv", _gone("compare_sklearn"),
      "Small UCI sets: the default `gpadjoint fit` against scikit-learn's "
      "GaussianProcessRegressor (L-BFGS), test RMSE and NLL in target units.",
      ["dataset", "split", "config", "gpadjoint_rmse", "sklearn_rmse", "rmse_ratio",
       "gpadjoint_nll", "sklearn_nll", "gpadjoint_seconds", "sklearn_seconds",
       "gpadjoint_estimator", "gpadjoint_optimizer"], None),
-    ("bench_memory.csv", "scripts/bench_memory.py",
+    ("bench_memory.csv", _gone("bench_memory"),
      "Peak resident memory of one SLQ value + adjoint gradient with KeOps at large n.",
      ["n", "d", "depth", "probes", "cg_iters", "kernel", "status", "peak_rss_mib",
       "buffers_mib", "seconds", "passes"], None),
-    ("bench_gradient.csv", "scripts/bench_gradient.py",
+    ("bench_gradient.csv", _gone("bench_gradient"),
      "Seconds and peak memory of value + gradient against Lanczos depth: the adjoint, "
      "backpropagation through the loop, and the value alone (dense backend).",
      ["method", "depth", "n", "probes", "dtype", "status", "seconds_median", "peak_rss_mib"],
      None),
-    ("bench_gradient_blocked.csv", "scripts/bench_gradient.py",
+    ("bench_gradient_blocked.csv", _gone("bench_gradient"),
      "The same on the blocked backend.",
      ["method", "depth", "n", "probes", "dtype", "status", "seconds_median", "peak_rss_mib"],
      None),
-    ("bench_matvec.csv", "scripts/bench_matvec.py",
+    ("bench_matvec.csv", _gone("bench_matvec"),
      "One kernel matvec (and its VJP) per backend, size and number of right-hand sides.",
      ["backend", "n", "rhs", "dtype", "op", "status", "seconds_median", "peak_rss_mib",
       "tile"], None),
-    ("gpytorch_passes.csv", "scripts/count_gpytorch_passes.py",
+    ("gpytorch_passes.csv", _gone("count_gpytorch_passes"),
      "GPyTorch's kernel passes per epoch, counted by intercepting its products.",
      ["dataset", "split", "backend", "epochs_counted", "passes_per_epoch",
       "products_per_epoch", "keops_reductions_per_epoch", "seconds_per_epoch"], None),
-    ("keops_pass_costs.csv", "scripts/keops_pass_costs.py",
+    ("keops_pass_costs.csv", _gone("keops_pass_costs"),
      "Seconds per KeOps reduction by kind and width inside one gpadjoint value + gradient.",
      ["dataset", "split", "n", "d", "method", "kind", "columns", "count", "seconds_mean",
       "seconds_per_eval"], None),
-    ("gradient_bias.csv", "scripts/gradient_bias.py",
+    ("gradient_bias.csv", _gone("gradient_bias"),
      "Bias of each method's stochastic gradient against the exact gradient, per coordinate "
      "(rows with |relative bias| >= 0.1 shown; the file holds every coordinate).",
      ["dataset", "split", "epoch", "n", "estimator", "coordinate", "exact", "mean", "se",
       "rel_bias", "reps"],
      lambda r: _num(r.get("rel_bias")) is not None and abs(_num(r["rel_bias"])) >= 0.1),
-    ("subset_trajectories.csv", "scripts/subset_trajectories.py",
+    ("subset_trajectories.csv", _gone("subset_trajectories"),
      "Training on subsets that fit an exact evaluator: exact loss per epoch of each method "
      "(last epoch of each run shown; the file holds every epoch).",
      ["dataset", "split", "n", "method", "seed", "epoch", "exact_loss", "own_loss", "seconds"],

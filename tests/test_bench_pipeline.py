@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# bench_uci with a fault injected by monkeypatching (a kill, a segfault): tests/_bench_faults.py
+FAULTS = str(Path(__file__).with_name("_bench_faults.py"))
 pytest.importorskip("gpytorch", reason="needs the bench extra: pip install -e '.[bench]'")
 
 pytestmark = [pytest.mark.gpytorch, pytest.mark.slow]
@@ -32,14 +34,14 @@ def _run(*args):
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("uci")
     _run("scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0", "--epochs", "2",
-         "--methods", "gpadjoint", "gpytorch", "--backends", "dense", "--out-dir", out)
+         "--methods", "gpadjoint-paper", "gpytorch", "--backends", "dense", "--out-dir", out)
     recs = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
     return out, recs
 
 
 def test_both_methods_write_complete_records(records):
     _, recs = records
-    assert set(recs) == {"yacht-split0-gpadjoint-dense-2ep.json",
+    assert set(recs) == {"yacht-split0-gpadjoint-paper-dense-2ep.json",
                          "yacht-split0-gpytorch-dense-2ep.json"}
     for r in recs.values():
         assert r["status"] == "ok", r["status"]
@@ -55,7 +57,7 @@ def test_both_methods_write_complete_records(records):
 
 def test_same_start_same_data(records):
     _, recs = records
-    a = recs["yacht-split0-gpadjoint-dense-2ep.json"]
+    a = recs["yacht-split0-gpadjoint-paper-dense-2ep.json"]
     g = recs["yacht-split0-gpytorch-dense-2ep.json"]
     h_a, h_g = a["hyper_curve"][0], g["hyper_curve"][0]
     for k in ("outputscale", "noise", "mean"):
@@ -73,7 +75,7 @@ def test_rerun_skips_finished_records_and_table_is_built(records, tmp_path):
     assert stdout.count("skip (done)") == 2
     _run("scripts/make_table.py", "--records", out, "--out", tmp_path)
     table = (tmp_path / "table.md").read_text()
-    assert "| yacht | gpadjoint | dense | 2 | 0 |" in table
+    assert "| yacht | gpadjoint-paper | dense | 2 | 0 |" in table
     assert "| yacht | gpytorch | dense | 2 | 0 |" in table
     assert "Like-for-like" in table
     assert (tmp_path / "figures" / "loss_yacht.png").stat().st_size > 1000
@@ -87,13 +89,13 @@ def test_bench_epoch_rows_from_the_records(records, tmp_path):
     out, _ = records
     _run("scripts/bench_epoch.py", "--records", out, "--out", tmp_path / "be.csv")
     rows = list(csv.DictReader(open(tmp_path / "be.csv")))
-    assert len(rows) == 1 and rows[0]["method"] == "gpadjoint"
+    assert len(rows) == 1 and rows[0]["method"] == "gpadjoint-paper"
     r = rows[0]
     assert float(r["seconds_per_epoch_ratio"]) > 0
     assert [c for c in r if "ratio" in c] == ["seconds_per_epoch_ratio", "time_to_quality_ratio"]
     # dense, depth 10, CG warm-started (+1 pass) sharing the Lanczos passes, then 10 adjoint
     # passes, one fused VJP and the build of K
-    rec = json.loads(next(Path(out).glob("*-gpadjoint-dense-*.json")).read_text())
+    rec = json.loads(next(Path(out).glob("*-gpadjoint-paper-dense-*.json")).read_text())
     expected = np.median([max(10, c + 1) + 10 + 1 + 1 for c in rec["cg_iterations_curve"]])
     assert float(r["passes_per_epoch"]) == expected and int(r["passes_min_design"]) == 22
     assert r["time_to_quality_ratio"] == "" or float(r["time_to_quality_ratio"]) > 0
@@ -111,14 +113,14 @@ def test_blocked_backend_is_paired_with_gpytorch_keops(records, tmp_path):
     # GPyTorch's dense yacht record stands in for its KeOps one (the pairing is what is tested)
     g = dict(recs["yacht-split0-gpytorch-dense-2ep.json"], backend="keops")
     (out / "yacht-split0-gpytorch-keops-2ep.json").write_text(json.dumps(g))
-    shutil.copy(src / "yacht-split0-gpadjoint-dense-2ep.json", out)
+    shutil.copy(src / "yacht-split0-gpadjoint-paper-dense-2ep.json", out)
     stdout = _run("scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0", "--epochs",
-                  "2", "--methods", "gpadjoint", "gpytorch", "--backends", "blocked",
+                  "2", "--methods", "gpadjoint-paper", "gpytorch", "--backends", "blocked",
                   "--out-dir", out)
     assert "GPyTorch has no 'blocked' backend" in stdout
     assert not (out / "yacht-split0-gpytorch-blocked-2ep.json").exists()
-    b = json.loads((out / "yacht-split0-gpadjoint-blocked-2ep.json").read_text())
-    d = recs["yacht-split0-gpadjoint-dense-2ep.json"]
+    b = json.loads((out / "yacht-split0-gpadjoint-paper-blocked-2ep.json").read_text())
+    d = recs["yacht-split0-gpadjoint-paper-dense-2ep.json"]
     assert b["status"] == "ok" and b["settings"]["backend_reason"] == "requested"
     # same probes and start: the blocked and dense matvecs differ by float32 rounding only
     np.testing.assert_allclose(b["loss_curve"], d["loss_curve"], rtol=1e-3)
@@ -137,15 +139,13 @@ def test_a_crash_in_prediction_keeps_the_fit_and_scores_it(records, tmp_path):
     """GPyTorch's KeOps prediction segfaulted on kin40k after 50 minutes of training: the
     training curves and the common loss survive, and the final hyperparameters are scored by
     gpadjoint's predictor, labelled as such."""
-    import os
 
     _, recs = records
     out = tmp_path / "uci"
-    env = dict(os.environ, GPADJ_BENCH_CRASH_IN_PREDICT="1")
     proc = subprocess.run(
-        [sys.executable, "scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0",
+        [sys.executable, FAULTS, "crash-in-predict", "--datasets", "yacht", "--splits", "0",
          "--epochs", "2", "--methods", "gpytorch", "--backends", "dense", "--out-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads((out / "yacht-split0-gpytorch-dense-2ep.json").read_text())
     ref = recs["yacht-split0-gpytorch-dense-2ep.json"]
@@ -159,19 +159,18 @@ def test_a_crash_in_prediction_keeps_the_fit_and_scores_it(records, tmp_path):
     assert not list(out.glob("*.progress"))
 
 
-@pytest.mark.parametrize("method", ["gpadjoint", "gpytorch"])
+@pytest.mark.parametrize("method", ["gpadjoint-paper", "gpytorch"])
 def test_killed_run_resumes_on_the_same_trajectory(records, tmp_path, method):
     """A run killed after its first epoch (as a session's end kills it) continues from its
     checkpoint when the same command is run again: same losses as the uninterrupted run, the
     pieces listed in ``segments``, and no checkpoint left behind."""
-    import os
 
     _, recs = records
     out = tmp_path / "uci"
     cmd = [sys.executable, "scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0",
            "--epochs", "2", "--methods", method, "--backends", "dense", "--out-dir", str(out)]
-    env = dict(os.environ, GPADJ_BENCH_DIE_AFTER_EPOCH="1")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run([cmd[0], FAULTS, "die-after-epoch-1", *cmd[2:]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # the run failed
     name = f"yacht-split0-{method}-dense-2ep"
     ckpt = out / (name + (".ckpt.pt" if method == "gpytorch" else ".ckpt.npz"))
@@ -196,14 +195,13 @@ def test_run_killed_in_prediction_reuses_its_common_loss(records, tmp_path):
     """A session's end kills the batch and its child together after the common evaluator (over
     an hour on keggundirected) has finished: the rerun resumes from the complete checkpoint,
     takes the saved common loss instead of computing it again, says so, and then predicts."""
-    import os
 
     _, recs = records
     out = tmp_path / "uci"
     cmd = [sys.executable, "scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0",
            "--epochs", "2", "--methods", "gpytorch", "--backends", "dense", "--out-dir", str(out)]
-    env = dict(os.environ, GPADJ_BENCH_KILL_ALL_IN_PREDICT="1")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run([cmd[0], FAULTS, "kill-all-in-predict", *cmd[2:]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
     name = "yacht-split0-gpytorch-dense-2ep"
     assert not (out / f"{name}.json").exists()  # nobody was left to write the record
@@ -223,7 +221,7 @@ def test_run_killed_in_prediction_reuses_its_common_loss(records, tmp_path):
 
 def test_gpytorch_keops_run_counts_its_passes(tmp_path):
     """GPyTorch's KeOps run counts its passes per epoch (every pykeops reduction over n x n) as
-    it trains, the same count scripts/count_gpytorch_passes.py makes in a separate run."""
+    it trains."""
     out = tmp_path / "uci"
     _run("scripts/bench_uci.py", "--datasets", "yacht", "--splits", "0", "--epochs", "2",
          "--methods", "gpytorch", "--backends", "keops", "--no-common",
@@ -235,12 +233,7 @@ def test_gpytorch_keops_run_counts_its_passes(tmp_path):
     # one reduction per mBCG iteration (at least 10 here: the paper's Lanczos depth), plus the
     # backward's gradient reductions
     assert all(p >= 10 for p in passes), passes
-    _run("scripts/count_gpytorch_passes.py", "--datasets", "yacht", "--backends", "keops",
-         "--epochs", "2", "--out", tmp_path / "passes.csv")
-    import csv
 
-    row = next(csv.DictReader(open(tmp_path / "passes.csv")))
-    assert float(row["passes_per_epoch"]) == float(np.median(passes))
 
 
 def test_matched_variant_runs_the_matched_estimator(records, tmp_path):
@@ -252,7 +245,7 @@ def test_matched_variant_runs_the_matched_estimator(records, tmp_path):
          "--methods", "gpadjoint-matched", "--backends", "dense", "--no-common",
          "--out-dir", out)
     m = json.loads((out / "yacht-split0-gpadjoint-matched-dense-2ep.json").read_text())
-    p = recs["yacht-split0-gpadjoint-dense-2ep.json"]
+    p = recs["yacht-split0-gpadjoint-paper-dense-2ep.json"]
     mll_m, mll_p = m["settings"]["config"]["mll"], p["settings"]["config"]["mll"]
     changed = {k for k in mll_p if mll_m[k] != mll_p[k]}
     assert changed == {"precond_logdet", "cg_tol"}, changed
@@ -263,25 +256,27 @@ def test_matched_variant_runs_the_matched_estimator(records, tmp_path):
     assert len(p["cg_residual_curve"]) == 2 and all(r >= 0 for r in p["cg_residual_curve"])
 
 
-def test_subset_trajectories_start_every_method_at_the_same_point(tmp_path):
-    """scripts/subset_trajectories.py: the exact, gpadjoint and GPyTorch runs leave the same
-    initial values (Adam's first step is lr * sign(g) for each, so after one epoch their exact
-    losses agree closely), each is scored by the float64 Cholesky loss, and the scored epochs are
-    every k-th and the last."""
-    out = tmp_path / "subset.csv"
-    _run("scripts/subset_trajectories.py", "--dataset", "yacht", "--n", "120", "--epochs", "3",
-         "--every", "2", "--seeds", "1", "2", "--methods", "exact", "gpadjoint", "gpytorch",
-         "--out", out, "--fig-dir", tmp_path)
-    import csv
+def test_record_settings_are_the_resolved_config_of_the_run(records):
+    """A record states what ran: its settings equal the method's RunConfig (base file plus
+    overrides, with the batch's epochs and seed) as the fitted model resolved it, not
+    constants; GPyTorch's record states its own dtype."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_uci
 
-    rows = list(csv.DictReader(out.open()))
-    by = {(r["method"], r["seed"], r["epoch"]): float(r["exact_loss"]) for r in rows}
-    assert {k[0] for k in by} == {"exact", "gpadjoint", "gpytorch"}
-    assert {k[2] for k in by} == {"2", "3"}
-    assert sum(k[0] == "exact" for k in by) == 2  # deterministic: one seed only
-    first = [v for (m, s, e), v in by.items() if e == "2"]
-    assert all(math.isfinite(v) for v in by.values())
-    # two sign-like Adam steps from one start: the stochastic gradients only differ in size, so
-    # the runs agree to ~1e-5 (measured 6e-6), while each step moves the loss by ~5e-2
-    assert max(first) - min(first) < 1e-4, by
-    assert (tmp_path / "subset_yacht_n120.png").exists()
+    _, recs = records
+    r = recs["yacht-split0-gpadjoint-paper-dense-2ep.json"]
+    cfg = bench_uci.method_config("gpadjoint-paper").with_overrides(
+        train__epochs=2, train__seed=1, model__backend="dense")
+    s = r["settings"]
+    assert s["config"] == cfg.to_dict()
+    assert s["config_source"] == "configs/paper.toml"
+    assert s["dtype"] == cfg.model.dtype == "float32"
+    assert s["optimizer"]["name"] == cfg.optim.optimizer == "adam"
+    assert s["optimizer"]["lr"] == cfg.optim.lr
+    assert s["estimator"] == "slq"  # configs/paper.toml asks for it at every n
+    for key in ("num_probes", "lanczos_depth", "precond_rank", "cg_tol", "precond_logdet"):
+        assert s[key] == getattr(cfg.mll, key), key
+    assert s["start"]["init"] == cfg.train.init and s["full_fit"] == cfg.train.full_fit
+    assert s["epochs"] == 2 and "lr" not in r and "dtype" not in r
+    g = recs["yacht-split0-gpytorch-dense-2ep.json"]
+    assert g["settings"]["dtype"] == "float32"
