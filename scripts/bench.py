@@ -36,6 +36,8 @@ def _run(module: str, argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        print(f"error: unknown command {argv[0]!r}", file=sys.stderr)
     if not argv or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         listing = "\n".join(f"  {c:<{width}}  {what}" for c, (_, what) in COMMANDS.items())

@@ -16,7 +16,7 @@ Matern-3/2 ARD, noise > 1e-4, softplus), the same initial raw values (N(0, 1) dr
 ``gpadjoint.train.initial_params("normal", d, float32, seed)``), Adam at lr 0.05 and the same
 number of epochs, in float32.
 
-* gpadjoint: ``gpadjoint fit --config configs/paper.toml --backend B`` (SLQ depth 10, 10
+* gpadjoint-paper: ``gpadjoint fit --config configs/paper.toml --backend B`` (SLQ depth 10, 10
   Rademacher probes, rank-15 pivoted-Cholesky CG, min 10 CG steps, tolerance 1.0).
 * GPyTorch: ExactGP with the paper's settings, pinned below and written into each record, with
   ``max_cholesky_size(0)`` so that its iterative path runs; ``backend=keops`` uses
