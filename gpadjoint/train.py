@@ -77,10 +77,19 @@ class FitResult(NamedTuple):
     """Outcome of :func:`fit`.
 
     params: final unconstrained parameters (the last finite ones).
-    history: one dict per completed epoch (see :func:`fit`).
+    history: one dict per completed epoch (below).
     stopped_reason: why the loop ended, in words.
     state: final :class:`TrainState` (resume from it with :meth:`Trainer.step`).
     info: backend and the reason it was chosen, fingerprint, compile seconds, checkpoint path.
+
+    History records: ``epoch`` (1-based), ``loss`` (per datum), ``grad_norm`` (of the raw
+    parameters), ``lengthscale`` (list), ``outputscale``, ``noise``, ``mean`` -- all evaluated at
+    the parameters *entering* that epoch, so loss and hyperparameters belong together -- then
+    ``cg_iterations``, ``cg_residual`` (relative), ``cg_converged``, ``passes`` (passes over the
+    n^2 kernel pairs for that value and gradient; 0 for the exact estimator) and ``seconds``
+    (wall time of the step, compilation excluded; it is in ``info["compile_seconds"]``). An
+    L-BFGS step adds ``evaluations``, ``step_size``, ``new_loss``, ``new_grad_norm`` (at the
+    accepted point) and ``refreshed``.
     """
 
     params: Params
@@ -147,17 +156,44 @@ def fit(
             by L-BFGS, which has its own rule.
 
     Returns:
-        :class:`FitResult`. History records (one per completed epoch): ``epoch`` (1-based),
-        ``loss`` (per datum), ``grad_norm`` (of the raw parameters), ``lengthscale`` (list),
-        ``outputscale``, ``noise``, ``mean`` -- all evaluated at the parameters *entering* that
-        epoch, so loss and hyperparameters belong together -- then ``cg_iterations``,
-        ``cg_residual`` (relative), ``cg_converged``, ``passes`` (passes over the n^2 kernel
-        pairs for that value and gradient; 0 for the exact estimator) and ``seconds`` (wall
-        time of the step,
-        compilation excluded; it is in ``info["compile_seconds"]``).
+        :class:`FitResult` (its docstring lists the history records' keys).
 
     A non-finite loss, gradient or update stops the loop before that update is applied: the
     result holds the last finite parameters and ``stopped_reason`` names the epoch and cause.
+    """
+    run = _prepare(X, y, kernel=kernel, backend=backend, mll_config=mll_config,
+                   optimizer=optimizer, epochs=epochs, params0=params0, seed=seed,
+                   early_stopping=early_stopping, checkpoint_path=checkpoint_path,
+                   checkpoint_every=checkpoint_every, resume=resume, warm_start=warm_start,
+                   settings=settings, converge_tol=converge_tol)
+    bar = _Progress(epochs, progress, log_every)
+    bar.note(run.summary)
+    ckpt = _Checkpoints(checkpoint_path, checkpoint_every, run.info["fingerprint"])
+    try:
+        state, stopped_reason = _loop(run.trainer, run.state, run.history, epochs, run.rules,
+                                      bar, ckpt, callback, run.mll_config)
+    finally:
+        bar.close()
+    ckpt.final(state, run.history, stopped_reason)
+    return FitResult(state.params, run.history, stopped_reason, state, run.info)
+
+
+class _Run(NamedTuple):
+    trainer: Trainer
+    state: TrainState
+    history: list
+    rules: list
+    mll_config: MLLConfig
+    info: dict
+    summary: str
+
+
+def _prepare(X, y, *, kernel, backend, mll_config, optimizer, epochs, params0, seed,
+             early_stopping, checkpoint_path, checkpoint_every, resume, warm_start, settings,
+             converge_tol) -> _Run:
+    """Check the arguments and build the run: backend, estimator, optimiser, trainer, state.
+
+    The trainer is compiled and, when resuming, the checkpoint loaded here.
     """
     X, y = jnp.asarray(X), jnp.asarray(y)
     _check_args(X, y, epochs, checkpoint_every, resume, checkpoint_path)
@@ -174,7 +210,6 @@ def fit(
     params0 = init_params(d, dtype) if params0 is None else params0
     state = trainer.init(params0, jax.random.PRNGKey(seed))
     fingerprint = run_fingerprint(X, y, kernel, backend, mll_config, seed, state, settings)
-
     history: list[dict] = []
     if resume:
         state, history = load_checkpoint(checkpoint_path, state, fingerprint)
@@ -188,21 +223,13 @@ def fit(
         "resumed_from_epoch": int(state.epoch) if resume else None,
         "fingerprint": fingerprint,
     }
-    bar = _Progress(epochs, progress, log_every)
-    bar.note(
+    summary = (
         f"gpadjoint fit: n={n} d={d} {dtype} kernel={kernel} backend={backend.name} "
         f"({backend_reason}); estimator {estimator} ({estimator_reason}); "
         f"step compiled in {compile_seconds:.1f} s"
     )
-    ckpt = _Checkpoints(checkpoint_path, checkpoint_every, fingerprint)
-    try:
-        state, stopped_reason = _loop(trainer, state, history, epochs,
-                                      optimizer.stop_rules(early_stopping), bar, ckpt,
-                                      callback, mll_config)
-    finally:
-        bar.close()
-    ckpt.final(state, history, stopped_reason)
-    return FitResult(state.params, history, stopped_reason, state, info)
+    return _Run(trainer, state, history, optimizer.stop_rules(early_stopping), mll_config,
+                info, summary)
 
 
 def _loop(trainer: Trainer, state: TrainState, history: list[dict], epochs: int, rules: list,
