@@ -242,6 +242,24 @@ def test_progress_lines(data64, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_progress_records_through_logging_off_a_terminal(data64, caplog):
+    # progress=None off a terminal: INFO records of the "gpadjoint" logger, every log_every
+    # epochs and at the last, and nothing on stderr unless logging is configured to show them
+    import logging
+
+    X, y = data64
+    with caplog.at_level(logging.INFO, logger="gpadjoint"):
+        _fit(X, y, epochs=4, progress=None, log_every=3)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "gpadjoint"]
+    assert msgs[0].startswith("gpadjoint fit: n=200")
+    assert [m.split()[1] for m in msgs[1:]] == ["3/4", "4/4"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gpadjoint"):
+        _fit(X, y, epochs=2, progress=False)
+    assert [r for r in caplog.records if r.name == "gpadjoint"] == []
+    assert logging.getLogger("gpadjoint").handlers == []  # progress=True's handler is removed
+
+
 def test_cg_cap_warns_once(data64):
     X, y = data64
     capped = MLLConfig(num_probes=4, lanczos_depth=5, precond_rank=0, cg_tol=1e-12,
