@@ -335,7 +335,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     def _train(self, backend, optimizer, say, *, checkpoint, resume, callback, settings,
                progress):
         """Train from the configured start (subset start included) -> (params, interrupted)."""
-        from .train import LBFGS, EarlyStopping, initial_params, subset_metric, subset_start
+        from .optimizers import as_optimizer
+        from .start import full_fit, initial_params, subset_metric, subset_start
+        from .stops import EarlyStopping
         from .train import fit as train_fit
 
         cfg = self.config_
@@ -354,18 +356,19 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             say(f"start: exact fit on {sizes} random rows ({i['evaluations']} evaluations, "
                 f"{i['seconds']:.1f} s, loss {i['loss']:.4f}, noise {i['noise']:.2e}"
                 f"{', interpolating' if i['interpolating'] else ''})")
-        self.full_fit_ = self._full_fit(n)
+        self.full_fit_ = full_fit(tc.full_fit, self.init_subset_, self.estimator_, n)
         if not self.full_fit_["fit"]:
             say(f"full fit: skipped ({self.full_fit_['reason']})")
             self.history_, self.fit_info_ = [], {}
             self.stopped_reason_ = f"kept the subset start: {self.full_fit_['reason']}"
             return params0, False
-        if self.init_subset_ is not None and isinstance(optimizer, LBFGS):
+        optimizer = as_optimizer(optimizer)
+        if self.init_subset_ is not None and optimizer.takes_metric:
             # L-BFGS in the coordinates the subset's Hessian whitens (LBFGS.metric); a resumed
             # run takes them from its checkpoint. Only now: a kept start needs no metric
             self.init_subset_ = subset_metric(Xn, yn, params0, self.init_subset_,
                                               kernel=mc.kernel, noise_floor=mc.noise_floor)
-            optimizer = optimizer._replace(metric=self.init_subset_.pop("metric"))
+            optimizer = optimizer.with_metric(self.init_subset_.pop("metric"))
         if tc.epochs == 0:
             self.history_, self.stopped_reason_ = [], "epochs=0: not trained"
             self.fit_info_ = {}
@@ -394,25 +397,6 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         self.history_, self.stopped_reason_ = result.history, result.stopped_reason
         self.fit_info_ = result.info
         return result.params, bool(stop)
-
-    def _full_fit(self, n: int) -> dict:
-        """Whether to fit all n rows after the subset start, and why ([train] full_fit)."""
-        mode, i = self.config_.train.full_fit, self.init_subset_
-        if i is None:
-            return {"fit": True, "mode": mode, "reason": "no subset start"}
-        if mode != "auto":
-            return {"fit": mode == "always", "mode": mode, "reason": f"full_fit = {mode!r}"}
-        if self.estimator_ != "slq" or not i.get("interpolating"):
-            return {"fit": True, "mode": mode, "reason": (
-                "auto: the subset fit does not interpolate" if self.estimator_ == "slq"
-                else f"auto: the {self.estimator_} estimator does not iterate")}
-        cond = n * i["outputscale"] / i["noise"]
-        return {"fit": False, "mode": mode, "reason": (
-            f"auto: the exact fit of {i['size']} rows interpolates them (noise {i['noise']:.1e}, "
-            f"within 10x noise_floor), where K of all {n} rows has cond ~ n s2 / noise = "
-            f"{cond:.0e} and each CG solve of the SLQ estimator runs hundreds to thousands of "
-            "passes (kin40k, n = 36 000: ~1000 of 2.8 s on a 2-core CPU); the fit keeps it. "
-            "Set full_fit = 'always' to fit all rows anyway, or raise init_subset_max")}
 
     def _solve_alpha(self, backend) -> None:
         """Set ``alpha_`` and the prediction engine that follows the estimator.

@@ -1,24 +1,563 @@
-"""The optimiser factory: an [optim] section -> an ``optax.GradientTransformation``.
+"""Optimisers: one small protocol, two implementations, and the [optim] factory.
 
-Stage 7 (train -> **optimizers** -> model). :func:`make_optimizer` builds what
-:func:`gpadjoint.train.fit` steps with from a :class:`gpadjoint.config.OptimConfig`;
-:func:`resolve_optimizer` says what ``optimizer = "auto"`` means and why. The configuration
-itself (:mod:`gpadjoint.config`) is plain data and builds nothing.
+Stage 7 (mll -> **optimizers** -> train -> model). An optimiser is a value with
+
+* ``trainer(X, y, *, backend, mll_config, warm_start) -> Trainer``: the pure pair
+  ``init(params, key) -> TrainState`` and ``step(state) -> (state, metrics)`` for one data set;
+* ``stop_rules(early_stopping) -> list``: the :mod:`gpadjoint.stops` rules that end its run;
+* ``takes_metric``: whether it runs in the coordinates of a Hessian metric
+  (:meth:`LBFGS.with_metric`), so that the start computes one only when it is used.
+
+Two exist: :class:`Optax` wraps any ``optax.GradientTransformation`` (one update per epoch,
+epoch e's probes from ``fold_in(key, e)``); :class:`LBFGS` is L-BFGS with a weak-Wolfe line
+search on the fixed-probe objective (:mod:`gpadjoint.lbfgs` has its pure parts).
+:func:`as_optimizer` turns what :func:`gpadjoint.train.fit` is given into one of them;
+:func:`make_optimizer` builds one from a :class:`gpadjoint.config.OptimConfig` and
+:func:`resolve_optimizer` says what ``optimizer = "auto"`` means and why.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
+from . import coords
+from . import lbfgs as host
 from .config import OptimConfig
-from .train import LBFGS
+from .kernels import Params, constrain
+from .matvec import Backend
+from .mll import MLLConfig, choose_estimator, neg_mll
+from .stops import Converged, EarlyStopping, Plateau
+
+_DEFAULT_MLL = MLLConfig()
+
+
+class TrainState(NamedTuple):
+    """Everything a step needs; a pytree (checkpointed as such).
+
+    params: unconstrained :class:`~gpadjoint.kernels.Params` (working dtype).
+    opt_state: the optimiser's state.
+    epoch: int32 scalar, number of completed epochs.
+    key: base PRNG key of the run; epoch e uses ``fold_in(key, e)``.
+    last_alpha: (n,) ``K^{-1}(y - mu)`` of the previous epoch, CG's warm start; None when warm
+        starts are off.
+    """
+
+    params: Params
+    opt_state: Any
+    epoch: jax.Array
+    key: jax.Array
+    last_alpha: jax.Array | None
+
+
+class Trainer(NamedTuple):
+    """Pure training functions for one data set (see :func:`make_trainer`).
+
+    init(params, key) -> TrainState; step(state) -> (state, metrics);
+    compile(state) -> seconds spent compiling (~0 when already compiled);
+    trace_count() -> how often this trainer's step has been traced (stays 1 over any number of
+    steps).
+    """
+
+    init: Callable[..., TrainState]
+    step: Callable[[TrainState], tuple[TrainState, dict]]
+    compile: Callable[[TrainState], float]
+    trace_count: Callable[[], int]
+
+
+class Optax(NamedTuple):
+    """Any ``optax.GradientTransformation``: one update per epoch (:func:`make_trainer`).
+
+    Its stop rule is ``early_stopping`` when one is given (the loop also ends after its epochs).
+    """
+
+    tx: Any
+    takes_metric = False
+
+    def trainer(self, X, y, *, backend: Backend, mll_config: MLLConfig = _DEFAULT_MLL,
+                warm_start: bool = True) -> Trainer:
+        """Return :func:`make_trainer` for this transformation."""
+        return make_trainer(X, y, backend=backend, mll_config=mll_config, optimizer=self.tx,
+                            warm_start=warm_start)
+
+    def stop_rules(self, early_stopping: EarlyStopping | None) -> list:
+        """Return the plateau rule of ``early_stopping``, if any."""
+        return [] if early_stopping is None else [Plateau(early_stopping)]
+
+
+class LBFGS(NamedTuple):
+    """L-BFGS on a fixed objective: the settings of :func:`make_lbfgs_trainer`.
+
+    With SLQ the probes are drawn once per run (common random numbers), so the loss is one
+    deterministic function whose value and gradient agree, and a quasi-Newton step with a line
+    search is sound. The direction is the two-loop product (:func:`gpadjoint.lbfgs.direction`);
+    the step length comes from a weak-Wolfe line search (:func:`gpadjoint.lbfgs.weak_wolfe`)
+    that starts at 1 and reuses every evaluation (the accepted point's value, gradient and CG
+    solution carry over to the next step, so no point is evaluated twice).
+
+    memory_size: curvature pairs kept by L-BFGS.
+    max_linesearch_steps: loss evaluations allowed per step before the line search gives up.
+    c1: sufficient-decrease (Armijo) constant.
+    c2: curvature constant (weak Wolfe); guarantees positive curvature pairs.
+    rtol: stop once the loss changes by less than ``rtol * max(1, |loss|)`` per step ...
+    patience: ... for this many consecutive steps,
+    gtol: or once the gradient's 2-norm (raw parameters, per datum) is at most this.
+    refresh: rebuild the preconditioner (held fixed between rebuilds, so that the objective is
+        smooth and its gradient exact) once a log hyperparameter has moved more than this since
+        it was built; the step then starts from a fresh evaluation.
+    max_step: the most any log hyperparameter may move in one step (line-search trial points
+        included). Trial points whose CG solve misses ``cg_tol`` are treated as failures.
+    metric: None, or a (k, k) matrix M (nested tuples; k = d + 3) under which L-BFGS runs in
+        coordinates v with u = M v, u the coordinates of :func:`gpadjoint.coords.to_opt`. Its
+        first step is then the Newton step of the Hessian (M M^T)^-1.
+        :func:`gpadjoint.start.subset_metric` computes one from the exact Hessian of the
+        subset's loss at its optimum: the full-data loss per datum has nearly the same
+        curvature, which differs by orders of magnitude between a weak input's lengthscale
+        and the noise, and identity-scaled L-BFGS spends its costly full-data evaluations
+        learning that. None: identity.
+    """
+
+    memory_size: int = 10
+    max_linesearch_steps: int = 10
+    c1: float = 1e-4
+    c2: float = 0.9
+    rtol: float = 1e-5
+    patience: int = 3
+    gtol: float = 1e-5
+    refresh: float = 1.0
+    max_step: float = 5.0
+    metric: Any = None
+
+    takes_metric = True
+
+    def with_metric(self, metric) -> LBFGS:
+        """Return these settings in the coordinates of ``metric`` (see the class docstring)."""
+        return self._replace(metric=metric)
+
+    def trainer(self, X, y, *, backend: Backend, mll_config: MLLConfig = _DEFAULT_MLL,
+                warm_start: bool = True) -> Trainer:
+        """Return :func:`make_lbfgs_trainer` with these settings."""
+        return make_lbfgs_trainer(X, y, backend=backend, mll_config=mll_config, lbfgs=self,
+                                  warm_start=warm_start)
+
+    def stop_rules(self, early_stopping: EarlyStopping | None) -> list:
+        """L-BFGS's own convergence rule (``early_stopping`` does not apply to it)."""
+        return [Converged(self.rtol, self.gtol, self.patience)]
+
+
+class LBFGSState(NamedTuple):
+    """Optimiser state of the L-BFGS trainer (a pytree, checkpointed as such).
+
+    inner: the curvature memory (:class:`gpadjoint.lbfgs.Memory`, in the metric's coordinates).
+    value: loss at the current parameters (NaN until first evaluated).
+    grad: its gradient (raw parameters).
+    anchor: the parameters the preconditioner is built at (see :class:`LBFGS`).
+    metric: the (k, k) coordinate matrix M of :class:`LBFGS` (identity when none was given);
+        kept in the state so that a resumed run continues in the same coordinates.
+    """
+
+    inner: Any
+    value: jax.Array
+    grad: Params
+    anchor: Params
+    metric: jax.Array
+
+
+def as_optimizer(optimizer):
+    """Turn what :func:`gpadjoint.train.fit` accepts into an optimiser of the protocol.
+
+    None: ``Optax(optax.adam(0.05))``; an ``optax.GradientTransformation``: wrapped in
+    :class:`Optax`; an :class:`Optax` or :class:`LBFGS` (anything with ``trainer`` and
+    ``stop_rules``): itself.
+    """
+    if optimizer is None:
+        return Optax(optax.adam(0.05))
+    if hasattr(optimizer, "trainer") and hasattr(optimizer, "stop_rules"):
+        return optimizer
+    if callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None)):
+        return Optax(optimizer)
+    raise TypeError(
+        f"optimizer must be an optax.GradientTransformation, gpadjoint.optimizers.Optax(tx) or "
+        f"gpadjoint.optimizers.LBFGS(...), got {type(optimizer).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# The optax trainer
+
+
+def make_trainer(
+    X,
+    y,
+    *,
+    backend: Backend,
+    mll_config: MLLConfig = _DEFAULT_MLL,
+    optimizer: optax.GradientTransformation,
+    warm_start: bool = True,
+) -> Trainer:
+    """Build the pure init/step pair for data ``X`` (n, d) and ``y`` (n,).
+
+    ``warm_start``: start each epoch's CG from the previous epoch's solution (saves iterations
+    once the hyperparameters settle; the stopping rule, hence the accuracy, is unchanged).
+
+    A step whose loss, gradient or updated parameters are not all finite returns the input state
+    unchanged (``metrics["ok"]`` False); the caller decides what to do.
+
+    The step is jitted once per trainer (a pure function of the state, with the data, backend,
+    estimator settings and optimiser closed over) and compiled on the first :meth:`compile` or
+    step; nothing is cached at module level, so a trainer's executable lives and dies with it.
+    """
+    X = jnp.asarray(X)
+    y = jnp.asarray(y)
+    dtype = X.dtype
+    traces = [0]
+
+    def init(params: Params, key) -> TrainState:
+        params = _check_params(params, X)
+        return TrainState(
+            params=params,
+            opt_state=optimizer.init(params),
+            epoch=jnp.asarray(0, jnp.int32),
+            key=key,
+            last_alpha=jnp.zeros(X.shape[0], dtype) if warm_start else None,
+        )
+
+    def pure_step(state: TrainState, X, y):
+        traces[0] += 1  # runs only while tracing
+        return _train_step(state, X, y, backend=backend, mll_config=mll_config,
+                           optimizer=optimizer)
+
+    jitted = jax.jit(pure_step)
+    executables: dict = {}  # this trainer's, by input signature (compile() times the first)
+
+    def executable(state: TrainState):
+        sig = _signature((state, X, y))
+        if sig not in executables:
+            executables[sig] = jitted.lower(state, X, y).compile()
+        return executables[sig]
+
+    def compile(state: TrainState) -> float:
+        t0 = time.perf_counter()
+        executable(state)
+        return time.perf_counter() - t0
+
+    def step(state: TrainState):
+        return executable(state)(state, X, y)
+
+    return Trainer(init, step, compile, lambda: traces[0])
+
+
+def _signature(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(
+        (np.shape(a), str(getattr(a, "dtype", type(a))), _weak(a)) for a in leaves
+    )
+
+
+def _weak(a) -> bool:
+    return bool(getattr(a, "weak_type", False))
+
+
+def _train_step(state: TrainState, X, y, *, backend, mll_config, optimizer):
+    """One epoch: value and gradient at the state's parameters, one optimiser update (traced)."""
+    key = jax.random.fold_in(state.key, state.epoch)
+
+    def loss(p):
+        return neg_mll(p, X, y, key, backend=backend, config=mll_config, x0=state.last_alpha)
+
+    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+        # L-BFGS's line search needs the value and the loss itself (same probes and key);
+        # the other optax transformations ignore these.
+        updates, opt_state = optimizer.update(
+            grads, state.opt_state, state.params, value=value, grad=grads,
+            value_fn=lambda p: loss(p)[0],
+        )
+    else:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    gnorm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+    finite_loss = jnp.isfinite(value)
+    finite_grad = jnp.isfinite(gnorm)
+    finite_update = _all_finite(new_params)
+    ok = finite_loss & finite_grad & finite_update
+
+    def keep(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+    alpha = None
+    if state.last_alpha is not None:
+        alpha = jnp.where(ok & _all_finite(aux["alpha"]), aux["alpha"], state.last_alpha)
+    new_state = TrainState(
+        params=keep(new_params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        epoch=state.epoch + ok.astype(state.epoch.dtype),
+        key=state.key,
+        last_alpha=alpha,
+    )
+    hypers = constrain(state.params, mll_config.noise_floor)
+    metrics = {
+        "loss": value,
+        "grad_norm": gnorm,
+        "lengthscale": hypers.lengthscale,
+        "outputscale": hypers.outputscale,
+        "noise": hypers.noise,
+        "mean": state.params.mean,
+        "cg_iterations": aux["cg_iterations"],
+        "cg_residual": aux["cg_residual"],
+        "passes": aux["passes"],
+        "ok": ok,
+        "finite_loss": finite_loss,
+        "finite_grad": finite_grad,
+        "finite_update": finite_update,
+    }
+    return new_state, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in leaves]))
+
+
+# --------------------------------------------------------------------------------------------
+# The L-BFGS trainer
+
+
+def make_lbfgs_trainer(
+    X,
+    y,
+    *,
+    backend: Backend,
+    mll_config: MLLConfig = _DEFAULT_MLL,
+    lbfgs: LBFGS | None = None,
+    warm_start: bool = True,
+) -> Trainer:
+    """Build the init/step pair of L-BFGS on a fixed-probe objective (see :class:`LBFGS`).
+
+    One step is one L-BFGS iteration: the two-loop direction, then a weak-Wolfe line search of
+    at most ``lbfgs.max_linesearch_steps`` evaluations of ``value_and_grad(neg_mll)``, each
+    compiled once and warm-started (CG) from the previous evaluation's solution. All
+    evaluations use the probes of ``fold_in(key, 0)``: value and gradient belong to one
+    deterministic objective over the whole run.
+
+    ``metrics`` of a step, besides those of :func:`make_trainer`'s step: ``evaluations`` (loss
+    evaluations this step, line search included), ``refreshed`` (the preconditioner was rebuilt
+    at this step's start, so ``loss`` is a new evaluation), ``step_size``, ``new_loss`` and
+    ``new_grad_norm`` (at the accepted point), ``linesearch_ok`` (False when no evaluation
+    decreased the loss: the state is returned unchanged and the run should stop).
+    """
+    lbfgs = LBFGS() if lbfgs is None else lbfgs
+    ev = _Evaluator(jnp.asarray(X), jnp.asarray(y), backend, mll_config)
+    X = ev.X
+    dtype = X.dtype
+    # only a preconditioner built at an anchor needs rebuilding (not the exact estimator's)
+    anchored = choose_estimator(X.shape[0], mll_config)[0] == "slq" and mll_config.precond_rank > 0
+
+    def init(params: Params, key) -> TrainState:
+        params = _check_params(params, X)
+        k = X.shape[1] + 3
+        metric = np.eye(k) if lbfgs.metric is None else np.asarray(lbfgs.metric, np.float64)
+        if metric.shape != (k, k) or not np.all(np.isfinite(metric)):
+            raise ValueError(
+                f"LBFGS.metric must be a finite ({k}, {k}) matrix for d = {X.shape[1]} inputs "
+                f"(log lengthscales, log output scale, log noise, mean), got shape {metric.shape}"
+            )
+        opt_state = LBFGSState(
+            inner=host.init_memory(k, lbfgs.memory_size),
+            value=jnp.asarray(jnp.nan, dtype),
+            grad=jax.tree.map(jnp.zeros_like, params),
+            anchor=params,
+            metric=jnp.asarray(metric),
+        )
+        return TrainState(params, opt_state, jnp.asarray(0, jnp.int32), key,
+                          jnp.zeros(X.shape[0], dtype) if warm_start else None)
+
+    def compile(state: TrainState) -> float:
+        t0 = time.perf_counter()
+        ev.executable(state.params, jax.random.fold_in(state.key, 0), state.last_alpha,
+                      state.opt_state.anchor)
+        return time.perf_counter() - t0
+
+    def step(state: TrainState):
+        return _lbfgs_step(state, ev, lbfgs, anchored)
+
+    return Trainer(init, step, compile, lambda: ev.traces)
+
+
+class _Evaluator:
+    """value_and_grad of ``neg_mll`` on one data set, compiled once per input signature.
+
+    ``run`` evaluates on the host and adds up the counts of one L-BFGS step (``start`` resets
+    them); the CG warm start advances only past solved, finite evaluations.
+    """
+
+    def __init__(self, X, y, backend, cfg: MLLConfig):
+        self.X, self.y, self.backend, self.cfg = X, y, backend, cfg
+        self.traces = 0
+        self.compiled: dict = {}
+        self.counts: dict = {}
+
+    def _evaluate(self, params, key, x0, anchor, X, y):
+        self.traces += 1  # runs only while tracing
+
+        def loss(p):
+            return neg_mll(p, X, y, key, backend=self.backend, config=self.cfg, x0=x0,
+                           precond_params=anchor)
+
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        keep = ("cg_iterations", "cg_residual", "passes", "alpha")
+        return value, grads, {k: aux[k] for k in keep}
+
+    def executable(self, params, key, x0, anchor):
+        args = (params, key, x0, anchor, self.X, self.y)
+        sig = _signature(args)
+        if sig not in self.compiled:
+            self.compiled[sig] = jax.jit(self._evaluate).lower(*args).compile()
+        return self.compiled[sig], args
+
+    def start(self):
+        self.counts = {"evaluations": 0, "cg_iterations": 0, "passes": 0, "cg_residual": 0.0}
+
+    def run(self, p, key, x0, anchor):
+        """-> (value, grad, finite, solved, x0 for the next evaluation), all on the host."""
+        exe, args = self.executable(p, key, x0, anchor)
+        v, g, aux = jax.device_get(exe(*args))
+        c = self.counts
+        c["evaluations"] += 1
+        c["cg_iterations"] += int(aux["cg_iterations"])
+        c["passes"] += int(aux["passes"])
+        c["cg_residual"] = max(c["cg_residual"], float(aux["cg_residual"]))
+        finite = bool(np.isfinite(v)) and coords.tree_finite(g)
+        solved = float(aux["cg_residual"]) <= self.cfg.cg_tol
+        alpha = aux["alpha"]
+        if x0 is not None and finite and solved and np.all(np.isfinite(alpha)):
+            x0 = jnp.asarray(alpha, self.X.dtype)
+        return float(v), g, finite, solved, x0
+
+
+def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool):
+    """One L-BFGS iteration of :func:`make_lbfgs_trainer` (host code around compiled calls)."""
+    key = jax.random.fold_in(state.key, 0)  # the same probes at every evaluation
+    s, cfg, dtype = state.opt_state, ev.cfg, ev.X.dtype
+    params, x0, anchor = state.params, state.last_alpha, s.anchor
+    ev.start()
+    value, grad = float(s.value), s.grad
+    refreshed = (anchored and coords.moved(params, anchor) > lbfgs.refresh
+                 and bool(np.isfinite(value)))
+    if refreshed:  # the preconditioner is stale: rebuild it here
+        anchor, value = params, math.nan
+    ev.counts["refreshed"] = refreshed
+    finite = bool(np.isfinite(value))
+    if not finite:  # first step, or a new preconditioner
+        value, grad, finite, _, x0 = ev.run(params, key, x0, anchor)
+    gnorm = coords.tree_norm(grad)
+    metrics = _lbfgs_metrics(state.params, value, gnorm, cfg, finite)
+    failed = dict(linesearch_ok=False, step_size=0.0, new_loss=value, new_grad_norm=gnorm)
+    if not finite:
+        metrics.update(ev.counts, **failed)
+        return state, metrics
+
+    M = np.asarray(jax.device_get(s.metric), np.float64)
+    u = coords.to_opt(params)
+    gu = coords.opt_grad(grad, params)
+    desc, slope, inner = _descent(u, gu, s.inner, M)
+    caps = Params(coords.INV_LS_STEP, lbfgs.max_step, lbfgs.max_step, lbfgs.max_step)
+    x0_box = [x0]
+
+    def phi(t):
+        p_t = Params(*(np.asarray(a, dtype) for a in coords.from_opt(
+            Params(*(a + t * b for a, b in zip(u, desc))))))  # in the working dtype
+        v_t, g_t, fin_t, solved_t, x0_box[0] = ev.run(p_t, key, x0_box[0], anchor)
+        # an unconverged CG solve gives an inexact value: such a point is not taken
+        if not (fin_t and solved_t):
+            return host.Trial(False, v_t, math.nan)
+        gu_t = coords.opt_grad(g_t, p_t)
+        return host.Trial(True, v_t, coords.tree_vdot(gu_t, desc), (p_t, g_t))
+
+    search = host.weak_wolfe(phi, value, slope, t_max=host.step_cap(desc, caps), c1=lbfgs.c1,
+                             c2=lbfgs.c2, max_evals=lbfgs.max_linesearch_steps)
+    x0 = x0_box[0]
+    if search.trial is None:
+        metrics.update(ev.counts, **failed)
+        kept = LBFGSState(s.inner, jnp.asarray(value, dtype), grad, anchor, s.metric)
+        return TrainState(state.params, kept, state.epoch, state.key, x0), metrics
+    t, (p_new, g_new) = search.t, search.trial.payload
+    if not (search.wolfe or t * (search.trial.slope - slope) > 0):
+        # no positive curvature pair: forget
+        inner = host.init_memory(M.shape[0], lbfgs.memory_size)
+    new_grad = Params(*(jnp.asarray(a, dtype) for a in g_new))
+    new_state = TrainState(
+        params=Params(*(jnp.asarray(a, dtype) for a in p_new)),
+        opt_state=LBFGSState(inner, jnp.asarray(search.trial.value, dtype), new_grad, anchor,
+                             s.metric),
+        epoch=state.epoch + 1, key=state.key, last_alpha=x0)
+    metrics.update(ev.counts, linesearch_ok=True, step_size=t, new_loss=search.trial.value,
+                   new_grad_norm=coords.tree_norm(g_new))
+    return new_state, metrics
+
+
+def _descent(u: Params, gu: Params, memory, M: np.ndarray):
+    """(direction in u, slope along it, memory): L-BFGS in coordinates v with u = M v.
+
+    The gradient there is M^T g_u and a direction d_v maps back to M d_v. A direction that is
+    not downhill (round-off in the memory) restarts from the scaled gradient.
+    """
+    v, gv = np.linalg.solve(M, coords.flat(u)), M.T @ coords.flat(gu)
+    hg, memory = host.direction(gv, memory, v)
+    desc = coords.unflat(M @ -hg, u)
+    slope = coords.tree_vdot(gu, desc)
+    if not (np.isfinite(slope) and slope < 0):  # lost descent: restart from the gradient
+        memory = host.init_memory(M.shape[0], len(memory.weights_memory))
+        scale = min(1.0, 1.0 / max(float(np.linalg.norm(gv)), 1e-30))
+        desc = coords.unflat(M @ (-scale * gv), u)
+        slope = coords.tree_vdot(gu, desc)
+    return desc, slope, memory
+
+
+_constrain_jit = jax.jit(constrain, static_argnums=1)
+
+
+def _lbfgs_metrics(params: Params, value: float, gnorm: float, cfg: MLLConfig, ok: bool):
+    hypers = jax.device_get(_constrain_jit(params, cfg.noise_floor))
+    return {
+        "loss": value,
+        "grad_norm": gnorm,
+        "lengthscale": hypers.lengthscale,
+        "outputscale": hypers.outputscale,
+        "noise": hypers.noise,
+        "mean": params.mean,
+        "ok": ok,
+        "finite_loss": bool(np.isfinite(value)),
+        "finite_grad": bool(np.isfinite(gnorm)),
+        "finite_update": True,
+    }
+
+
+def _check_params(params: Params, X) -> Params:
+    params = Params(*(jnp.asarray(p, X.dtype) for p in params))
+    if params.raw_lengthscale.shape != (X.shape[1],):
+        raise ValueError(
+            f"params.raw_lengthscale has shape {params.raw_lengthscale.shape}, "
+            f"expected ({X.shape[1]},) for d = {X.shape[1]} inputs"
+        )
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# The [optim] factory
 
 
 def resolve_optimizer(name: str, estimator: str) -> tuple[str, str]:
     """Resolve ``optimizer = "auto"``: L-BFGS with a line search for either estimator.
 
     The exact loss is deterministic; the SLQ loss is made so by drawing its probes once per run
-    (:class:`gpadjoint.train.LBFGS`), so its value and gradient agree and a line search is sound.
+    (:class:`LBFGS`), so its value and gradient agree and a line search is sound.
     """
     if name != "auto":
         return name, "requested"
@@ -31,24 +570,15 @@ def resolve_optimizer(name: str, estimator: str) -> tuple[str, str]:
     )
 
 
-def lbfgs():
-    """L-BFGS (optax) with a zoom line search capped at 10 evaluations per step.
-
-    Near the optimum round-off makes the Wolfe conditions unattainable and optax's default cap
-    (20) then spends 20 loss evaluations on one step; 10 loses nothing measurable.
-    """
-    return optax.lbfgs(linesearch=optax.scale_by_zoom_linesearch(
-        max_linesearch_steps=10, initial_guess_strategy="one"))
-
-
 def make_optimizer(cfg: OptimConfig, epochs: int | None = None, estimator: str = "slq"):
-    """Build the ``optax.GradientTransformation`` described by ``cfg`` (one step = one epoch).
+    """Build the optimiser described by ``cfg`` (one step = one epoch).
 
     ``optimizer = "auto"`` is resolved by :func:`resolve_optimizer` for the given (resolved)
-    estimator. ``lbfgs`` ignores ``lr`` and the schedule (the line search sets the step): with the
-    exact estimator it is ``optax.lbfgs`` with its zoom line search; with SLQ it is
-    :class:`gpadjoint.train.LBFGS` (probes fixed for the run, CG warm-started from the previous
-    evaluation, every evaluation reused; stop rule ``lbfgs_rtol`` / ``lbfgs_gtol``).
+    estimator. ``lbfgs`` is :class:`LBFGS` for either estimator (probes fixed for the run with
+    SLQ, CG warm-started from the previous evaluation, every evaluation reused; stop rule
+    ``lbfgs_rtol`` / ``lbfgs_gtol``); it ignores ``lr`` and the schedule (the line search sets
+    the step) and refuses ``clip_norm``. The others are ``optax.GradientTransformation``
+    objects (:func:`as_optimizer` wraps them in :class:`Optax`).
 
     Schedules: ``constant`` (lr); ``cosine`` from lr to ``lr * final_lr_fraction`` over
     ``decay_epochs`` (0 = ``epochs``, which must then be given); ``exponential`` lr *
@@ -56,16 +586,18 @@ def make_optimizer(cfg: OptimConfig, epochs: int | None = None, estimator: str =
     ``clip_norm`` > 0 clips the gradient's global norm first.
     """
     name, _ = resolve_optimizer(cfg.optimizer, estimator)
-    if name == "lbfgs" and estimator != "exact":
-        if cfg.clip_norm > 0:
-            raise ValueError("[optim] clip_norm does not apply to lbfgs with the slq estimator "
-                             "(its line search sets the step); set clip_norm = 0")
-        return LBFGS(memory_size=cfg.lbfgs_memory, rtol=cfg.lbfgs_rtol, gtol=cfg.lbfgs_gtol)
     if name == "lbfgs":
-        opt = lbfgs()
         if cfg.clip_norm > 0:
-            opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-        return opt
+            raise ValueError("[optim] clip_norm does not apply to lbfgs (its line search sets "
+                             "the step); set clip_norm = 0")
+        return LBFGS(memory_size=cfg.lbfgs_memory, rtol=cfg.lbfgs_rtol, gtol=cfg.lbfgs_gtol)
+    opt = _gradient_method(name, cfg, _schedule(cfg, epochs))
+    if cfg.clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+    return opt
+
+
+def _schedule(cfg: OptimConfig, epochs: int | None):
     if cfg.schedule == "constant":
         sched = cfg.lr
     elif cfg.schedule == "cosine":
@@ -82,12 +614,13 @@ def make_optimizer(cfg: OptimConfig, epochs: int | None = None, estimator: str =
         sched = optax.join_schedules(
             [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_epochs), after], [cfg.warmup_epochs]
         )
+    return sched
+
+
+def _gradient_method(name: str, cfg: OptimConfig, sched):
     if name == "adam":
-        opt = optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    elif name == "adamw":
-        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    else:
-        opt = optax.sgd(sched, momentum=cfg.momentum or None)
-    if cfg.clip_norm > 0:
-        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-    return opt
+        return optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    if name == "adamw":
+        return optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay)
+    return optax.sgd(sched, momentum=cfg.momentum or None)

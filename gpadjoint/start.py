@@ -1,0 +1,218 @@
+"""Where a fit starts: initial parameters, the subset ladder, its metric, the full-fit policy.
+
+Stage 6b (mll -> train -> **start** -> model).
+
+* :func:`initial_params`: named starting parameters (``softplus0``, ``normal``);
+* :func:`subset_start`: the exact (float64 Cholesky) L-BFGS fit of random rows, the rows
+  doubling while that fit interpolates them (:data:`INTERPOLATING_NOISE`);
+* :func:`subset_metric`: the Hessian metric of the last subset's loss at its optimum, the
+  coordinates :class:`gpadjoint.optimizers.LBFGS` then runs the full fit in;
+* :func:`full_fit`: whether the full fit runs after that start (``[train] full_fit``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .coords import flat, from_opt, hessian_metric, opt_grad, to_opt, unflat
+from .kernels import Params, constrain, init_params
+from .mll import MLLConfig, neg_mll_exact
+from .optimizers import LBFGS
+
+# A subset fit whose noise is within this factor of the floor interpolates its rows (kin40k:
+# 2000 rows gave noise 1e-4 and output scale 26, where rank-300 CG on all 36 000 rows stood at
+# residual 0.2 after 213 iterations; near the best known fit, noise 0.0067, it took 102:
+# results/cg_cost/kin40k-split0.json)
+INTERPOLATING_NOISE = 10.0
+
+
+class SubsetStartWarning(RuntimeWarning):
+    """The subset start found an interpolating fit: a poor, ill-conditioned start."""
+
+
+def subset_start(
+    X, y, params0: Params, *, kernel: str, size: int, seed: int, noise_floor: float,
+    max_size: int | None = None,
+    max_steps: int = 200,
+    metric: bool = True,
+    metric_floor: float = 1e-4,
+) -> tuple[Params, dict]:
+    """Maximum-likelihood parameters of ``size`` random rows, as a start for the full fit.
+
+    The exact estimator (float64 Cholesky, deterministic) with L-BFGS on a subset costs
+    seconds, and its optimum is near the full data's in noise, output scale and most
+    lengthscales, so the full-data fit starts close and needs far fewer of its costly
+    evaluations. Returns ``(params, info)`` with params in the dtype of X; when ``size >= n`` the
+    start is ``params0`` unchanged.
+
+    While the fit interpolates its rows (noise within ``INTERPOLATING_NOISE`` times the floor:
+    nearly noise-free data, whose optimum moves with n) and ``2 * size <= max_size``, the rows
+    double (a superset of the last ones, started from the last fit): on kin40k the 2000-row fit
+    scored -0.712 nats/datum on all 36 000 rows and the 4000-row one -0.784
+    (``results/optimum/kin40k-split0.points.jsonl``). ``info["stages"]`` has each fit.
+
+    ``info["metric"]`` is the coordinate matrix for :class:`LBFGS` (``metric``): M = Q
+    diag(lambda)^-1/2 from the forward-difference Hessian of the last subset's loss per datum at
+    its optimum, in the trainer's coordinates (:func:`to_opt`; k + 1 more exact evaluations),
+    made eigenvalues positive and floored at ``metric_floor`` times the largest; with
+    ``metric=False`` it is left out (:func:`subset_metric` computes it later, when needed).
+    """
+    n = X.shape[0]
+    dtype = jnp.asarray(X).dtype
+    if size >= n:
+        return params0, {"size": n, "skipped": f"size {size} >= n = {n}"}
+    max_size = size if max_size is None else max_size
+    t0 = time.perf_counter()
+    params = Params(*(jnp.asarray(p, jnp.float64) for p in params0))
+    stages = []
+    while True:
+        params, stage = subset_stage(X, y, params, kernel=kernel, size=size, seed=seed,
+                                     noise_floor=noise_floor, max_steps=max_steps)
+        stages.append(stage)
+        if not (stage["interpolating"] and 2 * size <= max_size and 2 * size < n):
+            break
+        size *= 2
+    last = stages[-1]
+    if last["interpolating"]:
+        warnings.warn(SubsetStartWarning(
+            f"the exact fit of {size} random rows puts the noise at {last['noise']:.2e}, within "
+            f"{INTERPOLATING_NOISE:g}x its floor ({noise_floor:g}): those rows are interpolated, "
+            f"and K of all {n} rows has a condition number ~ n * outputscale / noise = "
+            f"{n * last['outputscale'] / last['noise']:.0e}, so each CG solve of the full fit "
+            "may run to cg_max_iter. Raise init_subset_max, or set init_subset = 0 to start "
+            "from `init`."), stacklevel=2)
+    info = {
+        "size": size, "seed": seed,
+        "steps": sum(st["steps"] for st in stages),
+        "evaluations": sum(st["evaluations"] for st in stages),
+        **{k: last[k] for k in ("loss", "stopped_reason", "noise", "outputscale",
+                                "interpolating")},
+        "stages": stages,
+        "seconds": time.perf_counter() - t0,
+    }
+    out = Params(*(jnp.asarray(p, dtype) for p in params))
+    if metric:
+        info = subset_metric(X, y, out, info, kernel=kernel, noise_floor=noise_floor,
+                             metric_floor=metric_floor)
+    return out, info
+
+
+def subset_stage(X, y, params: Params, *, kernel: str, size: int, seed: int,
+                 noise_floor: float, max_steps: int = 200) -> tuple[Params, dict]:
+    """One rung of the ladder: the exact L-BFGS fit of ``size`` rows from float64 ``params``.
+
+    Returns the fitted float64 parameters and the stage's record (size, steps, evaluations,
+    final loss, stop reason, noise, output scale, whether it interpolates, seconds).
+    """
+    from .train import fit  # here: train re-exports this module's names
+
+    Xs, ys = _subset_rows(X, y, seed, size)
+    t = time.perf_counter()
+    res = fit(
+        Xs, ys, kernel=kernel, backend="dense",
+        mll_config=MLLConfig(estimator="exact", noise_floor=noise_floor),
+        optimizer=LBFGS(rtol=1e-7, gtol=1e-5), epochs=max_steps, params0=params,
+        progress=False,
+    )
+    fitted = constrain(res.params, noise_floor)
+    noise, outputscale = float(fitted.noise), float(fitted.outputscale)
+    return res.params, {
+        "size": size, "steps": len(res.history),
+        "evaluations": sum(r["evaluations"] for r in res.history),
+        "loss": res.history[-1]["new_loss"] if res.history else None,
+        "stopped_reason": res.stopped_reason, "noise": noise, "outputscale": outputscale,
+        "interpolating": noise <= INTERPOLATING_NOISE * noise_floor,
+        "seconds": time.perf_counter() - t}
+
+
+def _subset_rows(X, y, seed: int, size: int):
+    """float64 (X, y) of the first ``size`` rows of the seed's permutation, in row order.
+
+    One permutation per seed, so the subsets of growing size are nested.
+    """
+    rows = np.sort(np.random.default_rng(seed).permutation(X.shape[0])[:size])
+    return (jnp.asarray(np.asarray(X)[rows], jnp.float64),
+            jnp.asarray(np.asarray(y)[rows], jnp.float64))
+
+
+def subset_metric(X, y, params: Params, info: dict, *, kernel: str, noise_floor: float,
+                  metric_floor: float = 1e-4) -> dict:
+    """Return ``info`` of :func:`subset_start` with the L-BFGS ``metric`` at ``params`` added.
+
+    The rows are the subset's (``info["size"]`` and ``info["seed"]``); the k + 1 exact
+    evaluations and their seconds are added to ``info``'s.
+    """
+    t0 = time.perf_counter()
+    Xs, ys = _subset_rows(X, y, info["seed"], info["size"])
+    p64 = Params(*(jnp.asarray(p, jnp.float64) for p in params))
+    metric, lam = _exact_hessian_metric(Xs, ys, p64, kernel, noise_floor, metric_floor)
+    return info | {
+        "evaluations": info["evaluations"] + len(lam) + 1,
+        "hessian_eigenvalues": [float(lam.min()), float(lam.max())],
+        "metric": tuple(tuple(float(a) for a in row) for row in metric),
+        "seconds": info["seconds"] + time.perf_counter() - t0,
+    }
+
+
+def _exact_hessian_metric(X, y, params: Params, kernel: str, noise_floor: float,
+                          floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """(M, eigenvalues) of :func:`gpadjoint.coords.hessian_metric` for the exact loss per datum.
+
+    In the coordinates of :func:`gpadjoint.coords.to_opt`, at ``params`` (float64).
+    """
+    fg = jax.jit(jax.value_and_grad(
+        lambda p: neg_mll_exact(p, X, y, kernel=kernel, noise_floor=noise_floor)))
+    like = to_opt(params)
+
+    def grad_u(u):
+        p = from_opt(unflat(u, like))
+        _, g = fg(Params(*(jnp.asarray(a, jnp.float64) for a in p)))
+        return flat(opt_grad(jax.device_get(g), p))
+
+    return hessian_metric(grad_u, flat(like), step=1e-5, floor=floor)
+
+
+def initial_params(init: str, d: int, dtype, seed: int = 0) -> Params:
+    """Return starting parameters by name.
+
+    ``softplus0``: all raw values 0, i.e. lengthscales and output scale 0.693, noise 0.693 +
+    floor; ``normal``: raw values N(0, 1), as the paper.
+
+    ``normal`` draws from a key derived from ``seed`` but distinct from the probes' key.
+    """
+    if init == "softplus0":
+        return init_params(d, dtype)
+    if init == "normal":
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x1D17)
+        return init_params(d, dtype, key=key)
+    raise ValueError(f"unknown init {init!r}; choose 'softplus0' or 'normal'")
+
+
+def full_fit(mode: str, subset: dict | None, estimator: str, n: int) -> dict:
+    """Whether to fit all ``n`` rows after the subset start, and why ([train] full_fit).
+
+    ``mode``: always | never | auto; ``subset``: :func:`subset_start`'s info (None: there was no
+    subset start); ``estimator``: the full fit's resolved estimator. Returns ``{"fit": bool,
+    "mode": mode, "reason": str}``. ``auto`` keeps an interpolating start when the estimator is
+    SLQ: K of all n rows then has cond ~ n * outputscale / noise and every CG solve runs long.
+    """
+    if subset is None:
+        return {"fit": True, "mode": mode, "reason": "no subset start"}
+    if mode != "auto":
+        return {"fit": mode == "always", "mode": mode, "reason": f"full_fit = {mode!r}"}
+    if estimator != "slq" or not subset.get("interpolating"):
+        return {"fit": True, "mode": mode, "reason": (
+            "auto: the subset fit does not interpolate" if estimator == "slq"
+            else f"auto: the {estimator} estimator does not iterate")}
+    cond = n * subset["outputscale"] / subset["noise"]
+    return {"fit": False, "mode": mode, "reason": (
+        f"auto: the exact fit of {subset['size']} rows interpolates them (noise "
+        f"{subset['noise']:.1e}, within {INTERPOLATING_NOISE:g}x noise_floor), where K of all "
+        f"{n} rows has cond ~ n s2 / noise = {cond:.0e} and each CG solve of the SLQ estimator "
+        "runs hundreds to thousands of passes over K; the fit keeps it. Set full_fit = "
+        "'always' to fit all rows anyway, or raise init_subset_max")}
