@@ -150,16 +150,17 @@ def atomic_write(path, write: Callable, binary: bool = True, what: str = "file")
 
 
 def read_npz(path) -> dict:
-    """All arrays of an ``.npz`` archive (no pickle); ValueError if it is a bare ``.npy`` array.
+    """Return all arrays of an ``.npz`` archive (no pickle); ValueError if it is not a zip.
 
     Reading every array checks every member's CRC, so a damaged file fails here, not later.
     Raises what numpy and zipfile raise for a damaged file (OSError, ValueError,
     ``zipfile.BadZipFile``, EOFError, KeyError): the callers name the file and what to do.
     """
-    z = np.load(path, allow_pickle=False)
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError("a single array, not an .npz archive")
-    with z:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive, or an empty one
+        raise ValueError("it is not an .npz archive (it does not start as a zip file does)")
+    with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 

@@ -87,8 +87,8 @@ def _read(path: Path) -> dict:
     try:
         data = read_npz(path)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ReadError(f"{path} is damaged or not a gpadjoint checkpoint ({e}); "
-                        f"{_FIX}") from None
+        raise ReadError(f"{path} is not a readable gpadjoint checkpoint (damaged, or another "
+                        f"kind of file: {e}); {_FIX}") from None
     if "format" not in data or str(data["format"]) != CHECKPOINT_FORMAT:
         raise ReadError(f"{path} is not a {CHECKPOINT_FORMAT} file (no such format tag); "
                         f"{_FIX}")

@@ -619,8 +619,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             data = read_npz(path)
             meta = json.loads(str(data["meta"])) if "meta" in data else None
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-            raise ReadError(f"{path} is damaged or not a gpadjoint model file ({e}); "
-                            f"{fix}") from None
+            raise ReadError(f"{path} is not a readable gpadjoint model file (damaged, or "
+                            f"another kind of file: {e}); {fix}") from None
         if not isinstance(meta, dict):
             raise ReadError(f"{path} is not a {MODEL_FORMAT} file (no metadata); {fix}")
         if meta.get("format") != MODEL_FORMAT:

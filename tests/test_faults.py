@@ -329,27 +329,27 @@ FAULTS = [
     # -- damaged or foreign files we wrote
     Fault("truncated checkpoint", "gpadjoint fit --resume", "first half of the file",
           lambda c: cli(*c.fit("--resume", "--checkpoint", truncated(c.ckpt, c.tmp / "t.ckpt"))),
-          2, lambda c: c.tmp / "t.ckpt", "damaged or not a gpadjoint checkpoint.*delete it"),
+          2, lambda c: c.tmp / "t.ckpt", "not a readable gpadjoint checkpoint.*delete it"),
     Fault("one flipped bit in a checkpoint", "gpadjoint fit --resume", "a byte of the arrays",
           lambda c: cli(*c.fit("--resume", "--checkpoint", flipped(c.ckpt, c.tmp / "f.ckpt"))),
-          2, lambda c: c.tmp / "f.ckpt", "damaged or not a gpadjoint checkpoint"),
+          2, lambda c: c.tmp / "f.ckpt", "not a readable gpadjoint checkpoint"),
     Fault("a model file given as the checkpoint", "gpadjoint fit --resume", "foreign file",
           lambda c: cli(*c.fit("--resume", "--checkpoint", c.model)),
           2, lambda c: c.model, "not a gpadjoint-checkpoint-v1 file"),
     Fault("truncated model file", "gpadjoint predict --model", "first half of the file",
           lambda c: cli("predict", "--model", truncated(c.model, c.tmp / "t.gp"),
                         "--data", c.inputs),
-          2, lambda c: c.tmp / "t.gp", "damaged or not a gpadjoint model file.*save the model"),
+          2, lambda c: c.tmp / "t.gp", "not a readable gpadjoint model file.*save the model"),
     Fault("one flipped bit in a model file", "gpadjoint predict --model", "a byte of the arrays",
           lambda c: cli("predict", "--model", flipped(c.model, c.tmp / "f.gp"),
                         "--data", c.inputs),
-          2, lambda c: c.tmp / "f.gp", "damaged or not a gpadjoint model file"),
+          2, lambda c: c.tmp / "f.gp", "not a readable gpadjoint model file"),
     Fault("a checkpoint given as the model", "gpadjoint predict --model", "foreign file",
           lambda c: cli("predict", "--model", c.ckpt, "--data", c.inputs),
           2, lambda c: c.ckpt, "not a gpadjoint-model-v2 file"),
     Fault("a CSV given as the model", "GPRegressor.load", "foreign file",
           lambda c: api(lambda: GPRegressor.load(c.inputs)),
-          "ReadError", lambda c: c.inputs, "damaged or not a gpadjoint model file"),
+          "ReadError", lambda c: c.inputs, "not a readable gpadjoint model file"),
     Fault("truncated run record", "read_run_record", "first half of the file",
           lambda c: api(lambda: gio.read_run_record(truncated(c.record, c.tmp / "t.json"))),
           "ReadError", lambda c: c.tmp / "t.json", "not readable JSON.*rerun the fit"),
@@ -427,8 +427,10 @@ def _table_of_faults():
         "",
         f"Written by `scripts/bad_input_table.py` (commit {os.environ.get('GPADJ_COMMIT', '?')}) "
         "from the rows of `tests/test_faults.py`. Each row asserts the exit code (or the "
-        f"exception), that the message names the path, that no traceback was printed and that "
-        "the checkpoint an earlier run left is unchanged. Exit codes: 2 bad input or a damaged "
+        "exception), that the message names the path, that no traceback was printed and that "
+        "the checkpoint an earlier run left is unchanged (bytes) -- or, where the fault comes "
+        "after this run's training wrote its own checkpoint (\"advanced\"), that this one is "
+        "intact. Exit codes: 2 bad input or a damaged "
         f"file, {gcli.EXIT_UNWRITABLE} an output refused before any work, "
         f"{gcli.EXIT_WRITE_FAILED} a write failed during the run. Paths shortened to `…/`.",
         "",
