@@ -445,3 +445,24 @@ def _table_of_faults():
         msg = msg.replace("|", "\\|")
         lines.append(f"| {fault} | {entry} | {how} | {code} | {kept} | {msg} |")
     Path(out).write_text("\n".join(lines) + "\n")
+
+
+def test_preflight_creates_the_folder_and_leaves_no_probe(tmp_path):
+    target = tmp_path / "a" / "b" / "run.json"
+    assert gio.check_writable(target, "run record") == target
+    assert target.parent.is_dir() and list(target.parent.iterdir()) == []
+
+
+def test_write_error_is_an_oserror_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f.bin"
+    gio.atomic_write(path, lambda fh: fh.write(b"old"))
+
+    def full(fh):
+        fh.write(b"new, half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as info:
+        gio.atomic_write(path, full, what="checkpoint")
+    assert isinstance(info.value, gio.WriteError) and info.value.errno == errno.ENOSPC
+    assert str(info.value).startswith(f"cannot write the checkpoint {path}: no space left")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
