@@ -4,7 +4,8 @@ Stage 6a (mll -> **checkpoint** -> train). A checkpoint is one ``.npz`` (no pick
 :class:`gpadjoint.train.TrainState` (any NamedTuple of that layout), the history so far and a
 fingerprint of the run (:func:`run_fingerprint`: data hash, kernel, backend, estimator
 settings, seed, optimiser-state layout and the caller's settings). :func:`load_checkpoint`
-refuses a file whose fingerprint differs and names each differing field.
+refuses a file whose fingerprint differs and names each differing field, and a damaged or
+foreign file with one :class:`~gpadjoint._io.ReadError` naming it and what to do.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._io import atomic_write
+from ._io import ReadError, atomic_write, read_npz
 
 CHECKPOINT_FORMAT = "gpadjoint-checkpoint-v1"
 
@@ -56,7 +57,6 @@ def save_checkpoint(path, state: NamedTuple, history: list[dict], fingerprint: d
     ``path``, so a crash leaves either the old or the new checkpoint, never a torn one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = state.key
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     arrays = {
@@ -74,27 +74,57 @@ def save_checkpoint(path, state: NamedTuple, history: list[dict], fingerprint: d
         arrays[f"opt_{i}"] = np.asarray(a)
     if state.last_alpha is not None:
         arrays["last_alpha"] = np.asarray(state.last_alpha)
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    atomic_write(path, lambda fh: np.savez(fh, **arrays), what="checkpoint")
+
+
+_FIX = ("delete it (or pass another checkpoint path) and start afresh without resuming")
+
+
+def _read(path: Path) -> dict:
+    """All arrays of a checkpoint file, after checking it is one (else ReadError)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+    try:
+        data = read_npz(path)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise ReadError(f"{path} is not a readable gpadjoint checkpoint (damaged, or another "
+                        f"kind of file: {e}); {_FIX}") from None
+    if "format" not in data or str(data["format"]) != CHECKPOINT_FORMAT:
+        raise ReadError(f"{path} is not a {CHECKPOINT_FORMAT} file (no such format tag); "
+                        f"{_FIX}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ReadError(f"{path} lacks the checkpoint entries {', '.join(missing)}; {_FIX}")
+    try:
+        for k in ("fingerprint", "history"):
+            data[k] = json.loads(str(data[k]))
+        data["epoch"] = int(data["epoch"])
+        if not isinstance(data["fingerprint"], dict) or not isinstance(data["history"], list):
+            raise ValueError("fingerprint or history of the wrong type")
+    except (ValueError, TypeError) as e:
+        raise ReadError(f"{path}: damaged checkpoint metadata ({e}); {_FIX}") from None
+    return data
+
+
+_REQUIRED = ("fingerprint", "history", "stopped_reason", "epoch", "key", "key_impl")
+
+
+def checkpoint_epoch(path) -> int:
+    """Return the epoch a checkpoint file holds (checking that it is a readable one)."""
+    return _read(Path(path))["epoch"]
 
 
 def load_checkpoint(path, template: NamedTuple, fingerprint: dict | None = None):
     """Read a checkpoint into the structure of ``template`` -> ``(state, history)``.
 
-    Raises FileNotFoundError if absent, ValueError if the file is not a gpadjoint checkpoint,
-    if its fingerprint differs from ``fingerprint`` (each differing field is named) or if its
-    arrays do not fit the template.
+    Raises FileNotFoundError if absent, :class:`~gpadjoint._io.ReadError` (a ValueError) if
+    the file is damaged or not a gpadjoint checkpoint, ValueError if its fingerprint differs
+    from ``fingerprint`` (each differing field is named) or if its arrays do not fit the
+    template.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path} is not a readable gpadjoint checkpoint: {e}") from None
-    if "format" not in data or str(data["format"]) != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
-    stored = json.loads(str(data["fingerprint"]))
+    data = _read(path)
+    stored = data["fingerprint"]
     if fingerprint is not None and stored != fingerprint:
         diffs = [
             f"{k}: checkpoint {_short(stored.get(k))} vs now {_short(fingerprint.get(k))}"
@@ -142,8 +172,7 @@ def load_checkpoint(path, template: NamedTuple, fingerprint: dict | None = None)
         key=key,
         last_alpha=last_alpha,
     )
-    history = json.loads(str(data["history"]))
-    return state, history
+    return state, data["history"]
 
 
 def _short(v, limit=80) -> str:

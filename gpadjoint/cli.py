@@ -5,6 +5,17 @@ split, fits the hyperparameters with the configured estimator, reports test RMSE
 target's units, and writes a JSON run record with full provenance under ``results/runs/``.
 SIGINT/SIGTERM during a fit stop it after the current epoch, write a checkpoint and a partial
 run record; ``--resume`` continues from the checkpoint.
+
+Faults around a run get one line on stderr, never a traceback. Every output path (the record,
+the checkpoint, ``--save-model``, ``predict --out``) is checked before any work
+(:func:`gpadjoint._io.check_writable`). A write that fails later (no space, a size limit,
+permissions, ...) says what was being written, where and why, what is still safe and the exact
+``--resume`` command that continues; a run record that cannot be written goes to stderr as one
+JSON line so the result is not lost. A damaged or foreign checkpoint or model file is named.
+
+Exit codes: 0 done; 2 bad input or a damaged file (:data:`EXIT_ERROR`); 73 an output refused
+before any work (:data:`EXIT_UNWRITABLE`); 74 a write failed during the run
+(:data:`EXIT_WRITE_FAILED`); 130 stopped by SIGINT/SIGTERM (:data:`EXIT_INTERRUPTED`).
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -20,8 +32,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import provenance
+from ._io import UnwritablePath, WriteError, atomic_write, check_writable
 
 REPO = provenance.REPO
+
+EXIT_ERROR = 2  # bad input, or a damaged / foreign file we wrote
+EXIT_UNWRITABLE = 73  # an output path refused before any work (sysexits' EX_CANTCREAT)
+EXIT_WRITE_FAILED = 74  # a write failed during the run (sysexits' EX_IOERR)
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: checkpoint and partial record written
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -37,11 +55,45 @@ def _load_run_config(path: str | None):
     return default_config(), "gpadjoint/default.toml (packaged defaults)"
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    from ._io import atomic_write
-
+def _write_json_atomic(path: Path, obj, what: str = "run record") -> None:
     atomic_write(path, lambda fh: json.dump(obj, fh, indent=1, default=_json_default),
-                 binary=False)
+                 binary=False, what=what)
+
+
+def _error(msg: str) -> None:
+    """Print ``msg`` as one ``error:`` line on stderr (inner line breaks folded)."""
+    print("error: " + " ".join(str(msg).split()), file=sys.stderr, flush=True)
+
+
+def _command(argv: list[str], *add: str) -> str:
+    """Return the shell command that reruns ``gpadjoint argv`` plus the flags ``add``."""
+    return shlex.join(["gpadjoint", *argv, *(a for a in add if a not in argv)])
+
+
+def _file_state(path: Path):
+    """``(size, mtime_ns)`` of a file, or None: tells whether this run wrote it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _still_safe(ckpt: Path, ours: bool, argv: list[str]) -> str:
+    """Say what survives a failed write, and the exact command that continues from it."""
+    from .checkpoint import checkpoint_epoch
+
+    epoch = None
+    if ours:
+        try:
+            epoch = checkpoint_epoch(ckpt)
+        except (OSError, ValueError):
+            epoch = None
+    if epoch is None:
+        return ("No checkpoint of this run was written; once fixed, run again: "
+                + _command(argv))
+    return (f"Still safe: the last good checkpoint {ckpt} (epoch {epoch}); once fixed, "
+            f"continue with: {_command(argv, '--resume')}")
 
 
 def _json_default(o):
@@ -96,24 +148,47 @@ def record_path(out: str | None, run_id: str, now: datetime | None = None) -> Pa
     return Path(out)
 
 
-def _load_split(args, cfg):
-    """Return ``(split, name)``: the shipped split or the user's CSV the command names."""
-    from . import data as gdata
-    from . import datasets as gdatasets
-
+def _run_name(args) -> str:
+    """Return the data's name in the run id (checking that one source of data is named)."""
     if args.dataset and args.data:
         raise SystemExit("error: give either --dataset NAME or --data FILE.csv, not both")
     if args.dataset:
-        return gdatasets.load_dataset(args.dataset, args.split,
-                                      scale_y=cfg.model.scale_y), args.dataset
+        return args.dataset
     if args.data:
         if not args.target:
             raise SystemExit("error: --data FILE.csv needs --target COLUMN (the column to predict)")
-        split = gdata.load_csv(args.data, args.target, test_fraction=args.test_fraction,
-                               seed=cfg.train.seed, scale_y=cfg.model.scale_y)
-        return split, Path(args.data).stem
+        return Path(args.data).stem
     raise SystemExit("error: say what to fit: --dataset NAME (see `gpadjoint datasets`) "
                      "or --data FILE.csv --target COLUMN")
+
+
+def _load_split(args, cfg):
+    """Return the shipped split or the user's CSV the command names."""
+    from . import data as gdata
+    from . import datasets as gdatasets
+
+    if args.dataset:
+        return gdatasets.load_dataset(args.dataset, args.split, scale_y=cfg.model.scale_y)
+    return gdata.load_csv(args.data, args.target, test_fraction=args.test_fraction,
+                          seed=cfg.train.seed, scale_y=cfg.model.scale_y)
+
+
+def _preflight(args, ckpt: Path, out: Path) -> None:
+    """Refuse, before any work, an unwritable output or a checkpoint that cannot be resumed.
+
+    Raises UnwritablePath or ReadError, each naming the path.
+    """
+    from .checkpoint import checkpoint_epoch
+
+    check_writable(out, "run record")
+    check_writable(ckpt, "checkpoint")
+    if args.save_model:
+        check_writable(args.save_model, "model file")
+    if args.resume:
+        if not ckpt.exists():
+            raise SystemExit(f"error: --resume: no checkpoint at {ckpt}; run without --resume "
+                             "first (or pass --checkpoint PATH)")
+        checkpoint_epoch(ckpt)  # a damaged or foreign file is named now, not after loading
 
 
 def _run_record(model, cfg, cfg_source, t_start, *, name, split, n_test, checkpoint,
@@ -207,8 +282,17 @@ def cmd_fit(args) -> int:
         train__seed=args.seed,
     )
     q = args.quiet
+    argv = getattr(args, "argv", sys.argv[1:])
 
-    split, name = _load_split(args, cfg)
+    # ---- every output path, before any work
+    name = _run_name(args)
+    run_id = f"{name}-split{args.split}-seed{cfg.train.seed}"
+    ckpt = Path(args.checkpoint) if args.checkpoint else REPO / "results" / "checkpoints" / (
+        run_id + ".ckpt")
+    out = record_path(args.out, run_id)
+    _preflight(args, ckpt, out)
+
+    split = _load_split(args, cfg)
     X_train, y_train = split.unscale_X(split.X_train), split.unscale_y(split.y_train)
     X_test, y_test = split.unscale_X(split.X_test), split.unscale_y(split.y_test)
     n, d = X_train.shape
@@ -221,44 +305,53 @@ def cmd_fit(args) -> int:
         raise SystemExit(f"error: --devices: {err}") from None
 
     # ---- training: the estimator, with checkpoints and a stop on SIGINT/SIGTERM
-    run_id = f"{name}-split{args.split}-seed{cfg.train.seed}"
-    ckpt = Path(args.checkpoint) if args.checkpoint else REPO / "results" / "checkpoints" / (
-        run_id + ".ckpt")
-    if args.resume and not ckpt.exists():
-        raise SystemExit(f"error: --resume: no checkpoint at {ckpt}; run without --resume first "
-                         "(or pass --checkpoint PATH)")
     model = GPRegressor(config=cfg, devices=args.devices, verbose=not q)
     t_start = time.time()
-    with _StopFlag(q) as stop:
-        model.fit(
-            X_train, y_train, checkpoint=ckpt, resume=args.resume,
-            callback=lambda rec, state: stop.signal is not None,
-            settings={"dataset": name, "split": args.split},
-            progress=False if q else "auto",
-        )
+    before = _file_state(ckpt)
+    try:
+        with _StopFlag(q) as stop:
+            model.fit(
+                X_train, y_train, checkpoint=ckpt, resume=args.resume,
+                callback=lambda rec, state: stop.signal is not None,
+                settings={"dataset": name, "split": args.split},
+                progress=False if q else "auto",
+            )
+    except WriteError as err:  # a checkpoint write failed; the previous one is intact
+        ours = args.resume or _file_state(ckpt) != before
+        _error(f"{err}. {_still_safe(ckpt, ours, argv)}")
+        return EXIT_WRITE_FAILED
     record = _run_record(model, cfg, cfg_source, t_start, name=name, split=args.split,
                          n_test=int(X_test.shape[0]), checkpoint=ckpt,
                          interrupted=stop.signal is not None)
     hist, interrupted = model.history_, stop.signal is not None
+    resume = _command(argv, "--resume")
 
-    out = record_path(args.out, run_id)
     if interrupted:
         record["test_rmse"] = record["test_nll"] = None
-        _write_json_atomic(out, record)
+        if not _write_record(out, record, ckpt, argv):
+            return EXIT_WRITE_FAILED
         # Always said, --quiet or not: the user must learn how to continue.
         print(f"interrupted by {stop.signal}: checkpoint {ckpt}, partial run record {out}; "
-              "continue with the same command plus --resume", file=sys.stderr, flush=True)
-        return 130
+              f"continue with: {resume}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
     # ---- prediction on the test split, in the target's units
     if model.predict_dtype_ != cfg.model.dtype:
         _say(f"prediction in {model.predict_dtype_} (the exact estimator's precision)", q)
     record.update(_test_scores(model, X_test, y_test))
     rmse, nll = record["test_rmse"], record["test_nll"]
-    _write_json_atomic(out, record)
+    written = _write_record(out, record, ckpt, argv)
     if args.save_model:
-        model.save(args.save_model)
+        try:
+            model.save(args.save_model)
+        except WriteError as err:
+            kept = f"the run record {out} and " if written else ""
+            _error(f"{err}. Still safe: {kept}the checkpoint {ckpt}; once fixed (or with "
+                   f"another --save-model), save it with: {resume}")
+            return EXIT_WRITE_FAILED
         _say(f"model saved to {args.save_model}", q)
+    if not written:
+        return EXIT_WRITE_FAILED
 
     if hist:
         trained = (f"final train loss {record['final_train_loss']:.4f}   "
@@ -269,6 +362,23 @@ def cmd_fit(args) -> int:
           f"{model.fit_seconds_:.0f} s training, {record['predict_seconds']:.0f} s prediction)")
     print(f"run record: {out}")
     return 0
+
+
+def _write_record(out: Path, record: dict, ckpt: Path, argv: list[str]) -> bool:
+    """Write the run record; return whether it was written.
+
+    If that fails, say so in one line and print the record to stderr as one JSON line, so the
+    result is not lost.
+    """
+    try:
+        _write_json_atomic(out, record)
+        return True
+    except WriteError as err:
+        _error(f"{err}. The record follows on stderr as one JSON line; the checkpoint {ckpt} "
+               f"is safe; once fixed (or with another --out), write the record with: "
+               f"{_command(argv, '--resume')}")
+        print(json.dumps(record, default=_json_default), file=sys.stderr, flush=True)
+        return False
 
 
 def _num(v) -> str:
@@ -294,6 +404,8 @@ def cmd_predict(args) -> int:
 
     from .model import GPRegressor
 
+    if args.out:
+        check_writable(args.out, "predictions")
     model = GPRegressor.load(args.model)
     try:
         df = pd.read_csv(args.data)
@@ -311,7 +423,13 @@ def cmd_predict(args) -> int:
     mean, std = model.predict(X, return_std=True)
     out = pd.DataFrame({"mean": mean, "std": std})
     if args.out:
-        out.to_csv(args.out, index=False)
+        try:
+            atomic_write(args.out, lambda fh: out.to_csv(fh, index=False), binary=False,
+                         what="predictions")
+        except WriteError as err:
+            _error(f"{err}. Nothing else was written; once fixed (or with another --out), "
+                   f"run again: {_command(getattr(args, 'argv', sys.argv[1:]))}")
+            return EXIT_WRITE_FAILED
         print(f"wrote {len(out)} predictions to {args.out}")
     else:
         out.to_csv(sys.stdout, index=False)
@@ -369,13 +487,21 @@ def main(argv=None) -> int:
     """Entry point of the ``gpadjoint`` console script."""
     import jax
 
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # to print the exact command that continues after a fault
     try:
         with jax.enable_x64(True):  # float64 runs and the exact estimator; scoped to this call
             return args.func(args)
+    except UnwritablePath as e:
+        _error(e)
+        return EXIT_UNWRITABLE
+    except WriteError as e:
+        _error(e)
+        return EXIT_WRITE_FAILED
     except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        _error(e)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -168,13 +168,20 @@ def _expected_hashes(info: DatasetInfo, folder: Path) -> tuple[dict, str]:
                        f"or re-copy {REPO_DATA_DIR / info.name} over {folder}.")
     files = dict(info.files)
     sums = folder / _SUMS_FILE
+    fix = f"Delete {folder} and run gpadjoint.datasets.download_dataset({info.name!r}) again."
     if sums.is_file():  # hashes recorded when the files were downloaded
-        for line in sums.read_text().splitlines():
-            sha, fname = line.split()
-            if files.get(fname) is None:
-                files[fname] = sha
-    return files, (f"Delete {folder} and run gpadjoint.datasets.download_dataset({info.name!r}) "
-                   "again.")
+        try:
+            pairs = [line.split() for line in sums.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            pairs = [[]]
+        for pair in pairs:
+            if len(pair) != 2 or len(pair[0]) != 64 or pair[1] not in info.files or any(
+                    c not in "0123456789abcdef" for c in pair[0]):
+                raise ChecksumError(f"{sums} is damaged (expected lines '<sha256>  <file>' "
+                                    f"naming {', '.join(info.files)}). {fix}")
+            if files.get(pair[1]) is None:
+                files[pair[1]] = pair[0]
+    return files, fix
 
 
 @functools.lru_cache(maxsize=8)

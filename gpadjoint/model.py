@@ -24,6 +24,7 @@ import functools
 import json
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import jax
@@ -35,7 +36,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import __version__
 from . import predict as gpred
-from ._io import atomic_write
+from ._io import ReadError, atomic_write, check_writable, read_npz
 from .config import RunConfig, default_config, keywords, load_config
 from .data import hyperparameters_in_data_units
 from .kernels import Params, constrain
@@ -53,6 +54,12 @@ except ImportError:  # pragma: no cover - older scikit-learn
 
 MODEL_FORMAT = "gpadjoint-model-v2"
 _PARAM_FIELDS = Params._fields
+# what GPRegressor.load needs from a model file: arrays, and keys of its JSON metadata
+_MODEL_ARRAYS = ("X_train", "y_train", "x_mean", "x_std", "alpha",
+                 *(f"params_{f}" for f in _PARAM_FIELDS))
+_MODEL_META = ("settings", "unsaved_settings", "y_mean", "y_std", "backend", "backend_reason",
+               "variance", "variance_reason", "estimator", "predict_dtype", "solver", "seed",
+               "stopped_reason", "history", "feature_names_in")
 # GPRegressor's run settings: one keyword per key of a run configuration (config.keywords)
 SETTINGS = tuple(keywords())
 
@@ -266,7 +273,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         (``callback(record, state)`` after each epoch; True stops the fit, and the posterior is
         then not solved: ``alpha_`` is None until a fit completes), ``settings`` (extra JSON
         settings stored in the checkpoint's fingerprint), ``progress`` (None: as ``verbose``;
-        True, False, or "auto": a progress line when stderr is a terminal).
+        True, False, or "auto": a progress line when stderr is a terminal). A ``checkpoint``
+        that cannot be written is refused before any work (:class:`~gpadjoint._io.WriteError`,
+        an OSError naming the path and the reason), and so is a failed checkpoint write later.
 
         Returns self.
         """
@@ -274,6 +283,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
         cfg = self.run_config()
         X, y = self._validate_fit(X, y)
+        if checkpoint is not None:  # refused now, not at the first checkpoint after hours
+            check_writable(checkpoint, "checkpoint")
         self.config_ = cfg
         say = print if self.verbose else (lambda *a, **k: None)
         x_mean, x_std, y_mean, y_std = normalisation(X, y, cfg.model.scale_y)
@@ -570,23 +581,38 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         cache = getattr(self, "_love_cache", {})
         if "R" in cache:
             arrays["love_R"] = cache["R"]
-        return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        return atomic_write(path, lambda fh: np.savez(fh, **arrays), what="model file")
 
     @classmethod
     @_x64
     def load(cls, path) -> GPRegressor:
-        """Read a model written by :meth:`save`; it predicts without refitting."""
+        """Read a model written by :meth:`save`; it predicts without refitting.
+
+        Raises FileNotFoundError if absent and :class:`~gpadjoint._io.ReadError` (a ValueError
+        naming the file and what to do) if it is damaged or not a gpadjoint model file.
+        """
         path = Path(path)
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-        if "meta" not in data:
-            raise ValueError(f"{path} is not a {MODEL_FORMAT} file (no metadata)")
-        meta = json.loads(str(data["meta"]))
+        if not path.is_file():
+            raise FileNotFoundError(f"no model file at {path}")
+        fix = ("fit and save the model again (gpadjoint fit ... --save-model PATH, or "
+               "GPRegressor.save)")
+        try:
+            data = read_npz(path)
+            meta = json.loads(str(data["meta"])) if "meta" in data else None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
+            raise ReadError(f"{path} is not a readable gpadjoint model file (damaged, or "
+                            f"another kind of file: {e}); {fix}") from None
+        if not isinstance(meta, dict):
+            raise ReadError(f"{path} is not a {MODEL_FORMAT} file (no metadata); {fix}")
         if meta.get("format") != MODEL_FORMAT:
-            raise ValueError(
+            raise ReadError(
                 f"{path} is a {meta.get('format')!r} file, expected {MODEL_FORMAT}; files of "
                 "gpadjoint-model-v1 (before the settings took their config names) cannot be "
                 "read: refit and save again")
+        missing = [k for k in _MODEL_ARRAYS if k not in data] + [
+            k for k in _MODEL_META if k not in meta]
+        if missing:
+            raise ReadError(f"{path} lacks the model entries {', '.join(missing)}; {fix}")
         if meta["unsaved_settings"]:
             warnings.warn(
                 f"{path}: settings {meta['unsaved_settings']} were not JSON values and were "
