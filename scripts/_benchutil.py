@@ -231,11 +231,107 @@ def begin_segment(ckpt: Path | None, from_epoch: int) -> list[dict]:
     segs.append({"from_epoch": from_epoch, "started": datetime.now(timezone.utc).isoformat(),
                  "load_avg": load_avg(), "commit": git_commit()})
     if side is not None:
-        from gpadjoint._io import atomic_write
-
-        text = json.dumps(segs)
-        atomic_write(side, lambda fh, t=text: fh.write(t), binary=False)
+        _write_json(side, segs)
     return segs
+
+
+def sessions_path(ckpt: Path) -> Path:
+    """Return the side file holding the wall-clock seconds of each process a run took."""
+    return ckpt.parent / (ckpt.name + ".sessions")
+
+
+def _write_json(path: Path, obj) -> None:
+    from gpadjoint._io import atomic_write
+
+    text = json.dumps(obj)
+    atomic_write(path, lambda fh, t=text: fh.write(t), binary=False)
+
+
+class SessionClock:
+    """Wall-clock seconds of one process's share of a run, per stage, kept in a side file.
+
+    A run longer than a working session is killed at the session's end and continues from its
+    checkpoint in the next command; its record must still sum the time of every session.
+    Each process appends one entry (start, load, commit, ``seconds`` per stage) to the side
+    file ``sessions_path(ckpt)`` (none when ``ckpt`` is None) and a daemon thread writes the
+    running totals every ``tick`` seconds, so that a killed process loses at most one tick.
+    The file outlives a killed process and is removed with the checkpoint once the record is
+    written; a process killed before its first checkpoint is kept in it too (its seconds were
+    spent on this run). ``stage(name)`` starts a stage ("run": the method's fit and prediction;
+    "common": the common evaluator); :meth:`stop` ends the last one.
+    """
+
+    def __init__(self, ckpt: Path | None, tick: float = 20.0):
+        import threading
+
+        self.side = sessions_path(Path(ckpt)) if ckpt is not None else None
+        self.entries = (json.loads(self.side.read_text())
+                        if self.side is not None and self.side.exists() else [])
+        self.entries.append({"started": datetime.now(timezone.utc).isoformat(),
+                             "load_avg": load_avg(), "commit": git_commit(), "seconds": {}})
+        self.tick = tick
+        self._name, self._t0 = None, None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._update()
+        if self.side is not None:
+            threading.Thread(target=self._beat, daemon=True).start()
+
+    def _update(self) -> None:
+        with self._lock:
+            if self._name is not None:
+                now = time.perf_counter()
+                sec = self.entries[-1]["seconds"]
+                sec[self._name] = sec.get(self._name, 0.0) + now - self._t0
+                self._t0 = now
+            if self.side is not None:
+                _write_json(self.side, self.entries)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.tick):
+            self._update()
+
+    def stage(self, name: str) -> None:
+        """End the current stage (if any) and start ``name``."""
+        self._update()
+        with self._lock:
+            self._name, self._t0 = name, time.perf_counter()
+
+    def stop(self) -> list[dict]:
+        """End the last stage; return every process's entry, this one last."""
+        self._update()
+        with self._lock:
+            self._name = None
+        self._done.set()
+        return self.entries
+
+    def earlier(self) -> dict:
+        """Seconds per stage summed over the earlier processes (all entries but this one)."""
+        out: dict = {}
+        for e in self.entries[:-1]:
+            for k, v in e["seconds"].items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def run_cost(rec: dict) -> dict | None:
+    """Return what a gpadjoint run's fit cost, from its per-step curves (None without steps).
+
+    ``evaluations``: loss-and-gradient evaluations at all n (L-BFGS's line search included;
+    one per epoch for Adam); ``passes_per_evaluation`` / ``cg_iterations_per_evaluation``:
+    kernel passes over the n x n pairs and CG iterations, averaged over those evaluations;
+    ``steps``: optimiser steps. What bounds a run's time is these three numbers times the
+    seconds of one pass.
+    """
+    passes = [p for p in rec.get("passes_curve") or [] if p is not None]
+    cg = [c for c in rec.get("cg_iterations_curve") or [] if c is not None]
+    if not passes:
+        return None
+    ev = [e if e is not None else 1 for e in rec.get("evaluations_curve") or [None] * len(passes)]
+    n_ev = sum(ev)
+    return {"steps": len(passes), "evaluations": n_ev,
+            "passes_per_evaluation": sum(passes) / n_ev,
+            "cg_iterations_per_evaluation": sum(cg) / n_ev if cg else None}
 
 
 # --- records --------------------------------------------------------------------------------

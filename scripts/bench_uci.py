@@ -10,6 +10,14 @@ working session (GPyTorch's 75 epochs on kin40k: ~3.75 h here) is done in pieces
 is listed in the record's ``segments`` (first epoch, start time, load), and the timings are
 per epoch, so time to quality stays the sum of training seconds.
 
+Each record gives ``fit_seconds``, ``predict_seconds`` and ``total_seconds`` (their sum) over
+every session the run took: a run longer than a working session is killed at its end and
+continues from its checkpoint when the same command is run again (bench_uci passes
+``--resume`` to ``gpadjoint fit`` itself); each process's wall clock is kept beside the
+checkpoint while it runs (``_benchutil.SessionClock``), and the record says how many sessions
+there were (``sessions``, ``session_seconds``) and what the fit's time was made of (``cost``:
+evaluations, passes and CG iterations per evaluation).
+
 Both methods see the same official split and preprocessing (inputs z-scored with training
 statistics, targets centred, not scaled), the same model (constant mean, output scale x
 Matern-3/2 ARD, noise > 1e-4, softplus), the same initial raw values (N(0, 1) drawn by
@@ -167,7 +175,8 @@ def run_gpadjoint(spec: dict) -> dict:
         if rc != 0:
             raise RuntimeError(
                 f"gpadjoint fit exited with {rc}"
-                + (f" resuming from {ckpt} (delete it to start over)" if resume else ""))
+                + (f" resuming from {ckpt} (delete it and its .segments and .sessions files "
+                   "to start over)" if resume else ""))
         rec = json.loads(out.read_text())
     s = bu.load_split(spec["dataset"], spec["split"])
     hist = rec["history"]
@@ -310,12 +319,17 @@ def child(spec: dict) -> dict:
     t0 = time.time()
     if spec.get("common_predict"):
         return common_predict(spec, spec["common_predict"])
+    # this process's share of the run's wall clock, kept beside the checkpoint while it runs
+    clock = bu.SessionClock(spec.get("checkpoint"))
+    clock.stage("run")
 
     def after_train(res):
         kept_start = (res.get("full_fit") or {}).get("fit") is False  # no full-n estimate
         if spec.get("common", True) and (res["final_train_loss"] is not None or kept_start):
+            clock.stage("common")
             res.update(_earlier_common_loss(spec, res)
                        or common_loss(spec, res["final_hyperparameters"]))
+            clock.stage("run")
         bu.save_progress(spec, res | {"stage": "predict"})
 
     if spec["method"] == "gpytorch":
@@ -329,9 +343,43 @@ def child(spec: dict) -> dict:
     else:
         res = run_gpadjoint(spec)
         after_train(res)
+    res.update(run_seconds(spec["method"], res, clock.earlier(), clock.stop()))
     res["child_seconds"] = time.time() - t0
     res["peak_rss_mib"] = bu.peak_rss_mib()
     return res
+
+
+def run_seconds(method: str, res: dict, earlier: dict, sessions: list[dict]) -> dict:
+    """Return a record's time account: fit, predict and total seconds over every session.
+
+    ``earlier``: seconds per stage of the processes before this one (a run killed at a working
+    session's end continues from its checkpoint in the next command); ``sessions``: every
+    process's entry (:class:`_benchutil.SessionClock`), this one last.
+
+    gpadjoint: ``fit_seconds`` is this process's ``gpadjoint fit`` wall clock less its
+    prediction, plus the whole "run" stage of every earlier process (its fit, and any
+    prediction it began before it was killed: that time was spent on this run too).
+    GPyTorch: its ``train_seconds``, which its checkpoint already sums over the sessions'
+    finished epochs. ``total_seconds`` = fit + predict; the common evaluator's seconds (a
+    benchmark measurement, not part of the run) are ``common_seconds``, summed the same way.
+    """
+    if method == "gpytorch":
+        fit = res["train_seconds"]
+    else:
+        fit = earlier.get("run", 0.0) + res["total_wall_seconds"] - res["predict_seconds"]
+    this_common = sessions[-1]["seconds"].get("common", 0.0)
+    common = earlier.get("common", 0.0) + this_common
+    return {
+        "fit_seconds": fit,
+        "predict_seconds": res["predict_seconds"],
+        "total_seconds": fit + res["predict_seconds"],
+        "common_seconds": common if common > 0 else None,
+        "sessions": len(sessions),
+        "session_seconds": sessions,
+        # what the fit's time was made of (None for GPyTorch, whose curves count no passes
+        # per evaluation): evaluations, passes and CG iterations per evaluation
+        "cost": None if method == "gpytorch" else bu.run_cost(res),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,9 +498,12 @@ def main(argv=None) -> int:
                     if rec["status"] == "ok":  # finished: nothing left to resume
                         ckpt.unlink(missing_ok=True)
                         bu.segments_path(ckpt).unlink(missing_ok=True)
+                        bu.sessions_path(ckpt).unlink(missing_ok=True)
                     print(
                         f"  -> {rec['status']}: rmse {rec.get('test_rmse')}, "
                         f"s/epoch {rec.get('seconds_per_epoch')}, "
+                        f"total s {rec.get('total_seconds')} over {rec.get('sessions')} "
+                        "session(s), "
                         f"common loss {rec.get('final_train_loss_common')}",
                         flush=True,
                     )

@@ -184,11 +184,17 @@ def test_killed_run_resumes_on_the_same_trajectory(records, tmp_path, method):
     ref = recs[f"{name}.json"]
     assert r["status"] == "ok" and r["resumed_from_epoch"] == 1
     assert [s["from_epoch"] for s in r["segments"]] == [0, 1]
+    # the record counts both processes (the killed one's seconds, kept every clock tick, may
+    # be none on this tiny set: tests/test_bench_table.py checks they are summed)
+    assert r["sessions"] == 2 and len(r["session_seconds"]) == 2
+    assert r["session_seconds"][1]["seconds"]["run"] > 0
+    assert r["total_seconds"] == pytest.approx(r["fit_seconds"] + r["predict_seconds"])
     assert len(r["loss_curve"]) == len(r["seconds_curve"]) == 2
     np.testing.assert_allclose(r["loss_curve"], ref["loss_curve"], rtol=1e-6)
     assert r["final_train_loss_common"] == pytest.approx(ref["final_train_loss_common"],
                                                          rel=1e-6)
     assert not ckpt.exists() and not list(out.glob("*.segments"))
+    assert not list(out.glob("*.sessions"))
 
 
 def test_run_killed_in_prediction_reuses_its_common_loss(records, tmp_path):
