@@ -10,7 +10,8 @@ the exact posterior by blocked float64 Cholesky (:mod:`gpadjoint.exact`) against
 posterior (:mod:`gpadjoint.predict`: mean by CG, variance by block CG and by LOVE) at each
 tolerance. Writes ``results/predict_cg_tol.json``: per data set and tolerance |dRMSE| and
 |dNLL| against the exact posterior, and LOVE's |dNLL|. ``[predict] cg_tol`` is set from it: the
-loosest tolerance whose |dRMSE| and |dNLL| are <= 1e-3 on both.
+loosest tolerance at which, and at every tighter one, |dRMSE| and |dNLL| are <= 1e-3 on both
+(the block-CG variance's error is not monotone in the tolerance on kin40k).
 """
 
 from __future__ import annotations
@@ -96,10 +97,10 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", nargs="+", default=["elevators", "kin40k"])
     args = ap.parse_args(argv)
     runs = [measure(ds, args.n, args.m) for ds in args.datasets]
-    ok = [t for t in TOLS if all(
-        r["rmse_abs_diff"] <= 1e-3 and r["nll_abs_diff"] <= 1e-3
-        for run in runs for r in run["cg"] if r["tol"] == t)]
-    rec = {"runs": runs, "loosest_tol_within_1e-3": max(ok) if ok else None,
+    ok = {t: all(r["rmse_abs_diff"] <= 1e-3 and r["nll_abs_diff"] <= 1e-3
+                 for run in runs for r in run["cg"] if r["tol"] == t) for t in TOLS}
+    safe = [t for t in TOLS if all(ok[u] for u in TOLS if u <= t)]
+    rec = {"runs": runs, "loosest_tol_within_1e-3": max(safe) if safe else None,
            "command": "python scripts/predict_cg_tol.py " + " ".join(sys.argv[1:]),
            "commit": bu.git_commit(), "machine": bu.machine(), "versions": bu.versions()}
     OUT.write_text(json.dumps(rec, indent=1))
