@@ -262,6 +262,7 @@ def _test_scores(model, X_test, y_test) -> dict:
         predict_seconds=solve["seconds"] + time.time() - t0,
         predict_cg_iterations=solve["iterations"], predict_cg_residual=solve["residual"],
         variance_method=model.variance_, predict_solver=model.solver_,
+        posterior=model.posterior_, posterior_reason=model.posterior_reason_,
     )
 
 

@@ -58,6 +58,7 @@ OPTIMIZERS = ("auto", "adam", "adamw", "sgd", "lbfgs")
 SCHEDULES = ("constant", "cosine", "exponential")
 INITS = ("softplus0", "normal")
 VARIANCES = ("exact", "love", "auto")
+POSTERIORS = ("auto", "exact", "cg")
 FULL_FITS = ("auto", "always", "never")
 
 
@@ -181,9 +182,10 @@ class PredictConfig(Section):
     SECTION: ClassVar[str] = "predict"
     _TYPES: ClassVar[dict[str, type]] = {
         "cg_tol": float, "max_cg_iter": int, "variance": str, "love_rank": int,
-        "batch_size": int,
+        "batch_size": int, "posterior": str,
     }
 
+    posterior: str = _DEFAULTS["predict"]["posterior"]
     cg_tol: float = _DEFAULTS["predict"]["cg_tol"]
     max_cg_iter: int = _DEFAULTS["predict"]["max_cg_iter"]
     variance: str = _DEFAULTS["predict"]["variance"]
@@ -193,6 +195,7 @@ class PredictConfig(Section):
     def _validate(self):
         self._positive("cg_tol", "max_cg_iter", "love_rank", "batch_size")
         self._choice("variance", VARIANCES)
+        self._choice("posterior", POSTERIORS)
 
 
 _SECTIONS: dict[str, type[Section]] = {

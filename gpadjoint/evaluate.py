@@ -5,7 +5,7 @@ mBCG trace estimates in GPyTorch). To compare two fits like with like, :func:`ex
 evaluates the same quantity for given hyperparameters with one accurate method:
 
 * ``"cholesky"``: float64 dense Cholesky, the kernel matrix built row block by row block
-  straight into one preallocated array and factorised in place by :func:`blocked_cholesky`
+  straight into one preallocated array and factorised in place (:mod:`gpadjoint.exact`)
   (one n x n float64 array of memory: 1.8 GB at n = 15 000, 10 GB at n = 36 000);
 * ``"slq"``: when that array does not fit, float64 SLQ with many probes and deep Lanczos on the
   blocked backend, split by a rank-200 pivoted-Cholesky preconditioner (log det P exact, SLQ
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import exact
 from .kernels import Hypers, cross_cov
 
 __all__ = ["exact_loss", "exact_point", "exact_scale_gradient", "choose_method"]
@@ -35,36 +36,14 @@ __all__ = ["exact_loss", "exact_point", "exact_scale_gradient", "choose_method"]
 QUAD_LOSS_ERROR = 1e-7
 
 
-def _available_bytes() -> int:
-    from .matvec import available_memory_bytes
-
-    return available_memory_bytes()
-
-
 def choose_method(n: int, memory_fraction: float = 0.7) -> tuple[str, str]:
     """Pick ``cholesky`` when one float64 n x n array fits in ``memory_fraction`` of memory.
 
-    The factorisation is in place, so besides that array it needs one block of rows (block x n)
-    and the process itself: 0.7 leaves room for both and lets protein (n = 41 157, 12.6 GiB)
-    and keggdirected (43 945, 14.4 GiB) be scored exactly on a 24 GiB machine.
+    :func:`gpadjoint.exact.factor_fits`: 0.7 lets protein (n = 41 157, 12.6 GiB) and
+    keggdirected (43 945, 14.4 GiB) be scored exactly on a 24 GiB machine.
     """
-    need = 8 * n * n
-    avail = _available_bytes()
-    if need <= memory_fraction * avail:
-        return "cholesky", f"K needs {need / 2**30:.1f} GiB of {avail / 2**30:.1f} GiB available"
-    return (
-        "slq",
-        f"K would need {need / 2**30:.1f} GiB, more than {memory_fraction:.0%} of "
-        f"{avail / 2**30:.1f} GiB available",
-    )
-
-
-def _as_hypers(lengthscale, outputscale, noise) -> Hypers:
-    return Hypers(
-        lengthscale=jnp.asarray(np.asarray(lengthscale, np.float64).reshape(-1)),
-        outputscale=jnp.asarray(float(outputscale), jnp.float64),
-        noise=jnp.asarray(float(noise), jnp.float64),
-    )
+    fits, reason = exact.factor_fits(n, memory_fraction)
+    return ("cholesky" if fits else "slq"), reason
 
 
 def _checked(X, y, lengthscale, outputscale, noise, mean, noise_above: float):
@@ -74,7 +53,7 @@ def _checked(X, y, lengthscale, outputscale, noise, mean, noise_above: float):
     n = X.shape[0]
     if X.ndim != 2 or r.shape != (n,):
         raise ValueError(f"X must be (n, d) and y (n,); got {X.shape} and {r.shape}")
-    h = _as_hypers(lengthscale, outputscale, noise)
+    h = exact.as_hypers(lengthscale, outputscale, noise)
     if not (float(h.noise) > noise_above and float(h.outputscale) > 0
             and bool(jnp.all(h.lengthscale > 0))):
         above = f" (noise above {noise_above})" if noise_above else ""
@@ -123,7 +102,7 @@ def exact_loss(
         out = _cholesky_loss(X, r, h, kernel, block)
     else:
         out = _slq_loss(X, r, h, kernel, num_probes, lanczos_depth, seed, precond_rank)
-    out["loss"] = _loss(out, n)
+    out["loss"] = exact.neg_mll_from_terms(out["quad"], out["logdet"], n)
     out.update(method=method, reason=reason, seconds=time.perf_counter() - t0)
     return out
 
@@ -157,126 +136,19 @@ def exact_point(
     if Xt.ndim != 2 or Xt.shape[1] != X.shape[1]:
         raise ValueError(f"X_test must be (m, {X.shape[1]}) like X; got {Xt.shape}")
     t0 = time.perf_counter()
-    L, z, out = _cholesky_whiten(X, r, h, kernel, block)
-    alpha = _backward_substitution(L, z, block)
-    Xj = jnp.asarray(X)
-    cross = jax.jit(lambda A: cross_cov(kernel, A, Xj, h))
-    mu = np.empty(len(Xt))
-    var = np.empty(len(Xt))
-    for i in range(0, len(Xt), block):
-        Ks = np.asarray(cross(jnp.asarray(Xt[i : i + block])))  # (m, n)
-        mu[i : i + block] = float(mean) + Ks @ alpha
-        V = _forward_substitution(L, Ks.T, block)  # L^-1 K(X, X*) for this batch
-        var[i : i + block] = float(h.outputscale) - np.sum(V * V, axis=0) + float(h.noise)
-    return out | {"loss": _loss(out, X.shape[0]), "mean": mu, "var": var,
-                  "seconds": time.perf_counter() - t0}
-
-
-def _loss(out: dict, n: int) -> float:
-    """-log p(y) / n from log det K and y^T K^-1 y, 2 pi included."""
-    return 0.5 * (out["quad"] + out["logdet"] + n * math.log(2 * math.pi)) / n
-
-
-def _factor(X, h: Hypers, kernel: str, block: int) -> np.ndarray:
-    """K = s2 k(X/l, X/l) + noise I built row block by row block, then factorised in place."""
-    n = X.shape[0]
-    K = np.empty((n, n), np.float64)
-    Xj = jnp.asarray(X)
-    rows = jax.jit(lambda A: cross_cov(kernel, A, Xj, h))
-    for i in range(0, n, block):
-        K[i : i + block] = np.asarray(rows(Xj[i : i + block]))
-    K[np.diag_indices(n)] += float(h.noise)
-    return blocked_cholesky(K, block)
-
-
-def _cholesky_whiten(X, r, h: Hypers, kernel: str, block: int):
-    """(L, z = L^-1 r, {"logdet", "quad"}) from one blocked factorisation of K."""
-    L = _factor(X, h, kernel, block)
-    z = _forward_substitution(L, r, block)
-    return L, z, {"logdet": 2.0 * float(np.sum(np.log(np.diag(L)))), "quad": float(z @ z)}
+    f = exact.factor(X, y, h, mean, kernel=kernel, block=block)
+    mu, var = exact.posterior(f, Xt)
+    return {"loss": f.loss, "logdet": f.logdet, "quad": f.quad, "mean": mu, "var": var,
+            "seconds": time.perf_counter() - t0}
 
 
 def _cholesky_loss(X, r, h: Hypers, kernel: str, block: int) -> dict:
-    return _cholesky_whiten(X, r, h, kernel, block)[2]
+    f = exact.factor(X, r, h, 0.0, kernel=kernel, block=block)
+    return {"logdet": f.logdet, "quad": f.quad}
 
 
-def blocked_cholesky(A: np.ndarray, block: int = 2048) -> np.ndarray:
-    """Factorise the symmetric positive definite ``A`` in place: its lower triangle becomes L.
-
-    Right-looking and blocked: LAPACK only ever sees ``block``-sized pieces and the trailing
-    updates are numpy matrix products. One LAPACK call on the whole matrix (scipy's
-    ``cholesky``) segfaulted at n = 36 000 (kin40k) on this machine, which lost two 50-minute
-    benchmark runs: its 32-bit LAPACK indexing cannot address the 10 GB array. Memory stays one
-    n x n array plus an (n, block) panel. The strict upper triangle is left as it was.
-    """
-    import scipy.linalg as sla
-
-    n = A.shape[0]
-    for k in range(0, n, block):
-        e = min(k + block, n)
-        try:
-            A[k:e, k:e] = sla.cholesky(A[k:e, k:e], lower=True, check_finite=False)
-        except np.linalg.LinAlgError as err:
-            raise np.linalg.LinAlgError(
-                f"the float64 kernel matrix is not positive definite (pivot block {k}:{e}): "
-                f"{err}") from err
-        if e == n:
-            break
-        L11 = A[k:e, k:e]
-        # panel: L21 = A21 L11^-T
-        A[e:, k:e] = sla.solve_triangular(L11, A[e:, k:e].T, lower=True,
-                                          check_finite=False).T
-        L21 = A[e:, k:e]
-        # trailing update of the lower triangle, one column block at a time
-        for j in range(e, n, block):
-            je = min(j + block, n)
-            A[j:, j:je] -= L21[j - e :] @ L21[j - e : je - e].T
-    return A
-
-
-def _forward_substitution(L: np.ndarray, r: np.ndarray, block: int) -> np.ndarray:
-    """Solve L z = r (r: (n,) or (n, m)) for the lower triangle of L, block row by block row."""
-    import scipy.linalg as sla
-
-    n = L.shape[0]
-    z = np.empty(r.shape, np.float64)
-    for k in range(0, n, block):
-        e = min(k + block, n)
-        rhs = r[k:e] - L[k:e, :k] @ z[:k]
-        z[k:e] = sla.solve_triangular(L[k:e, k:e], rhs, lower=True, check_finite=False)
-    return z
-
-
-def _backward_substitution(L: np.ndarray, z: np.ndarray, block: int) -> np.ndarray:
-    """Solve L^T a = z for the lower triangle of L, block row by block row from the end."""
-    import scipy.linalg as sla
-
-    n = L.shape[0]
-    a = np.empty(n, np.float64)
-    for k in range(((n - 1) // block) * block, -1, -block):
-        e = min(k + block, n)
-        rhs = z[k:e] - L[e:, k:e].T @ a[e:]
-        a[k:e] = sla.solve_triangular(L[k:e, k:e], rhs, lower=True, trans="T",
-                                      check_finite=False)
-    return a
-
-
-def _trace_of_inverse(L: np.ndarray, block: int) -> float:
-    """tr(K^-1) = ||L^-1||_F^2, one block of columns of L^-1 at a time (n^3 / 6 flops)."""
-    import scipy.linalg as sla
-
-    n = L.shape[0]
-    total = 0.0
-    for c in range(0, n, block):
-        ce = min(c + block, n)
-        Z = np.empty((n - c, ce - c), np.float64)  # rows c: of L^-1[:, c:ce]; above c it is 0
-        for i in range(c, n, block):
-            ie = min(i + block, n)
-            rhs = np.eye(ce - c) if i == c else -(L[i:ie, c:i] @ Z[: i - c])
-            Z[i - c : ie - c] = sla.solve_triangular(L[i:ie, i:ie], rhs, lower=True,
-                                                     check_finite=False)
-        total += float(np.sum(Z * Z))
-    return total
+# the blocked linear algebra lives in gpadjoint.exact; these names are kept for callers
+blocked_cholesky = exact.cholesky_in_place
 
 
 def exact_scale_gradient(
@@ -302,10 +174,10 @@ def exact_scale_gradient(
     n = X.shape[0]
     s, sig = float(outputscale), float(noise)
     t0 = time.perf_counter()
-    L = _factor(X, h, kernel, block)
-    alpha = _backward_substitution(L, _forward_substitution(L, r, block), block)
-    tr_inv = _trace_of_inverse(L, block)
-    del L
+    f = exact.factor(X, y, h, mean, kernel=kernel, block=block)
+    alpha = f.alpha
+    tr_inv = exact.trace_of_inverse(f.L, block)
+    del f
     ra, aa = float(r @ alpha), float(alpha @ alpha)
     g_s = ((n - sig * tr_inv) - (ra - sig * aa)) / (2.0 * s * n)
     g_noise = (tr_inv - aa) / (2.0 * n)

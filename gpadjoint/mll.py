@@ -11,18 +11,20 @@ preconditioned by a rank-r pivoted Cholesky (:mod:`gpadjoint.solve`, implicit gr
 One call gives a value whose gradient (``jax.value_and_grad``) is the exact gradient of *this*
 estimator: the probes are drawn from the key passed in, so value and gradient share them.
 
-:func:`neg_mll_exact` is the dense Cholesky reference (O(n^3)), used by tests and as the common
-accurate evaluator of the benchmarks.
+:func:`neg_mll_exact` is the dense Cholesky reference (O(n^3)), and the ``"exact"`` estimator
+the trainer runs under jit at n <= ``exact_max_n``: one JAX Cholesky of the whole K with a
+closed-form VJP. Its formula is :func:`gpadjoint.exact.neg_mll_from_terms`, and it is tested equal
+to the blocked float64 path of :mod:`gpadjoint.exact` (value and gradient), which serves every
+size outside the trainer (evaluation, prediction, the reference fit).
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .exact import neg_mll_from_terms
 from .fused import slq_and_solve
 from .kernels import NOISE_FLOOR, Params, constrain, cross_cov, dense_cov
 from .logdet import half_inverse_factors, rademacher, slq_from_tridiag
@@ -131,7 +133,7 @@ def neg_mll(
         half=half,
     )
     logdet = logdet_P + slq_from_tridiag(tri, lower)
-    value = 0.5 * (quad + logdet + n * math.log(2 * math.pi)) / n
+    value = neg_mll_from_terms(quad, logdet, n)
     aux = {
         "logdet": lax.stop_gradient(logdet),
         "quad": lax.stop_gradient(quad),
@@ -181,7 +183,7 @@ def _exact_terms(params: Params, X, y, *, kernel: str, noise_floor: float):
     K = dense_cov(kernel, X, constrain(params, noise_floor))
     r = y - params.mean
     logdet, quad, alpha = _chol_terms(K, r)
-    value = 0.5 * (quad + logdet + n * math.log(2 * math.pi)) / n
+    value = neg_mll_from_terms(quad, logdet, n)
     return value, logdet, quad, lax.stop_gradient(alpha)
 
 

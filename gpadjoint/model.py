@@ -138,8 +138,10 @@ class GPRegressor(RegressorMixin, BaseEstimator):
       all rows ("always"), keep that subset fit ("never"), or "auto": always, unless the
       estimator is SLQ and the subset fit interpolates (then every full-n CG solve runs to
       hundreds of passes; ``full_fit_`` says which and why).
-    - ``variance``, ``love_rank``, ``predict_cg_tol``, ``max_cg_iter``, ``batch_size``:
-      prediction (:mod:`gpadjoint.predict`).
+    - ``posterior``: "auto" (the exact posterior by blocked float64 Cholesky when its n x n
+      array fits in memory, else CG; in ``posterior_``), "exact" or "cg"; ``variance``,
+      ``love_rank``, ``predict_cg_tol``, ``max_cg_iter``, ``batch_size``: the CG posterior
+      (:mod:`gpadjoint.predict`).
 
     Two keywords are not run settings: ``devices`` (None: one device; N or "all": shard the rows
     of the data and of every kernel block and Lanczos / CG vector over that many devices,
@@ -156,8 +158,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     or None), ``full_fit_`` (whether all rows were fitted after it, and why),
     ``fit_seconds_`` (start and training), ``fit_info_`` (the trainer's info: compile
     seconds, fingerprint), ``solve_info_`` (the mean weights' solve: iterations, residual,
-    seconds), ``n_features_in_``, ``predict_dtype_`` and ``solver_`` (``"float64"`` and
-    ``"cholesky"`` after the exact estimator, whatever ``dtype``; else ``dtype`` and ``"cg"``).
+    seconds), ``n_features_in_``, ``posterior_`` and ``posterior_reason_`` (exact or cg, and
+    why), ``predict_dtype_`` and ``solver_`` (``"float64"`` and ``"cholesky"`` for the exact
+    posterior; else ``"cg"``, in float64 after the exact estimator and in ``dtype`` otherwise).
     """
 
     def __init__(
@@ -207,6 +210,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         init_subset=None,
         init_subset_max=None,
         full_fit=None,
+        posterior=None,
         predict_cg_tol=None,
         max_cg_iter=None,
         variance=None,
@@ -326,11 +330,17 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         self.mesh_, self.mesh_record_ = describe_mesh(mesh), mesh_record(mesh)
         say(f"backend: {name} ({reason}); kernel {mc.kernel}, {mc.dtype}")
         say(f"mesh: {self.mesh_}")
-        if cfg.predict.variance == "auto":
+        self.posterior_, self.posterior_reason_ = gpred.choose_posterior(
+            n, cfg.predict.posterior)
+        if self.posterior_ == "exact":
+            self.variance_, self.variance_reason_ = "exact", "the exact posterior's"
+        elif cfg.predict.variance == "auto":
             self.variance_, why = gpred.choose_variance(n)
             self.variance_reason_ = f"auto: {why}"
         else:
             self.variance_, self.variance_reason_ = cfg.predict.variance, "requested"
+        say(f"posterior: {self.posterior_} ({self.posterior_reason_}); variance "
+            f"{self.variance_}")
         self.estimator_, self.estimator_reason_ = choose_estimator(n, self._mll_config(n))
         if isinstance(self.optimizer, optax.GradientTransformation):
             optimizer = self.optimizer
@@ -410,19 +420,25 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         return result.params, bool(stop)
 
     def _solve_alpha(self, backend) -> None:
-        """Set ``alpha_`` and the prediction engine that follows the estimator.
+        """Set ``alpha_`` and the prediction engine (``posterior_``, chosen in :meth:`_choose`).
 
-        Prediction works in the precision the loss was computed in (the exact estimator's
-        float64, else ``dtype``) and, after the exact estimator, by the same dense Cholesky:
-        exact where CG's relative tolerance is not (the variance cancels catastrophically when
-        the noise is tiny next to the signal).
+        ``exact``: one blocked float64 Cholesky factor (:func:`gpadjoint.predict.exact_factor`),
+        kept for :meth:`predict`. ``cg``: one CG solve, in float64 after the exact estimator
+        (its precision) else in ``dtype``.
         """
-        self.predict_dtype_ = "float64" if self.estimator_ == "exact" else self.config_.model.dtype
-        self.solver_ = "cholesky" if self.estimator_ == "exact" else "cg"
+        exact_post = self._posterior() == "exact"
+        self.predict_dtype_ = ("float64" if exact_post or self.estimator_ == "exact"
+                               else self.config_.model.dtype)
+        self.solver_ = "cholesky" if exact_post else "cg"
         t0 = time.time()
+        if exact_post:
+            self._exact_cache = {}
+            self.alpha_ = np.asarray(self._exact_factor().alpha)
+            self.solve_info_ = {"iterations": 0, "residual": None, "seconds": time.time() - t0}
+            return
         Xn, yn = self._internal_train(jnp.dtype(self.predict_dtype_))
         alpha, info = gpred.mean_weights(
-            Xn, yn, self._params(self.predict_dtype_), backend=backend, solver=self.solver_,
+            Xn, yn, self._params(self.predict_dtype_), backend=backend,
             noise_floor=self.config_.model.noise_floor, precond_rank=self._predict_rank(),
             tol=self._predict_tol(), max_iter=self.config_.predict.max_cg_iter,
         )
@@ -432,6 +448,22 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             "residual": float(np.max(np.asarray(info.residual))),
             "seconds": time.time() - t0,
         }
+
+    def _posterior(self) -> str:
+        # a model saved before posterior_ existed: its "cholesky" solver was the exact posterior
+        post = getattr(self, "posterior_", None)
+        return post or ("exact" if getattr(self, "solver_", "cg") == "cholesky" else "cg")
+
+    def _exact_factor(self):
+        """Return the blocked float64 factor at the fitted parameters, built on first use."""
+        cache = self.__dict__.setdefault("_exact_cache", {})
+        if "factor" not in cache:
+            Xn = (self.X_train_ - self.x_mean_) / self.x_std_
+            yn = (self.y_train_ - self.y_mean_) / self.y_std_
+            cache["factor"] = gpred.exact_factor(
+                Xn, yn, self._params("float64"), kernel=self.config_.model.kernel,
+                noise_floor=self.config_.model.noise_floor)
+        return cache["factor"]
 
     def _mll_config(self, n: int) -> MLLConfig:
         """Return the [mll] settings with depth, rank and cg_min_iter clamped to n."""
@@ -492,6 +524,12 @@ class GPRegressor(RegressorMixin, BaseEstimator):
                              "its checkpoint)")
         X = self._validate_predict(X)
         cfg = self.config_
+        if self._posterior() == "exact":
+            mean, var = gpred.exact_posterior(
+                self._exact_factor(), (X - self.x_mean_) / self.x_std_,
+                batch_size=cfg.predict.batch_size)
+            mean = mean * self.y_std_ + self.y_mean_
+            return (mean, np.sqrt(var) * self.y_std_) if return_std else mean
         kernel, floor = cfg.model.kernel, cfg.model.noise_floor
         dtype = jnp.dtype(self._predict_dtype())
         Xs = jnp.asarray((X - self.x_mean_) / self.x_std_, dtype)
@@ -513,7 +551,6 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             Xs, Xn, params, backend=backend, method=self.variance_, include_noise=True,
             noise_floor=floor, precond_rank=self._predict_rank(), tol=self._predict_tol(),
             max_iter=cfg.predict.max_cg_iter, love_R=love_R, batch_size=cfg.predict.batch_size,
-            solver=self.solver_,
         )
         std = np.sqrt(np.asarray(var, np.float64)) * self.y_std_
         return mean, std

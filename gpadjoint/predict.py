@@ -1,4 +1,4 @@
-r"""Posterior prediction of a fitted GP: mean by preconditioned CG, variance exactly or by LOVE.
+r"""Posterior prediction of a fitted GP: exact by blocked Cholesky, or CG (exact or LOVE variance).
 
 Stage 7 (mll -> trainer -> **predict** -> model). Everything here works in the *internal*
 (normalised) units the trainer used; :mod:`gpadjoint.model` maps to and from the user's units.
@@ -11,6 +11,16 @@ With K = s2 k(X/l, X/l) + sigma2 I (n x n), k_* = s2 k(X/l, x_*/l) (n,) and mean
 
 ``var_y`` is what scikit-learn's ``GaussianProcessRegressor`` returns when the kernel ends in a
 ``WhiteKernel``: the spread of a future *measurement*, not of the noise-free function.
+
+Two posteriors (:func:`choose_posterior`, ``[predict] posterior``):
+
+``exact``
+    Mean and variance of the exact posterior from one blocked float64 Cholesky factor
+    (:mod:`gpadjoint.exact`; one n x n array, O(n^3)): :func:`exact_posterior`. ``auto`` takes it
+    whenever that array fits in memory.
+``cg``
+    Everything below: the mean by one preconditioned CG solve and the variance by one of the
+    two engines that follow. For when the factor does not fit.
 
 Solves use conjugate gradients preconditioned by a rank-r pivoted Cholesky
 (:mod:`gpadjoint.solve`). The CG tolerance for prediction defaults to :data:`DEFAULT_CG_TOL`
@@ -56,7 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .kernels import NOISE_FLOOR, Hypers, Params, constrain, cross_cov, dense_cov
+from . import exact
+from .kernels import NOISE_FLOOR, Hypers, Params, constrain, cross_cov
 from .lanczos import lanczos, tridiag_mask, tridiag_matrix
 from .matvec import Backend
 from .solve import (  # noqa: F401 (CGConvergenceWarning re-exported)
@@ -96,6 +107,48 @@ def choose_variance(n: int) -> tuple[str, str]:
     if n <= EXACT_VARIANCE_MAX_N:
         return "exact", f"n={n} <= {EXACT_VARIANCE_MAX_N}: block CG per test batch"
     return "love", f"n={n} > {EXACT_VARIANCE_MAX_N}: LOVE (one Lanczos root, O(n r) per point)"
+
+
+POSTERIORS = ("auto", "exact", "cg")
+
+
+def choose_posterior(n: int, requested: str = "auto",
+                     memory_fraction: float = 0.7) -> tuple[str, str]:
+    """Resolve ``[predict] posterior`` for n training points; returns ``(name, reason)``.
+
+    ``auto``: ``exact`` when one float64 n x n array fits in ``memory_fraction`` of the memory
+    available now (:func:`gpadjoint.exact.factor_fits`), else ``cg``.
+    """
+    if requested not in POSTERIORS:
+        raise ValueError(f"unknown posterior {requested!r}; choose one of {POSTERIORS}")
+    if requested != "auto":
+        return requested, "requested"
+    fits, why = exact.factor_fits(n, memory_fraction)
+    if fits:
+        return "exact", f"auto: {why}, so the exact posterior by blocked float64 Cholesky"
+    return "cg", f"auto: {why}, so CG (mean) with the configured variance engine"
+
+
+def exact_factor(X, y, params: Params, *, kernel: str, noise_floor: float = NOISE_FLOOR,
+                 block: int = exact.BLOCK) -> exact.Factor:
+    """Return the blocked float64 Cholesky factor of K at ``params`` (internal units).
+
+    For :func:`exact_posterior`; keep it to predict again without refactorising.
+    """
+    h = constrain(Params(*(jnp.asarray(a, jnp.float64) for a in params)), noise_floor)
+    return exact.factor(np.asarray(X, np.float64), np.asarray(y, np.float64), h,
+                        float(params.mean), kernel=kernel, block=block)
+
+
+def exact_posterior(factor: exact.Factor, X_test, *, include_noise: bool = True,
+                    batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact posterior mean and variance (float64 numpy, (m,) each) at ``X_test``.
+
+    ``include_noise`` as in :func:`predict_variance`; the latent variance is clamped to
+    [0, s2] like the CG engines' (:func:`clamp_variance`).
+    """
+    return exact.posterior(factor, np.asarray(X_test, np.float64), include_noise=include_noise,
+                           batch=batch_size)
 
 
 def preconditioner(kernel: str, X, hypers: Hypers, rank: int) -> Preconditioner | None:
@@ -164,51 +217,20 @@ def mean_weights(
     precond_rank: int = 15,
     tol: float | None = None,
     max_iter: int = 1000,
-    solver: str = "cg",
 ) -> tuple[jax.Array, CGInfo]:
-    """Mean weights alpha = K^{-1} (y - mu), shape (n,), by preconditioned CG or Cholesky.
+    """Mean weights alpha = K^{-1} (y - mu), shape (n,), by preconditioned CG.
 
-    ``solver="cg"`` (default): ``tol`` (relative residual |y - mu - K alpha| / |y - mu|)
-    defaults to :func:`default_cg_tol` of X's dtype; warns (:class:`CGConvergenceWarning`) if
-    CG stopped at ``max_iter`` first. ``solver="cholesky"``: a dense factorisation (exact; for
-    the n where the exact estimator runs); the info then holds 0 iterations and the residual.
+    ``tol`` (relative residual |y - mu - K alpha| / |y - mu|) defaults to
+    :func:`default_cg_tol` of X's dtype; warns (:class:`CGConvergenceWarning`) if CG stopped at
+    ``max_iter`` first. The exact alternative is :func:`exact_posterior`.
     """
-    _check_solver(solver)
     hypers = constrain(params, noise_floor)
-    if solver == "cholesky":
-        r = y - params.mean
-        L = _cholesky(X, hypers, backend.kernel)
-        alpha = jax.scipy.linalg.cho_solve((L, True), r)
-        res = jnp.linalg.norm(r - dense_cov(backend.kernel, X, hypers) @ alpha) / jnp.maximum(
-            jnp.linalg.norm(r), jnp.finfo(X.dtype).tiny
-        )
-        return alpha, CGInfo(jnp.asarray(0), res[None])
     tol = default_cg_tol(X.dtype) if tol is None else float(tol)
     mv, args = backend.operator(X, hypers)
     P = preconditioner(backend.kernel, X, hypers, precond_rank)
     alpha, info = _solve(y - params.mean, args, P, mv=mv, tol=tol, max_iter=int(max_iter))
     _warn_if_unconverged(info.residual, tol, "posterior mean")
     return alpha, info
-
-
-SOLVERS = ("cg", "cholesky")
-
-
-def _check_solver(solver: str) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-
-
-def _cholesky(X, hypers: Hypers, kernel: str):
-    """Lower Cholesky factor of the dense K (O(n^2) memory: for the sizes of the exact path)."""
-    L = jnp.linalg.cholesky(dense_cov(kernel, X, hypers))
-    if not bool(jnp.all(jnp.isfinite(L))):
-        raise FloatingPointError(
-            f"Cholesky of K failed in {X.dtype} (noise {float(hypers.noise):.3g}, output scale "
-            f"{float(hypers.outputscale):.3g}): K is not numerically positive definite; "
-            "predict in float64 or raise the noise floor"
-        )
-    return L
 
 
 @partial(jax.jit, static_argnames=("mv", "tol", "max_iter"))
@@ -262,25 +284,13 @@ def latent_variance_exact(
     tol: float | None = None,
     max_iter: int = 1000,
     batch_size: int | None = None,
-    solver: str = "cg",
 ):
     """Unclamped s2 - diag(K_*^T K^{-1} K_*), shape (m,), by block CG per test batch.
 
-    With ``solver="cholesky"``: s2 - |L^{-1} K_*|^2 per column from one dense factorisation,
-    exact where CG's relative tolerance is not (the difference cancels catastrophically when
-    the noise is tiny next to the output scale). Use :func:`predict_variance` for the clamped
-    result; this one is exposed for tests.
+    Use :func:`predict_variance` for the clamped result; this one is exposed for tests.
     """
-    _check_solver(solver)
     hypers = constrain(params, noise_floor)
     batch = _batch_for(X_test.shape[0], X.shape[0], batch_size)
-    if solver == "cholesky":
-        L = _cholesky(X, hypers, backend.kernel)
-        out = [
-            _var_chol_batch(Xb, X, hypers, L, kernel=backend.kernel)[:valid]
-            for _, Xb, valid in _batches(X_test, batch)
-        ]
-        return jnp.concatenate(out) if out else jnp.zeros((0,), X.dtype)
     tol = default_cg_tol(X.dtype) if tol is None else float(tol)
     mv, args = backend.operator(X, hypers)
     P = preconditioner(backend.kernel, X, hypers, precond_rank)
@@ -293,12 +303,6 @@ def latent_variance_exact(
         worst.append(jnp.max(res[:valid]))
     _warn_if_unconverged(jnp.stack(worst) if worst else [], tol, "predictive variance")
     return jnp.concatenate(out) if out else jnp.zeros((0,), X.dtype)
-
-
-@partial(jax.jit, static_argnames=("kernel",))
-def _var_chol_batch(Xb, X, hypers, L, *, kernel):
-    V = jax.scipy.linalg.solve_triangular(L, cross_cov(kernel, X, Xb, hypers), lower=True)
-    return hypers.outputscale - jnp.sum(V * V, axis=0)
 
 
 @partial(jax.jit, static_argnames=("mv", "kernel", "tol", "max_iter"))
@@ -391,15 +395,13 @@ def predict_variance(
     y=None,
     love_rank: int = 100,
     batch_size: int | None = None,
-    solver: str = "cg",
 ):
     """Predictive variance at X_test, shape (m,), clamped (see module docstring).
 
     ``include_noise=True`` (default) gives var_y = var_f + sigma2, the variance of a new noisy
     observation; ``False`` gives var_f. ``method``: "exact", "love" or "auto"
     (:func:`choose_variance`). For LOVE pass a cached ``love_R`` or the targets ``y`` to build
-    one (:func:`love_root`, rank ``love_rank``). ``solver`` ("cg" or "cholesky") is how
-    "exact" solves (:func:`latent_variance_exact`).
+    one (:func:`love_root`, rank ``love_rank``).
     """
     if method not in VARIANCE_METHODS:
         raise ValueError(f"unknown variance method {method!r}; choose one of {VARIANCE_METHODS}")
@@ -410,7 +412,6 @@ def predict_variance(
         latent = latent_variance_exact(
             X_test, X, params, backend=backend, noise_floor=noise_floor,
             precond_rank=precond_rank, tol=tol, max_iter=max_iter, batch_size=batch_size,
-            solver=solver,
         )
     else:
         if love_R is None:

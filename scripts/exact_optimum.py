@@ -8,16 +8,11 @@ Matern-3/2 ARD kernel with noise >= 1e-4 (softplus + floor), inputs z-scored and
 but not scaled, to a gradient 2-norm <= 1e-6 in the raw (unconstrained) coordinates; with the
 test RMSE and NLL (predictive, noise included, target units) at that optimum.
 
-One value + gradient (:func:`make_value_and_grad`): K's upper triangle built in float64 by JAX
-by row blocks (the profile and hand-written VJP of :func:`gpadjoint.kernels.dense_cov`) into one
-n x n array, factorised in place by LAPACK ``dpotrf``; log det K from the factor's diagonal,
-alpha = K^-1 (y - mean) by ``dpotrs``; K^-1 in place by ``dpotri`` (n^3 flops with the
-factorisation, half of a solve against the identity); the cotangent Kbar = (K^-1 - alpha
-alpha^T) / (2n) is formed block row by block row and pulled back through ``jax.vjp`` of the
-row-block builder raw params -> K[i:e, i:] (off-diagonal blocks doubled: one pass over half the
-pairs gives every kernel parameter's gradient), and -sum(alpha) / n is the mean's. A single VJP
-of the whole n x n builder measured 8.7 GiB peak at n = 14 940 (five n x n arrays); this
-way the peak is 3.3 GiB.
+One value + gradient (:func:`make_value_and_grad`) is :func:`gpadjoint.exact.make_value_and_grad`:
+K built by row blocks into one n x n float64 array, factorised and inverted in place by blocks,
+and Kbar = (K^-1 - alpha alpha^T) / (2n) pulled back through the same row-block builder (one
+pass over half the pairs gives every kernel parameter's gradient); -sum(alpha) / n is the
+mean's. This script is the driver: the optimiser, the progress file and the record.
 
 Optimiser: scipy's L-BFGS-B on the flattened raw parameters, stopped by this script's own test
 |grad|_2 <= 1e-6 (raw coordinates) at every evaluation. The lengthscales of weak inputs drift to
@@ -42,14 +37,12 @@ finishes the evaluation under way, records it, then stops.
 
 Memory: one n x n float64 array (K, its factor and K^-1 in turn, in place; the builder and its
 VJP go by row blocks) plus ~2 GiB. The script refuses before starting when that does not fit in
-the available memory, or when n > ``--max-n`` (20 000: a whole-matrix dpotrf segfaulted at
-kin40k's n = 36 000 on this machine).
+the available memory, or when n > ``--max-n`` (no cap unless given).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -67,23 +60,16 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
-from scipy.linalg import lapack  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchutil as bu  # noqa: E402
 
+from gpadjoint import exact  # noqa: E402
 from gpadjoint.kernels import (  # noqa: E402
     NOISE_FLOOR,
-    PROFILE_DERIVATIVES,
-    Hypers,
     Params,
     constrain,
-    cross_cov,
-    get_profile,
-    sq_diff_basis,
-    sq_diff_sums,
-    sq_dist,
     unconstrain,
 )
 from gpadjoint.train import from_opt, opt_grad, to_opt  # noqa: E402
@@ -99,14 +85,12 @@ BLOCK = 1024  # rows per block of the K builder and its VJP
 # (JAX, compiled code) and a few (BLOCK, n) arrays of the builder and its VJP; OVERHEAD_GIB
 # covers the last two (measured: see the record's peak_rss_gib against nxn_array_gib).
 OVERHEAD_GIB = 2.0
-# One dpotrf call on the whole matrix segfaulted at n = 36 000 (kin40k) on this machine
-# (gpadjoint/evaluate.py, blocked_cholesky); this script is tested to n = 14 940, and refuses
-# above MAX_N unless --max-n raises it.
-MAX_N = 20000
-LOG2PI = math.log(2 * math.pi)
-# OpenBLAS threads for dpotrf/dpotri. On the shared 2-core machine (load average ~8 from other
-# jobs) one thread measured 0.67 s for dpotrf at n = 4000 against 1.1-5.4 s with two (threads
-# that wait for each other while the other core is taken); --blas-threads 2 on an idle machine.
+# Largest n to run (None: any n whose array fits); every step is blocked (gpadjoint.exact), so no
+# LAPACK call sees the whole matrix.
+MAX_N = None
+# OpenBLAS threads for the factorisation and inverse: one by default, since on a shared machine
+# threads that wait for each other while another job holds a core were slower than one thread;
+# --blas-threads 2 or more on an idle machine.
 BLAS_THREADS = 1
 
 
@@ -114,16 +98,12 @@ BLAS_THREADS = 1
 # value and gradient
 
 
-def flatten(p: Params) -> np.ndarray:
-    """[raw_lengthscale (d), raw_outputscale, raw_noise, mean] as one float64 vector."""
-    return np.concatenate([np.asarray(p.raw_lengthscale, np.float64).ravel(),
-                           np.asarray([p.raw_outputscale, p.raw_noise, p.mean], np.float64)])
+flatten = exact.flatten  # [raw_lengthscale (d), raw_outputscale, raw_noise, mean]
 
 
 def unflatten(theta) -> Params:
     """Inverse of :func:`flatten` (float64 JAX arrays)."""
-    t = jnp.asarray(np.asarray(theta, np.float64))
-    return Params(t[:-3], t[-3], t[-2], t[-1])
+    return Params(*(jnp.asarray(v) for v in exact.unflatten(theta)))
 
 
 def hypers_of(theta, noise_floor: float = NOISE_FLOOR) -> dict:
@@ -162,165 +142,25 @@ def grad_u(g, theta) -> np.ndarray:
     return flatten(opt_grad(_params_np(g), _params_np(theta)))
 
 
-class NotPositiveDefinite(np.linalg.LinAlgError):
-    """dpotrf found K not positive definite (cannot happen in exact arithmetic: noise >= floor)."""
-
-
-@functools.lru_cache(maxsize=8)
-def make_block_builder(kernel: str = KERNEL, noise_floor: float = NOISE_FLOOR):
-    """Build K by row blocks: ``(fill, pullback)`` for raw kernel parameters (d + 2,).
-
-    ``fill(raw, X, A, block)`` writes the upper triangle of K (rows i:e, columns i:, block by
-    block, C order) into the n x n array A; ``pullback(raw, X, Wfun, block)`` returns the
-    gradient sum_ij Kbar_ij dK_ij / d raw, where ``Wfun(i, e)`` gives the rows i:e, columns i:
-    of Kbar with the columns from e on doubled (Kbar is symmetric, so the upper triangle
-    counted twice and the diagonal blocks once is the whole sum: half of the pairs). Each block
-    is ONE ``jax.vjp`` of the builder raw -> K[i:e, i:], whose VJP is written by hand like
-    :func:`gpadjoint.kernels.dense_cov`'s (one elementwise pass and one (b, m) x (m, 2d + 1)
-    product); autodiff through the profile would store several block-sized intermediates.
-    Memory: K itself plus a few (block, n) arrays, where a VJP of the whole n x n builder took
-    five n x n arrays (8.7 GiB at n = 14 940, measured).
-    """
-    prof = get_profile(kernel)
-    dprof = PROFILE_DERIVATIVES[kernel]
-
-    def eye(b, m):
-        return jnp.arange(b)[:, None] == jnp.arange(m)[None, :]
-
-    def core(h, Xb, Xc):
-        return cross_cov(kernel, Xb, Xc, h, diag_offset=0) + jnp.where(
-            eye(Xb.shape[0], Xc.shape[0]), h.noise, 0.0)
-
-    @jax.custom_vjp
-    def block_of(h, Xb, Xc):
-        return core(h, Xb, Xc)
-
-    def fwd(h, Xb, Xc):
-        return core(h, Xb, Xc), (h, Xb, Xc)
-
-    def bwd(res, W):
-        h, Xb, Xc = res
-        ls = h.lengthscale
-        Bs, Cs = Xb / ls, Xc / ls
-        r2 = sq_dist(Bs, Cs, diag_offset=0)
-        s2bar = jnp.sum(W * prof(r2))  # dK/ds2 = k(r2)
-        nbar = jnp.sum(jnp.where(eye(*W.shape), W, 0.0))  # dK/dnoise = I
-        G = W * dprof(r2)
-        quad = sq_diff_sums(G @ sq_diff_basis(Cs), Bs)  # sum_ij G_ij (b_i - c_j)^2 per dim
-        lbar = -2.0 * h.outputscale * quad / ls
-        return Hypers(lbar, s2bar, nbar), jnp.zeros_like(Xb), jnp.zeros_like(Xc)
-
-    block_of.defvjp(fwd, bwd)
-
-    def from_raw(raw, Xb, Xc):
-        p = Params(raw[:-2], raw[-2], raw[-1], jnp.zeros((), raw.dtype))
-        return block_of(constrain(p, noise_floor), Xb, Xc)
-
-    build = jax.jit(from_raw)
-
-    @jax.jit
-    def pull(raw, Xb, Xc, W):
-        return jax.vjp(lambda r: from_raw(r, Xb, Xc), raw)[1](W)[0]
-
-    def fill(raw, X, A, block):
-        n = X.shape[0]
-        for i in range(0, n, block):
-            e = min(i + block, n)
-            A[i:e, i:] = np.asarray(build(raw, X[i:e], X[i:]))
-
-    def pullback(raw, X, Wfun, block):
-        n = X.shape[0]
-        g = np.zeros(raw.shape[0])
-        for i in range(0, n, block):
-            e = min(i + block, n)
-            g += np.asarray(pull(raw, X[i:e], X[i:], jnp.asarray(Wfun(i, e))))
-        return g
-
-    return fill, pullback
-
-
 def make_value_and_grad(X, y, *, kernel: str = KERNEL, noise_floor: float = NOISE_FLOOR,
                         block: int = BLOCK, timings: dict | None = None):
     """Return ``f(theta) -> (loss, grad)`` for flattened raw parameters (see :func:`flatten`).
 
-    loss = -log p(y | theta) / n (2 pi included), grad its gradient in theta, both float64.
-    One n x n float64 array: K's upper triangle (C order; the lower triangle of its Fortran
-    view) is built into it, factorised in place by dpotrf and inverted in place by dpotri.
-    ``timings``, if given, receives the seconds of each part of the last call.
+    :func:`gpadjoint.exact.make_value_and_grad`: one n x n float64 array, K built by row blocks,
+    factorised and inverted in place by blocks, Kbar pulled back through the same builder.
+    ``timings``, if given, receives the seconds of each part (build, potrf, potri, pullback).
     """
-    X = jnp.asarray(np.asarray(X, np.float64))
-    y = np.asarray(y, np.float64)
-    n = X.shape[0]
-    fill, pullback = make_block_builder(kernel, noise_floor)
-    A = None  # allocated on the first call, reused (its contents are rebuilt every time)
-
-    def value_and_grad(theta):
-        nonlocal A
-        T = {}
-        t = time.perf_counter()
-        theta = np.asarray(theta, np.float64)
-        raw = jnp.asarray(theta[:-1])
-        mean = float(theta[-1])
-        if A is None:
-            A = np.empty((n, n), np.float64)
-        fill(raw, X, A, block)
-        T["build"] = time.perf_counter() - t
-        t = time.perf_counter()
-        F = A.T  # the same memory in Fortran order; its lower triangle is A's upper one
-        c, info = lapack.dpotrf(F, lower=1, overwrite_a=1, clean=0)
-        if info != 0:
-            raise NotPositiveDefinite(f"dpotrf info={info}: K is not positive definite at "
-                                      f"{hypers_of(theta, noise_floor)}")
-        if not np.shares_memory(c, A):
-            raise RuntimeError("dpotrf copied K instead of factorising it in place")
-        T["potrf"] = time.perf_counter() - t
-        logdet = 2.0 * float(np.sum(np.log(np.diagonal(c))))
-        r = y - mean
-        alpha, info = lapack.dpotrs(c, r, lower=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"dpotrs info={info}")
-        quad = float(r @ alpha)
-        t = time.perf_counter()
-        inv, info = lapack.dpotri(c, lower=1, overwrite_c=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"dpotri info={info}")
-        del c, inv, F
-        T["potri"] = time.perf_counter() - t
-        t = time.perf_counter()
-        scale = 1.0 / (2.0 * n)
-
-        def W(i, e):  # Kbar = (K^-1 - alpha alpha^T) / (2n), rows i:e, columns i:, off-diag x2
-            w = np.array(A[i:e, i:])
-            D = w[:, : e - i]
-            D[:] = np.triu(D) + np.triu(D, 1).T  # dpotri filled the upper triangle only
-            w -= np.outer(alpha[i:e], alpha[i:])
-            w *= scale
-            w[:, e - i:] *= 2.0
-            return w
-
-        g_raw = pullback(raw, X, W, block)
-        T["pullback"] = time.perf_counter() - t
-        g_mean = -float(np.sum(alpha)) / n
-        value = 0.5 * (quad + logdet + n * LOG2PI) / n
-        if timings is not None:
-            timings.clear()
-            timings.update(T)
-        return value, np.concatenate([g_raw, [g_mean]])
-
-    return value_and_grad
+    return exact.make_value_and_grad(X, y, kernel=kernel, noise_floor=noise_floor, block=block,
+                                     timings=timings)
 
 
 def predict(theta, X, y, X_test, *, kernel: str = KERNEL, noise_floor: float = NOISE_FLOOR,
             block: int = BLOCK):
-    """Posterior predictive mean and variance (noise included) at X_test, by one Cholesky.
-
-    :func:`gpadjoint.evaluate.exact_point` (blocked, one n x n float64 array) at ``theta``.
-    """
-    from gpadjoint.evaluate import exact_point
-
-    out = exact_point(X, y, X_test, kernel=kernel, block=block,
-                      **hypers_of(np.asarray(theta, np.float64), noise_floor))
-    return out["mean"], out["var"]
+    """Posterior predictive mean and variance (noise included) at X_test, by one Cholesky."""
+    h = hypers_of(np.asarray(theta, np.float64), noise_floor)
+    f = exact.factor(X, y, exact.as_hypers(h["lengthscale"], h["outputscale"], h["noise"]),
+                     h["mean"], kernel=kernel, block=block)
+    return exact.posterior(f, X_test)
 
 
 def score_test(theta, split, **kw) -> dict:
@@ -606,10 +446,8 @@ def memory_check(n: int, max_n: int = MAX_N) -> tuple[bool, str]:
            f"{avail / 2**30:.1f} GiB is available")
     if need > avail:
         return False, msg
-    if n > max_n:
-        return False, (f"{msg}, but n > --max-n = {max_n}: one dpotrf on the whole matrix "
-                       "segfaulted at n = 36 000 on this machine (see gpadjoint/evaluate.py, "
-                       "blocked_cholesky); raise --max-n to try anyway")
+    if max_n is not None and n > max_n:
+        return False, f"{msg}, but n > --max-n = {max_n}"
     return True, msg
 
 
@@ -877,7 +715,7 @@ def main(argv=None) -> int:
     ap.add_argument("--restarts", type=int, default=6)
     ap.add_argument("--out-dir", default=str(OUT_DIR))
     ap.add_argument("--max-n", type=int, default=MAX_N,
-                    help="refuse larger n (whole-matrix LAPACK untested beyond)")
+                    help="refuse larger n (default: any n whose array fits)")
     ap.add_argument("--blas-threads", type=int, default=BLAS_THREADS,
                     help="OpenBLAS threads for the factorisation and inverse")
     ap.add_argument("--write-best", action="store_true",

@@ -33,6 +33,8 @@ def test_fit_writes_a_complete_run_record(yacht_run, capsys):
     assert rec["dataset"] == "yacht" and rec["backend"] == "dense"
     assert "auto" in rec["backend_reason"]
     assert len(rec["history"]) == 4
+    # prediction's automatic choice, with its reason: yacht's K fits, so the exact posterior
+    assert rec["posterior"] == "exact" and rec["posterior_reason"].startswith("auto: K needs")
     assert all(math.isfinite(h["loss"]) for h in rec["history"])
     assert rec["final_train_loss"] == rec["history"][-1]["loss"]
     hp = rec["hyperparameters"]

@@ -198,3 +198,76 @@ def test_empty_test_set():
     Xs = jnp.zeros((0, 2))
     assert gpred.predict_mean(Xs, X, alpha, params, kernel="rbf").shape == (0,)
     assert gpred.predict_variance(Xs, X, params, backend=be, method="exact").shape == (0,)
+
+
+# --- the exact posterior (blocked float64 Cholesky) and the automatic choice ------------------
+
+
+def _fitted(n=120, posterior="auto", **kw):
+    from gpadjoint.model import GPRegressor
+
+    rng = np.random.default_rng(11)
+    X = rng.uniform(-2, 2, (n + 40, 3)) * np.array([1.0, 10.0, 0.1])
+    y = 5 + 3 * np.sin(X[:, 0]) + 0.02 * X[:, 1] ** 2 + 0.1 * rng.standard_normal(n + 40)
+    m = GPRegressor(epochs=3, seed=0, posterior=posterior, **kw).fit(X[:n], y[:n])
+    return m, X[:n], y[:n], X[n:], y[n:]
+
+
+def test_exact_posterior_matches_scikit_learn_mean_std_and_nll():
+    from _util import sklearn_posterior
+
+    m, X, y, Xt, yt = _fitted()
+    assert m.posterior_ == "exact" and m.solver_ == "cholesky"
+    assert m.posterior_reason_.startswith("auto: K needs")
+    mu, sd = m.predict(Xt, return_std=True)
+    mu_ref, sd_ref = sklearn_posterior(m.hyperparameters_, X, y, Xt)
+    np.testing.assert_allclose(mu, mu_ref, rtol=1e-9, atol=1e-9 * np.std(y))
+    np.testing.assert_allclose(sd, sd_ref, rtol=1e-8)
+
+    def nll(mu, sd):
+        return np.mean(0.5 * np.log(2 * np.pi * sd**2) + 0.5 * (yt - mu) ** 2 / sd**2)
+
+    assert nll(mu, sd) == pytest.approx(nll(mu_ref, sd_ref), rel=1e-9)
+    # alpha_ is the factor's, and equals a dense solve in internal units
+    np.testing.assert_allclose(m.predict(Xt), mu, rtol=0, atol=0)
+
+
+def test_exact_posterior_survives_save_and_load(tmp_path):
+    from gpadjoint.model import GPRegressor
+
+    m, _, _, Xt, _ = _fitted()
+    mu, sd = m.predict(Xt, return_std=True)
+    m2 = GPRegressor.load(m.save(tmp_path / "m.npz"))
+    assert m2.solver_ == "cholesky" and m2._posterior() == "exact"
+    mu2, sd2 = m2.predict(Xt, return_std=True)  # the factor is rebuilt on first use
+    np.testing.assert_allclose(mu2, mu, rtol=1e-12)
+    np.testing.assert_allclose(sd2, sd, rtol=1e-12)
+
+
+def test_posterior_choice_is_automatic_reported_and_overridable(monkeypatch, capsys):
+    import gpadjoint.matvec as mv
+    from gpadjoint.predict import choose_posterior
+
+    monkeypatch.setattr(mv, "available_memory_bytes", lambda: 10 * 2**30)
+    assert choose_posterior(30000)[0] == "exact"  # 6.7 GiB of 10
+    name, why = choose_posterior(40000)  # 11.9 GiB
+    assert name == "cg" and "70%" in why and "11.9 GiB" in why
+    assert choose_posterior(10, "cg") == ("cg", "requested")
+    with pytest.raises(ValueError, match="unknown posterior"):
+        choose_posterior(10, "lu")
+    # the estimator takes the choice, prints it and predicts by it
+    monkeypatch.setattr(mv, "available_memory_bytes", lambda: 1000)
+    m, X, y, Xt, _ = _fitted(verbose=True)
+    assert m.posterior_ == "cg" and m.solver_ == "cg" and "auto:" in m.posterior_reason_
+    assert "posterior: cg (auto: K would need" in capsys.readouterr().out
+    forced, *_ = _fitted(posterior="exact")
+    assert forced.posterior_ == "exact" and forced.posterior_reason_ == "requested"
+    # the CG posterior at its default tolerance is close to the exact one here
+    mu_cg, sd_cg = m.predict(Xt, return_std=True)
+    mu_ex, sd_ex = forced.predict(Xt, return_std=True)
+    np.testing.assert_allclose(mu_cg, mu_ex, rtol=1e-3, atol=1e-3 * np.std(y))
+    from gpadjoint.config import default_config
+
+    assert default_config().predict.posterior == "auto"
+    with pytest.raises(ValueError, match=r"\[predict\] posterior = 'lu'"):
+        default_config().with_keywords(posterior="lu")
