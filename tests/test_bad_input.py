@@ -67,7 +67,7 @@ def write(tmp: Path, name: str, text: str) -> Path:
 
 
 def corrupted_yacht(tmp: Path) -> Path:
-    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp / "yacht")
+    shutil.copytree(DS.SHIPPED_DATA_DIR / "yacht", tmp / "yacht")
     f = tmp / "yacht" / "data.csv.gz"
     raw = bytearray(f.read_bytes())
     raw[100] ^= 0x01
@@ -76,7 +76,7 @@ def corrupted_yacht(tmp: Path) -> Path:
 
 
 def truncated_yacht(tmp: Path) -> Path:
-    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp / "yacht")
+    shutil.copytree(DS.SHIPPED_DATA_DIR / "yacht", tmp / "yacht")
     f = tmp / "yacht" / "data.csv.gz"
     f.write_bytes(f.read_bytes()[:200])
     return tmp
