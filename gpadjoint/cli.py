@@ -2,7 +2,9 @@
 
 Stage 8 (model -> **cli** -> results). ``gpadjoint fit --dataset elevators`` loads a shipped UCI
 split, fits the hyperparameters with the configured estimator, reports test RMSE and NLL in the
-target's units, and writes a JSON run record with full provenance under ``results/runs/``.
+target's units, and writes a JSON run record with full provenance under ``results/runs/`` of the
+current working folder (checkpoints under ``results/checkpoints/``), wherever gpadjoint is
+installed.
 SIGINT/SIGTERM during a fit stop it after the current epoch, write a checkpoint and a partial
 run record; ``--resume`` continues from the checkpoint.
 """
@@ -20,8 +22,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import provenance
-
-REPO = provenance.REPO
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -85,12 +85,13 @@ class _StopFlag:
 def record_path(out: str | None, run_id: str, now: datetime | None = None) -> Path:
     """Where ``fit --out OUT`` writes the run record.
 
-    No ``--out``: ``results/runs/<run_id>-<UTC time>.json``. An existing directory (or a path
-    ending in a separator) receives that same file name inside it. Anything else is the file.
+    No ``--out``: ``results/runs/<run_id>-<UTC time>.json`` under the current working folder.
+    An existing directory (or a path ending in a separator) receives that same file name inside
+    it. Anything else is the file.
     """
     name = f"{run_id}-{(now or datetime.now(timezone.utc)):%Y%m%dT%H%M%SZ}.json"
     if not out:
-        return REPO / "results" / "runs" / name
+        return Path.cwd() / "results" / "runs" / name
     if Path(out).is_dir() or out.endswith(("/", os.sep)):
         return Path(out) / name
     return Path(out)
@@ -222,8 +223,8 @@ def cmd_fit(args) -> int:
 
     # ---- training: the estimator, with checkpoints and a stop on SIGINT/SIGTERM
     run_id = f"{name}-split{args.split}-seed{cfg.train.seed}"
-    ckpt = Path(args.checkpoint) if args.checkpoint else REPO / "results" / "checkpoints" / (
-        run_id + ".ckpt")
+    ckpt = Path(args.checkpoint) if args.checkpoint else (
+        Path.cwd() / "results" / "checkpoints" / (run_id + ".ckpt"))
     if args.resume and not ckpt.exists():
         raise SystemExit(f"error: --resume: no checkpoint at {ckpt}; run without --resume first "
                          "(or pass --checkpoint PATH)")
@@ -276,14 +277,21 @@ def _num(v) -> str:
 
 
 def cmd_datasets(args) -> int:
-    """`gpadjoint datasets`: one line per data set."""
-    from .datasets import list_datasets
+    """`gpadjoint datasets`: one line per data set, and whether it is here or must be fetched."""
+    from .datasets import SHIPPED_DATA_DIR, default_cache_dir, list_datasets
 
     rows = list_datasets()
-    print(f"{'name':16s} {'n':>8s} {'d':>4s}  {'splits':>6s}  shipped")
+    print(f"shipped with gpadjoint: {SHIPPED_DATA_DIR}")
+    print(f"downloads (GPADJOINT_DATA): {default_cache_dir()}")
+    print(f"{'name':16s} {'n':>8s} {'d':>4s}  {'splits':>6s}  where")
     for r in rows:
-        print(f"{r['name']:16s} {r['n']:8d} {r['d']:4d}  {r['n_splits']:6d}  "
-              f"{'yes' if r['shipped'] else 'no (gpadjoint.datasets.download_dataset)'}")
+        if r["shipped"]:
+            where = "shipped" if r["available"] else "shipped, but missing here: reinstall"
+        elif r["available"]:
+            where = "downloaded"
+        else:
+            where = f"to download: gpadjoint.datasets.download_dataset({r['name']!r})"
+        print(f"{r['name']:16s} {r['n']:8d} {r['d']:4d}  {r['n_splits']:6d}  {where}")
     return 0
 
 
@@ -346,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--scale-y", action=argparse.BooleanOptionalAction, default=None,
                    help="scale targets to unit variance (default: the config's model.scale_y)")
     f.add_argument("--out", help="run-record JSON file, or a directory to write "
-                   "<run>-<time>.json into (default results/runs/)")
-    f.add_argument("--checkpoint", help="checkpoint file (default results/checkpoints/<run>.ckpt)")
+                   "<run>-<time>.json into (default ./results/runs/)")
+    f.add_argument("--checkpoint",
+                   help="checkpoint file (default ./results/checkpoints/<run>.ckpt)")
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     f.add_argument("--save-model", help="write the fitted model to this file")
     f.add_argument("--quiet", action="store_true", help="print only the final summary")
