@@ -106,12 +106,12 @@ def _load_split(args, cfg):
         raise SystemExit("error: give either --dataset NAME or --data FILE.csv, not both")
     if args.dataset:
         return gdatasets.load_dataset(args.dataset, args.split,
-                                      scale_y=cfg.model.scale_y), args.dataset
+                                      scale_y=cfg.model.normalize_y), args.dataset
     if args.data:
         if not args.target:
             raise SystemExit("error: --data FILE.csv needs --target COLUMN (the column to predict)")
         split = gdata.load_csv(args.data, args.target, test_fraction=args.test_fraction,
-                               seed=cfg.train.seed, scale_y=cfg.model.scale_y)
+                               seed=cfg.train.random_state, scale_y=cfg.model.normalize_y)
         return split, Path(args.data).stem
     raise SystemExit("error: say what to fit: --dataset NAME (see `gpadjoint datasets`) "
                      "or --data FILE.csv --target COLUMN")
@@ -138,7 +138,7 @@ def _run_record(model, cfg, cfg_source, t_start, *, name, split, n_test, checkpo
         "kernel": cfg.model.kernel,
         "config": cfg.to_dict(),
         "config_source": cfg_source,
-        "seed": cfg.train.seed,
+        "seed": cfg.train.random_state,
         "versions": provenance.versions(),
         "machine": provenance.machine(),
         "commit": provenance.commit(),
@@ -204,8 +204,8 @@ def cmd_fit(args) -> int:
     cfg, cfg_source = _load_run_config(args.config)
     cfg = cfg.with_overrides(
         model__backend=args.backend, model__dtype=args.dtype, model__kernel=args.kernel,
-        model__scale_y=args.scale_y, train__epochs=args.epochs, optim__lr=args.lr,
-        train__seed=args.seed,
+        model__normalize_y=args.normalize_y, train__epochs=args.epochs, optim__lr=args.lr,
+        train__random_state=args.random_state,
     )
     q = args.quiet
 
@@ -222,7 +222,7 @@ def cmd_fit(args) -> int:
         raise SystemExit(f"error: --devices: {err}") from None
 
     # ---- training: the estimator, with checkpoints and a stop on SIGINT/SIGTERM
-    run_id = f"{name}-split{args.split}-seed{cfg.train.seed}"
+    run_id = f"{name}-split{args.split}-seed{cfg.train.random_state}"
     ckpt = Path(args.checkpoint) if args.checkpoint else (
         Path.cwd() / "results" / "checkpoints" / (run_id + ".ckpt"))
     if args.resume and not ckpt.exists():
@@ -326,6 +326,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+class _Renamed(argparse.Action):
+    """An old flag: stop with an error that names its new spelling (scikit-learn's name)."""
+
+    def __init__(self, option_strings, dest, new: str, **kw):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new} (scikit-learn's name for it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (one sub-command per verb)."""
     p = argparse.ArgumentParser(
@@ -350,9 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=int)
     f.add_argument("--lr", type=float)
     f.add_argument("--dtype", choices=["float32", "float64"])
-    f.add_argument("--seed", type=int)
-    f.add_argument("--scale-y", action=argparse.BooleanOptionalAction, default=None,
-                   help="scale targets to unit variance (default: the config's model.scale_y)")
+    f.add_argument("--random-state", type=int, metavar="SEED",
+                   help="the run's seed (default: the config's train.random_state)")
+    f.add_argument("--normalize-y", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale targets to unit variance (default: the config's "
+                   "model.normalize_y)")
+    for old, new in (("--seed", "--random-state"), ("--scale-y", "--normalize-y"),
+                     ("--no-scale-y", "--no-normalize-y")):
+        f.add_argument(old, action=_Renamed, new=new, nargs="?", help=argparse.SUPPRESS)
     f.add_argument("--out", help="run-record JSON file, or a directory to write "
                    "<run>-<time>.json into (default ./results/runs/)")
     f.add_argument("--checkpoint",

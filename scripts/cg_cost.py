@@ -63,7 +63,8 @@ def record_params(rec: dict, y_std: float, noise_floor: float) -> Params:
     h = rec["final_hyperparameters"]
     # a record fitted with scaled targets already is in these units; the paper's runs are not
     cfg = (rec.get("settings") or {}).get("config") or {}
-    s = 1.0 if (cfg.get("model") or {}).get("scale_y") else y_std
+    model = cfg.get("model") or {}
+    s = 1.0 if model.get("normalize_y", model.get("scale_y")) else y_std  # scale_y: old records
     return unconstrain(np.asarray(h["lengthscale"], np.float64), h["outputscale"] / s**2,
                        h["noise"] / s**2, h.get("mean", 0.0) / s, noise_floor=noise_floor,
                        dtype=jnp.float64)
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     points = {}
     t0 = time.perf_counter()
     p0, info = subset_start(X, y, init_params(d, jnp.float64), kernel=kernel,
-                            size=cfg.train.init_subset, seed=cfg.train.seed, noise_floor=floor)
+                            size=cfg.train.init_subset, seed=cfg.train.random_state,
+                            noise_floor=floor)
     points["subset start"] = (p0, {"subset_seconds": time.perf_counter() - t0,
                                    "subset_size": info.get("size")})
     best = best_record(args.dataset, args.split)

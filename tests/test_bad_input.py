@@ -24,7 +24,7 @@ from gpadjoint.cli import main as cli_main
 from gpadjoint.config import load_config
 from gpadjoint.model import GPRegressor
 
-FAST = dict(epochs=1, num_probes=2, lanczos_depth=3, precond_rank=2, seed=0)
+FAST = dict(epochs=1, num_probes=2, lanczos_depth=3, precond_rank=2, random_state=0)
 
 
 class CLIError(Exception):
