@@ -40,7 +40,7 @@ from .config import RunConfig, default_config, keywords, load_config
 from .kernels import Params, constrain
 from .matvec import choose_backend, make_backend
 from .mll import MLLConfig, choose_estimator
-from .settings import RENAMED, unknown_key_hint
+from .settings import RENAMED
 from .sharding import describe_mesh, make_mesh, mesh_record, shard_rows
 
 try:  # scikit-learn >= 1.6
@@ -211,16 +211,11 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         batch_size=None,
         devices=None,
         verbose=False,
-        **unknown,
     ):
-        # scikit-learn: __init__ stores its arguments and nothing else. ``unknown`` exists only
-        # to name the new keyword when an old one (seed, scale_y) or a misspelt one is passed
-        if unknown:
-            k = next(iter(unknown))
-            raise TypeError(f"GPRegressor got an unexpected keyword argument {k!r}"
-                            f"{unknown_key_hint(k, (*SETTINGS, 'config', 'devices', 'verbose'))}")
+        # scikit-learn: __init__ stores its arguments and nothing else (an old keyword, seed or
+        # scale_y, is Python's TypeError; scikit-learn's checks forbid a **kwargs to catch it)
         for name, value in dict(locals()).items():
-            if name not in ("self", "__class__", "unknown"):
+            if name not in ("self", "__class__"):
                 setattr(self, name, value)
 
     # --- settings -----------------------------------------------------------------------------

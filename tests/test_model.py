@@ -52,11 +52,9 @@ def test_scikit_learn_names_random_state_and_normalize_y():
 
 @pytest.mark.parametrize("old, new", [("seed", "random_state"), ("scale_y", "normalize_y")])
 def test_old_keyword_names_fail_naming_the_new_one(old, new):
-    with pytest.raises(TypeError, match=rf"'{old}' \(renamed '{new}'"):
-        GPRegressor(**{old: 1})
-    with pytest.raises(TypeError, match=r"'epoch' \(did you mean 'epochs'\?\)"):
-        GPRegressor(epoch=3)
-    with pytest.raises(ValueError, match=rf"renamed '{new}'"):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{old}'"):
+        GPRegressor(**{old: 1})  # Python's own error: scikit-learn forbids a **kwargs
+    with pytest.raises(ValueError, match=rf"unknown setting '{old}' \(renamed '{new}'"):
         GPRegressor().run_config().with_keywords(**{old: 1})
 
 
