@@ -2,7 +2,9 @@
 
 Stage 8 (model -> **cli** -> results). ``gpadjoint fit --dataset elevators`` loads a shipped UCI
 split, fits the hyperparameters with the configured estimator, reports test RMSE and NLL in the
-target's units, and writes a JSON run record with full provenance under ``results/runs/``.
+target's units, and writes a JSON run record with full provenance under ``results/runs/`` of the
+current working folder (checkpoints under ``results/checkpoints/``), wherever gpadjoint is
+installed.
 SIGINT/SIGTERM during a fit stop it after the current epoch, write a checkpoint and a partial
 run record; ``--resume`` continues from the checkpoint.
 
@@ -33,8 +35,6 @@ from pathlib import Path
 
 from . import provenance
 from ._io import UnwritablePath, WriteError, atomic_write, check_writable
-
-REPO = provenance.REPO
 
 EXIT_ERROR = 2  # bad input, or a damaged / foreign file we wrote
 EXIT_UNWRITABLE = 73  # an output path refused before any work (sysexits' EX_CANTCREAT)
@@ -137,12 +137,13 @@ class _StopFlag:
 def record_path(out: str | None, run_id: str, now: datetime | None = None) -> Path:
     """Where ``fit --out OUT`` writes the run record.
 
-    No ``--out``: ``results/runs/<run_id>-<UTC time>.json``. An existing directory (or a path
-    ending in a separator) receives that same file name inside it. Anything else is the file.
+    No ``--out``: ``results/runs/<run_id>-<UTC time>.json`` under the current working folder.
+    An existing directory (or a path ending in a separator) receives that same file name inside
+    it. Anything else is the file.
     """
     name = f"{run_id}-{(now or datetime.now(timezone.utc)):%Y%m%dT%H%M%SZ}.json"
     if not out:
-        return REPO / "results" / "runs" / name
+        return Path.cwd() / "results" / "runs" / name
     if Path(out).is_dir() or out.endswith(("/", os.sep)):
         return Path(out) / name
     return Path(out)
@@ -168,9 +169,10 @@ def _load_split(args, cfg):
     from . import datasets as gdatasets
 
     if args.dataset:
-        return gdatasets.load_dataset(args.dataset, args.split, scale_y=cfg.model.scale_y)
+        return gdatasets.load_dataset(args.dataset, args.split,
+                                      scale_y=cfg.model.normalize_y)
     return gdata.load_csv(args.data, args.target, test_fraction=args.test_fraction,
-                          seed=cfg.train.seed, scale_y=cfg.model.scale_y)
+                          seed=cfg.train.random_state, scale_y=cfg.model.normalize_y)
 
 
 def _preflight(args, ckpt: Path, out: Path) -> None:
@@ -212,7 +214,7 @@ def _run_record(model, cfg, cfg_source, t_start, *, name, split, n_test, checkpo
         "kernel": cfg.model.kernel,
         "config": cfg.to_dict(),
         "config_source": cfg_source,
-        "seed": cfg.train.seed,
+        "seed": cfg.train.random_state,
         "versions": provenance.versions(),
         "machine": provenance.machine(),
         "commit": provenance.commit(),
@@ -279,17 +281,17 @@ def cmd_fit(args) -> int:
     cfg, cfg_source = _load_run_config(args.config)
     cfg = cfg.with_overrides(
         model__backend=args.backend, model__dtype=args.dtype, model__kernel=args.kernel,
-        model__scale_y=args.scale_y, train__epochs=args.epochs, optim__lr=args.lr,
-        train__seed=args.seed,
+        model__normalize_y=args.normalize_y, train__epochs=args.epochs, optim__lr=args.lr,
+        train__random_state=args.random_state,
     )
     q = args.quiet
     argv = getattr(args, "argv", sys.argv[1:])
 
     # ---- every output path, before any work
     name = _run_name(args)
-    run_id = f"{name}-split{args.split}-seed{cfg.train.seed}"
-    ckpt = Path(args.checkpoint) if args.checkpoint else REPO / "results" / "checkpoints" / (
-        run_id + ".ckpt")
+    run_id = f"{name}-split{args.split}-seed{cfg.train.random_state}"
+    ckpt = Path(args.checkpoint) if args.checkpoint else (
+        Path.cwd() / "results" / "checkpoints" / (run_id + ".ckpt"))
     out = record_path(args.out, run_id)
     _preflight(args, ckpt, out)
 
@@ -387,14 +389,21 @@ def _num(v) -> str:
 
 
 def cmd_datasets(args) -> int:
-    """`gpadjoint datasets`: one line per data set."""
-    from .datasets import list_datasets
+    """`gpadjoint datasets`: one line per data set, and whether it is here or must be fetched."""
+    from .datasets import SHIPPED_DATA_DIR, default_cache_dir, list_datasets
 
     rows = list_datasets()
-    print(f"{'name':16s} {'n':>8s} {'d':>4s}  {'splits':>6s}  shipped")
+    print(f"shipped with gpadjoint: {SHIPPED_DATA_DIR}")
+    print(f"downloads (GPADJOINT_DATA): {default_cache_dir()}")
+    print(f"{'name':16s} {'n':>8s} {'d':>4s}  {'splits':>6s}  where")
     for r in rows:
-        print(f"{r['name']:16s} {r['n']:8d} {r['d']:4d}  {r['n_splits']:6d}  "
-              f"{'yes' if r['shipped'] else 'no (gpadjoint.datasets.download_dataset)'}")
+        if r["shipped"]:
+            where = "shipped" if r["available"] else "shipped, but missing here: reinstall"
+        elif r["available"]:
+            where = "downloaded"
+        else:
+            where = f"to download: gpadjoint.datasets.download_dataset({r['name']!r})"
+        print(f"{r['name']:16s} {r['n']:8d} {r['d']:4d}  {r['n_splits']:6d}  {where}")
     return 0
 
 
@@ -437,6 +446,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+class _Renamed(argparse.Action):
+    """An old flag: stop with an error that names its new spelling (scikit-learn's name)."""
+
+    def __init__(self, option_strings, dest, new: str, **kw):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, **kw)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new} (scikit-learn's name for it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (one sub-command per verb)."""
     p = argparse.ArgumentParser(
@@ -461,12 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=int)
     f.add_argument("--lr", type=float)
     f.add_argument("--dtype", choices=["float32", "float64"])
-    f.add_argument("--seed", type=int)
-    f.add_argument("--scale-y", action=argparse.BooleanOptionalAction, default=None,
-                   help="scale targets to unit variance (default: the config's model.scale_y)")
+    f.add_argument("--random-state", type=int, metavar="SEED",
+                   help="the run's seed (default: the config's train.random_state)")
+    f.add_argument("--normalize-y", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale targets to unit variance (default: the config's "
+                   "model.normalize_y)")
+    for old, new in (("--seed", "--random-state"), ("--scale-y", "--normalize-y"),
+                     ("--no-scale-y", "--no-normalize-y")):
+        f.add_argument(old, action=_Renamed, new=new, nargs="?", help=argparse.SUPPRESS)
     f.add_argument("--out", help="run-record JSON file, or a directory to write "
-                   "<run>-<time>.json into (default results/runs/)")
-    f.add_argument("--checkpoint", help="checkpoint file (default results/checkpoints/<run>.ckpt)")
+                   "<run>-<time>.json into (default ./results/runs/)")
+    f.add_argument("--checkpoint",
+                   help="checkpoint file (default ./results/checkpoints/<run>.ckpt)")
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     f.add_argument("--save-model", help="write the fitted model to this file")
     f.add_argument("--quiet", action="store_true", help="print only the final summary")

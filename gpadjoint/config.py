@@ -7,7 +7,7 @@ A run is described by one :class:`RunConfig` with five sections, each a frozen d
              dataclass mll.py, this module and GPRegressor share (its ``noise_floor`` is
              the [model] key)
 ``optim``    optax optimiser, learning rate and schedule
-``train``    epochs, seed, early stopping, checkpoints, initialisation, logging
+``train``    epochs, random_state, early stopping, checkpoints, initialisation, logging
 ``predict``  CG settings and the variance method for prediction
 
 :func:`load_config` reads a TOML file (stdlib ``tomllib``); unknown keys and wrong types raise
@@ -18,12 +18,15 @@ section's dataclass default and ``RunConfig()`` all take its value (only :class:
 alone keeps the low-level defaults of :func:`gpadjoint.mll.neg_mll`). :func:`keywords` names
 every setting with one flat name, GPRegressor's keyword arguments. ``configs/paper.toml`` is the
 paper's setup.
+
+Where scikit-learn has a name for a setting, the key is that name (``[train] random_state``,
+``[model] normalize_y``); the old keys ``seed`` and ``scale_y`` fail with an error naming the
+new one (:data:`gpadjoint.settings.RENAMED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +39,7 @@ else:  # pragma: no cover - python 3.10
 
 from .kernels import KERNEL_NAMES
 from .matvec import BACKENDS
-from .settings import ALIASES, MLLConfig, Section
+from .settings import MLLConfig, Section, unknown_key_hint
 
 # The packaged defaults (package data, so an installed wheel has them too): the one place the
 # defaults of a run live. Every section's field defaults below are read from it.
@@ -69,14 +72,15 @@ class ModelConfig(Section):
     kernel: profile name (:data:`gpadjoint.kernels.KERNEL_NAMES`); backend: "auto" or one of
     :data:`gpadjoint.matvec.BACKENDS`; dtype: working precision of X, y and the parameters;
     noise_floor: lower bound of the noise variance (normalised target units squared);
-    tile: rows per tile of the blocked backend; scale_y: standardise targets to unit variance
-    (training statistics) as well as centring them; results are reported in the target's units.
+    tile: rows per tile of the blocked backend; normalize_y: standardise targets to unit
+    variance (training statistics) as well as centring them (they are always centred);
+    results are reported in the target's units.
     """
 
     SECTION: ClassVar[str] = "model"
     _TYPES: ClassVar[dict[str, type]] = {
         "kernel": str, "backend": str, "dtype": str, "noise_floor": float, "tile": int,
-        "scale_y": bool,
+        "normalize_y": bool,
     }
 
     kernel: str = _DEFAULTS["model"]["kernel"]
@@ -84,7 +88,7 @@ class ModelConfig(Section):
     dtype: str = _DEFAULTS["model"]["dtype"]
     noise_floor: float = _DEFAULTS["model"]["noise_floor"]
     tile: int = _DEFAULTS["model"]["tile"]
-    scale_y: bool = _DEFAULTS["model"]["scale_y"]
+    normalize_y: bool = _DEFAULTS["model"]["normalize_y"]
 
     def _validate(self):
         self._choice("kernel", KERNEL_NAMES)
@@ -146,13 +150,13 @@ class TrainConfig(Section):
 
     SECTION: ClassVar[str] = "train"
     _TYPES: ClassVar[dict[str, type]] = {
-        "epochs": int, "seed": int, "early_stopping": bool, "patience": int, "min_delta": float,
-        "checkpoint_every": int, "init": str, "log_every": int, "converge_tol": float,
-        "init_subset": int, "init_subset_max": int, "full_fit": str,
+        "epochs": int, "random_state": int, "early_stopping": bool, "patience": int,
+        "min_delta": float, "checkpoint_every": int, "init": str, "log_every": int,
+        "converge_tol": float, "init_subset": int, "init_subset_max": int, "full_fit": str,
     }
 
     epochs: int = _DEFAULTS["train"]["epochs"]
-    seed: int = _DEFAULTS["train"]["seed"]
+    random_state: int = _DEFAULTS["train"]["random_state"]
     early_stopping: bool = _DEFAULTS["train"]["early_stopping"]
     patience: int = _DEFAULTS["train"]["patience"]
     min_delta: float = _DEFAULTS["train"]["min_delta"]
@@ -166,8 +170,8 @@ class TrainConfig(Section):
 
     def _validate(self):
         self._positive("patience", "log_every")
-        self._non_negative("epochs", "seed", "min_delta", "checkpoint_every", "converge_tol",
-                           "init_subset", "init_subset_max")
+        self._non_negative("epochs", "random_state", "min_delta", "checkpoint_every",
+                           "converge_tol", "init_subset", "init_subset_max")
         self._choice("init", INITS)
         self._choice("full_fit", FULL_FITS)
         if self.full_fit == "never" and self.init_subset == 0:
@@ -275,7 +279,8 @@ class RunConfig:
             owners = [s for s, c in _SECTIONS.items() if k in c.keys()]
             if not owners:
                 valid = sorted({key for c in _SECTIONS.values() for key in c.keys()})
-                raise ValueError(f"override: unknown key {k!r}; valid keys: {', '.join(valid)}")
+                raise ValueError(f"override: unknown key {k!r}{unknown_key_hint(k, valid)}; "
+                                 f"valid keys: {', '.join(valid)}")
             if len(owners) > 1:
                 raise ValueError(
                     f"override: key {k!r} is in several sections; write "
@@ -294,11 +299,8 @@ class RunConfig:
         over = {}
         for k, v in kw.items():
             if k not in names:
-                close = [ALIASES[k]] if ALIASES.get(k) in names else (
-                    difflib.get_close_matches(k, list(names), n=1))
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"unknown setting {k!r}{hint}; valid settings: "
-                                 f"{', '.join(names)}")
+                raise ValueError(f"unknown setting {k!r}{unknown_key_hint(k, names)}; valid "
+                                 f"settings: {', '.join(names)}")
             section, key = names[k]
             over[f"{section}__{key}"] = v
         return self.with_overrides(**over)
@@ -329,9 +331,8 @@ def keywords() -> dict[str, tuple[str, str]]:
 def _set(d: dict, section: str, key: str, value):
     valid = _SECTIONS[section].keys()
     if key not in valid:
-        raise ValueError(
-            f"unknown key {key!r} in section [{section}]; valid keys: {', '.join(valid)}"
-        )
+        raise ValueError(f"unknown key {key!r} in section [{section}]"
+                         f"{unknown_key_hint(key, valid)}; valid keys: {', '.join(valid)}")
     d[section][key] = value
 
 

@@ -7,10 +7,18 @@ The shipped targets are those of the treforevans files, already transformed wher
 (Krämer et al. 2024) transforms them: protein's is log(RMSD + 1) and keggundirected's is log(y),
 both centred (``tests/test_data.py`` checks this from the values).  No loader transforms them again.
 
-Shipped data live in ``<repo>/datasets`` (formats in its ``README.md``; every file's sha256 in
-``MANIFEST.tsv`` is checked on first load in each process).  The five large treforevans sets are
-not shipped; :func:`download_dataset` fetches them into ``$GPADJOINT_DATA`` (default
-``~/.cache/gpadjoint``).
+Shipped data live in the repository's ``datasets/`` folder (formats in its ``README.md``; every
+file's sha256 in ``MANIFEST.tsv`` is checked on first load in each process).  A wheel carries the
+same folder as the package data ``gpadjoint/_data`` (pyproject.toml maps one onto the other), so
+an installed gpadjoint loads them from any working folder: :data:`SHIPPED_DATA_DIR` is whichever
+of the two this copy of the package has.  They ship rather than download because they are the
+project's own copies (protein's and keggundirected's targets transformed as above), not the
+upstream files, and a fit of a shipped set then needs no network.
+
+The five large treforevans sets are not shipped; :func:`download_dataset` fetches them with pooch
+(retries, hash checks, optional progress bar) into the data home :func:`default_cache_dir`:
+``$GPADJOINT_DATA``, else the user cache folder platformdirs names (``~/.cache/gpadjoint`` on
+Linux), as scikit-learn's data home does.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ import functools
 import hashlib
 import numbers
 import os
+import shutil
+import sys
 import tempfile
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +40,11 @@ import pandas as pd
 
 from .data import Split, standardise
 
-REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "datasets"
+_PACKAGE_DATA_DIR = Path(__file__).resolve().parent / "_data"  # in an installed wheel
+_SOURCE_DATA_DIR = Path(__file__).resolve().parent.parent / "datasets"  # in a source checkout
+# The shipped files of this copy of the package: a wheel's package data, else the checkout's.
+SHIPPED_DATA_DIR = (_PACKAGE_DATA_DIR if (_PACKAGE_DATA_DIR / "MANIFEST.tsv").is_file()
+                    else _SOURCE_DATA_DIR)
 TREFOREVANS_COMMIT = "f0737523712fe66a1640e4b980b927e8490b58eb"
 # Pinned to the commit the shipped files came from, so a download gives the same splits.
 DEFAULT_BASE_URL = (
@@ -82,7 +95,7 @@ def _read_manifest(path: Path) -> dict[str, dict[str, str]]:
 
 
 def _build_registry() -> dict[str, DatasetInfo]:
-    manifest = _read_manifest(REPO_DATA_DIR / "MANIFEST.tsv")
+    manifest = _read_manifest(SHIPPED_DATA_DIR / "MANIFEST.tsv")
     reg = {}
     for name, n, d, shipped in _TABLE:
         kind = "index20" if name == "kin8nm" else "mask10"
@@ -112,9 +125,18 @@ def list_datasets() -> list[dict]:
 
 
 def default_cache_dir() -> Path:
-    """Where downloads go: ``$GPADJOINT_DATA`` if set, else ``~/.cache/gpadjoint``."""
+    """Where downloads go: ``$GPADJOINT_DATA`` if set, else the user cache folder.
+
+    The user cache folder is platformdirs' ``user_cache_dir("gpadjoint")``:
+    ``~/.cache/gpadjoint`` on Linux (``$XDG_CACHE_HOME`` respected), ``~/Library/Caches`` on
+    macOS, ``%LOCALAPPDATA%`` on Windows.  The downloaded sets can always be fetched again.
+    """
     env = os.environ.get("GPADJOINT_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gpadjoint"
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("gpadjoint", appauthor=False))
 
 
 def _info(name: str) -> DatasetInfo:
@@ -128,7 +150,7 @@ def _info(name: str) -> DatasetInfo:
 def _folder(info: DatasetInfo, data_dir) -> Path:
     if data_dir is not None:
         return Path(data_dir) / info.name
-    return (REPO_DATA_DIR if info.shipped else default_cache_dir()) / info.name
+    return (SHIPPED_DATA_DIR if info.shipped else default_cache_dir()) / info.name
 
 
 def _sha256(path: Path) -> str:
@@ -162,10 +184,12 @@ def _expected_hashes(info: DatasetInfo, folder: Path) -> tuple[dict, str]:
         files = dict(info.files) or _read_manifest(folder.parent / "MANIFEST.tsv").get(info.name)
         if not files:
             raise FileNotFoundError(
-                f"No MANIFEST.tsv with checksums for {info.name!r} (looked in {REPO_DATA_DIR} and "
-                f"{folder.parent}); refusing to load unverified data.")
+                f"No MANIFEST.tsv with checksums for {info.name!r} (looked in {folder.parent}, "
+                f"{_PACKAGE_DATA_DIR} (an installed wheel's) and {_SOURCE_DATA_DIR} (a source "
+                "checkout's)); refusing to load unverified data. Reinstall gpadjoint, or pass "
+                "data_dir= a folder holding MANIFEST.tsv and the data set's folder.")
         return files, (f"Restore it from the repository (git checkout -- datasets/{info.name}) "
-                       f"or re-copy {REPO_DATA_DIR / info.name} over {folder}.")
+                       f"or re-copy {SHIPPED_DATA_DIR / info.name} over {folder}.")
     files = dict(info.files)
     sums = folder / _SUMS_FILE
     fix = f"Delete {folder} and run gpadjoint.datasets.download_dataset({info.name!r}) again."
@@ -227,7 +251,7 @@ def load_dataset(name: str, split: int = 0, *, data_dir=None, scale_y: bool = Fa
                  dtype=np.float64) -> Split:
     """Load fixed split ``split`` of a benchmark data set, standardised (see :class:`Split`).
 
-    ``data_dir`` holds one folder per data set; default: the repo's ``datasets/`` for shipped
+    ``data_dir`` holds one folder per data set; default: :data:`SHIPPED_DATA_DIR` for shipped
     sets and :func:`default_cache_dir` for downloaded ones.  Each file's sha256 is checked against
     ``MANIFEST.tsv`` (or the hashes recorded at download) the first time it is read.
     """
@@ -243,7 +267,7 @@ def load_dataset(name: str, split: int = 0, *, data_dir=None, scale_y: bool = Fa
     if missing:
         if info.shipped:
             raise FileNotFoundError(f"{name!r}: missing {', '.join(missing)} in {folder}. "
-                                    f"Re-copy {REPO_DATA_DIR / name} there or fix data_dir.")
+                                    f"Re-copy {SHIPPED_DATA_DIR / name} there or fix data_dir.")
         raise FileNotFoundError(
             f"{name!r} ({info.n} x {info.d}) is not shipped with the repository and was not "
             f"found in {folder}. Download it first: gpadjoint.datasets.download_dataset({name!r}"
@@ -256,14 +280,17 @@ def load_dataset(name: str, split: int = 0, *, data_dir=None, scale_y: bool = Fa
 
 def download_dataset(name: str, *, cache_dir=None, base_url: str = DEFAULT_BASE_URL,
                      sha256: Mapping[str, str] | None = None, force: bool = False,
-                     timeout: float = 60.0) -> Path:
+                     retries: int = 2, progress: bool | None = None) -> Path:
     """Fetch a treforevans data set's files from ``{base_url}/{name}/{file}`` into the cache.
 
+    The download is pooch's (each file to a temporary name, checked against its known hash,
+    ``retries`` more tries after a failed request or a hash mismatch; ``progress``: a progress
+    bar, which needs tqdm; None: one when tqdm is installed and stderr is a terminal).
     ``sha256`` maps file name -> expected hex digest, overriding the registry (which knows no
-    hashes for the five large sets).  Every file is downloaded to a temporary name and only
-    renamed into place once all files have arrived and matched their known hashes, so a failure
-    leaves nothing behind.  The hashes of what was stored are written to ``SHA256SUMS`` and
-    checked by later loads.  Returns the data set's folder.
+    hashes for the five large sets).  All files of the set go to a staging folder first and are
+    moved into place only once all have arrived and matched, so a failure leaves nothing behind.
+    The hashes of what was stored are written to ``SHA256SUMS`` and checked by later loads.
+    Returns the data set's folder (``cache_dir``, default :func:`default_cache_dir`, / name).
     """
     info = _info(name)
     if info.kind != "mask10":
@@ -275,36 +302,37 @@ def download_dataset(name: str, *, cache_dir=None, base_url: str = DEFAULT_BASE_
         for fname, sha in expected.items():
             _verify(folder / fname, sha, fix)
         return folder
+    import pooch
+
+    if progress is None:
+        try:
+            import tqdm  # noqa: F401  (pooch's progress bar)
+        except ImportError:
+            progress = False
+        else:
+            progress = sys.stderr.isatty()
     made_dir = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp: dict[str, Path] = {}
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".download-"))
+    url = f"{base_url.rstrip('/')}/{name}/"
     try:
-        digests = {}
+        fetcher = pooch.create(path=staging, base_url=url, registry=dict(expected),
+                               retry_if_failed=retries)
         for fname in info.files:
-            fd, path = tempfile.mkstemp(dir=folder, prefix=f".{fname}.", suffix=".part")
-            tmp[fname] = Path(path)
-            h = hashlib.sha256()
-            url = f"{base_url.rstrip('/')}/{name}/{fname}"
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
-                while block := r.read(1 << 20):
-                    h.update(block)
-                    out.write(block)
-            digests[fname] = h.hexdigest()
-            if expected.get(fname) not in (None, digests[fname]):
-                raise ChecksumError(f"Checksum mismatch for {url}:\n  expected sha256 "
-                                    f"{expected[fname]}\n  actual   sha256 {digests[fname]}\n"
-                                    f"Nothing was stored; check base_url or the expected hash.")
-        sums = "".join(f"{digests[f]}  {f}\n" for f in info.files)
-        fd, path = tempfile.mkstemp(dir=folder, prefix=f".{_SUMS_FILE}.", suffix=".part")
-        tmp[_SUMS_FILE] = Path(path)
-        with os.fdopen(fd, "w") as out:
-            out.write(sums)
-        for fname, path in tmp.items():  # same folder, so each rename is atomic
-            os.replace(path, folder / fname)
-        tmp.clear()
+            try:
+                fetcher.fetch(fname, progressbar=progress)
+            except ValueError as e:
+                if "hash" not in str(e):  # pooch says "... does not match the known hash ..."
+                    raise
+                raise ChecksumError(
+                    f"Checksum mismatch for {url}{fname}:\n  expected sha256 {expected[fname]}\n"
+                    f"  {e}\nNothing was stored; check base_url or the expected hash.") from None
+        sums = "".join(f"{pooch.file_hash(str(staging / f))}  {f}\n" for f in info.files)
+        (staging / _SUMS_FILE).write_text(sums)
+        for fname in (*info.files, _SUMS_FILE):  # same file system, so each move is a rename
+            os.replace(staging / fname, folder / fname)
     finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         if made_dir and not any(folder.iterdir()):
             folder.rmdir()
     return folder

@@ -42,6 +42,7 @@ from .data import hyperparameters_in_data_units
 from .kernels import Params, constrain
 from .matvec import choose_backend, make_backend
 from .mll import MLLConfig, choose_estimator
+from .settings import RENAMED
 from .sharding import describe_mesh, make_mesh, mesh_record, shard_rows
 
 try:  # scikit-learn >= 1.6
@@ -130,9 +131,13 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     - ``optimizer``: "auto" (L-BFGS), "adam", "adamw", "sgd", "lbfgs", or any
       ``optax.GradientTransformation`` (then ``lr`` and the schedule keys are ignored);
       ``epochs``: optimiser steps (0 keeps the starting parameters).
-    - ``dtype``: "float64" or "float32"; ``scale_y``: divide y by its training std (y is always
-      centred); ``noise_floor``: lower bound of the noise variance in internal units.
-    - ``seed``: the run's seed (probes, ``init = "normal"``, the ``init_subset`` rows);
+    - ``dtype``: "float64" or "float32"; ``normalize_y``: divide y by its training std (y is
+      always centred, whatever it says: the constant mean is fitted on centred targets);
+      ``noise_floor``: lower bound of the noise variance in internal units.
+    - ``random_state``: the run's seed, an int (probes, ``init = "normal"``, the
+      ``init_subset`` rows). As every keyword, None takes the config's ``[train]
+      random_state`` (0 in the packaged defaults), so a fit is reproducible unless a seed is
+      varied on purpose; the seed used is ``random_state_``.
       ``init_subset``: start from the exact fit of that many random rows (doubled while that
       fit interpolates them, up to ``init_subset_max``); ``full_fit``: then fit
       all rows ("always"), keep that subset fit ("never"), or "auto": always, unless the
@@ -154,8 +159,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
     ``x_std_``, ``y_mean_``, ``y_std_``, ``backend_``, ``backend_reason_``, ``mesh_``,
     ``mesh_record_``, ``estimator_``, ``estimator_reason_``, ``optimizer_``,
     ``optimizer_reason_``, ``variance_``, ``variance_reason_``, ``history_``,
-    ``stopped_reason_``, ``n_iter_``, ``seed_``, ``init_subset_`` (the subset start's summary
-    or None), ``full_fit_`` (whether all rows were fitted after it, and why),
+    ``stopped_reason_``, ``n_iter_``, ``random_state_`` (the seed used), ``init_subset_`` (the
+    subset start's summary or None), ``full_fit_`` (whether all rows were fitted after it, and why),
     ``fit_seconds_`` (start and training), ``fit_info_`` (the trainer's info: compile
     seconds, fingerprint), ``solve_info_`` (the mean weights' solve: iterations, residual,
     seconds), ``n_features_in_``, ``posterior_`` and ``posterior_reason_`` (exact or cg, and
@@ -172,7 +177,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         dtype=None,
         noise_floor=None,
         tile=None,
-        scale_y=None,
+        normalize_y=None,
         num_probes=None,
         lanczos_depth=None,
         precond_rank=None,
@@ -199,7 +204,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         lbfgs_rtol=None,
         lbfgs_gtol=None,
         epochs=None,
-        seed=None,
+        random_state=None,
         early_stopping=None,
         patience=None,
         min_delta=None,
@@ -219,7 +224,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         devices=None,
         verbose=False,
     ):
-        # scikit-learn: __init__ stores its arguments and nothing else
+        # scikit-learn: __init__ stores its arguments and nothing else (an old keyword, seed or
+        # scale_y, is Python's TypeError; scikit-learn's checks forbid a **kwargs to catch it)
         for name, value in dict(locals()).items():
             if name not in ("self", "__class__"):
                 setattr(self, name, value)
@@ -291,7 +297,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             check_writable(checkpoint, "checkpoint")
         self.config_ = cfg
         say = print if self.verbose else (lambda *a, **k: None)
-        x_mean, x_std, y_mean, y_std = normalisation(X, y, cfg.model.scale_y)
+        x_mean, x_std, y_mean, y_std = normalisation(X, y, cfg.model.normalize_y)
         self.X_train_, self.y_train_ = X, y
         self.x_mean_, self.x_std_, self.y_mean_, self.y_std_ = x_mean, x_std, y_mean, y_std
         backend, optimizer = self._choose(X.shape[0], say)
@@ -365,12 +371,12 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         mc, tc = cfg.model, cfg.train
         Xn, yn = self._internal_train(jnp.dtype(mc.dtype))
         n, d = Xn.shape
-        self.seed_ = tc.seed
-        params0 = initial_params(tc.init, d, jnp.dtype(mc.dtype), tc.seed)
+        self.random_state_ = seed = tc.random_state
+        params0 = initial_params(tc.init, d, jnp.dtype(mc.dtype), seed)
         self.init_subset_ = None
         if tc.init_subset and n > tc.init_subset and not resume and tc.epochs > 0:
             params0, self.init_subset_ = subset_start(
-                Xn, yn, params0, kernel=mc.kernel, size=tc.init_subset, seed=tc.seed,
+                Xn, yn, params0, kernel=mc.kernel, size=tc.init_subset, seed=seed,
                 noise_floor=mc.noise_floor, max_size=tc.init_subset_max, metric=False)
             i = self.init_subset_
             sizes = " -> ".join(str(st["size"]) for st in i["stages"])
@@ -407,7 +413,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
         result = train_fit(
             Xn, yn, kernel=mc.kernel, backend=backend, mll_config=self._mll_config(n),
-            optimizer=optimizer, epochs=tc.epochs, params0=params0, seed=tc.seed,
+            optimizer=optimizer, epochs=tc.epochs, params0=params0, seed=seed,
             early_stopping=(EarlyStopping(tc.patience, tc.min_delta)
                             if tc.early_stopping else None),
             checkpoint_path=checkpoint, checkpoint_every=tc.checkpoint_every,
@@ -598,7 +604,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             "estimator": self.estimator_,
             "predict_dtype": self._predict_dtype(),
             "solver": self.solver_,
-            "seed": self.seed_,
+            "seed": self.random_state_,
             "stopped_reason": self.stopped_reason_,
             "history": self.history_,
             "feature_names_in": (
@@ -656,7 +662,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
                 "not saved; they take their defaults (this affects refitting only)",
                 stacklevel=2,
             )
-        est = cls(**meta["settings"])
+        # files saved before the scikit-learn names: the same settings under their new names
+        est = cls(**{RENAMED.get(k, k): v for k, v in meta["settings"].items()})
         est.config_ = est.run_config()
         est.X_train_ = data["X_train"]
         est.y_train_ = data["y_train"]
@@ -669,7 +676,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         est.estimator_ = meta["estimator"]
         est.predict_dtype_ = meta["predict_dtype"]
         est.solver_ = meta["solver"]
-        est.seed_ = meta["seed"]
+        est.random_state_ = meta["seed"]
         est.stopped_reason_ = meta["stopped_reason"]
         est.history_ = meta["history"]
         est.n_iter_ = len(est.history_)

@@ -13,6 +13,9 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+# The source checkout this package may run from: used only to look up its git commit. Outputs
+# (run records, checkpoints) go under the current working folder, never here: in an installed
+# wheel this is site-packages.
 REPO = Path(__file__).resolve().parents[1]
 
 # The distributions a run depends on (package metadata, not imports: importing pykeops would
@@ -24,13 +27,18 @@ PEERS = ("torch", "gpytorch")
 def commit(short: bool = False) -> str:
     """Git commit of the checkout this package runs from, ``+dirty`` if tracked files changed.
 
-    ``"unknown"`` outside a git checkout (an installed wheel) or without git.
+    ``"unknown"`` unless :data:`REPO` is the top of a git checkout (an installed wheel's
+    site-packages is not, even inside some other repository's virtual environment) or without
+    git.
     """
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse"] + (["--short"] if short else []) + ["HEAD"], cwd=REPO,
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"] + (["--short"] if short else []) + ["HEAD"],
+            cwd=REPO, capture_output=True, text=True, timeout=10,
+        ).stdout.split()
+        if len(out) != 2 or Path(out[0]).resolve() != REPO:
+            return "unknown"
+        sha = out[1]
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=REPO, capture_output=True, text=True, timeout=10,

@@ -27,8 +27,20 @@ ALIASES = {
     "num_samples": "num_probes", "depth": "lanczos_depth", "num_lanczos": "lanczos_depth",
     "max_iter": "cg_max_iter", "tol": "cg_tol", "rank": "precond_rank",
     "preconditioner_rank": "precond_rank", "iterations": "epochs", "n_epochs": "epochs",
-    "random_state": "seed", "nu": "kernel", "device": "backend",
+    "seed": "random_state", "nu": "kernel", "device": "backend",
 }
+# Keys renamed to scikit-learn's names: an old file or keyword fails, naming the new key, rather
+# than silently taking the default.
+RENAMED = {"seed": "random_state", "scale_y": "normalize_y"}
+
+
+def unknown_key_hint(key: str, valid) -> str:
+    """Return " (renamed ...)" or " (did you mean ...?)" for a key not in ``valid``, or ""."""
+    if RENAMED.get(key) in valid:
+        return f" (renamed {RENAMED[key]!r}, scikit-learn's name for it)"
+    close = [ALIASES[key]] if ALIASES.get(key) in valid else difflib.get_close_matches(
+        key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _type_name(t) -> str:
@@ -93,11 +105,8 @@ class Section:
         valid = cls.keys()
         for k in d:
             if k not in valid:
-                close = [ALIASES[k]] if ALIASES.get(k) in valid else (
-                    difflib.get_close_matches(k, valid, n=1))
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(
-                    f"unknown key {k!r} in section [{cls.SECTION}]{hint}; "
+                    f"unknown key {k!r} in section [{cls.SECTION}]{unknown_key_hint(k, valid)}; "
                     f"valid keys: {', '.join(valid)}"
                 )
         return cls(**d)

@@ -390,7 +390,8 @@ def run_settings(config: dict, n: int, *, estimator: str | None = None,
         optimizer = resolve_optimizer(optim.get("optimizer", "adam"), estimator)[0]
     out = {
         "dtype": model.get("dtype"),
-        "scale_y": model.get("scale_y"),
+        # normalize_y since the scikit-learn names; older records' configs say scale_y
+        "normalize_y": model.get("normalize_y", model.get("scale_y")),
         "optimizer": {"name": optimizer} | {k: optim[k] for k in _OPTIM_KEYS.get(optimizer, ())
                                              if k in optim},
         "estimator": estimator,

@@ -161,7 +161,7 @@ def run_gpadjoint(spec: dict) -> dict:
             spec["backend"],
             "--epochs",
             str(spec["epochs"]),
-            "--seed",
+            "--random-state",
             str(bu.seed_for(spec["split"])),
             "--quiet",
             "--out",
@@ -184,7 +184,7 @@ def run_gpadjoint(spec: dict) -> dict:
     # scales them (gpadjoint/default.toml); the curves below are in the benchmark's units
     # (centred, not scaled), as every other record's.
     ys = 1.0
-    if rec["config"]["model"]["scale_y"]:
+    if rec["config"]["model"]["normalize_y"]:
         from gpadjoint.data import normalisation
 
         ys = float(normalisation(s.X_train, s.y_train, True)[3])

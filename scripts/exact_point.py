@@ -66,7 +66,7 @@ def subset_point(sp, size: int) -> tuple[dict, dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SubsetStartWarning)  # recorded in info["interpolating"]
         p, info = subset_start(X, y, init_params(X.shape[1], jnp.float64),
-                               kernel=cfg.model.kernel, size=size, seed=cfg.train.seed,
+                               kernel=cfg.model.kernel, size=size, seed=cfg.train.random_state,
                                noise_floor=floor, metric=False)
     h = constrain(p, floor)
     s = float(sp.y_std)  # scaled targets -> centred, unscaled ones

@@ -170,7 +170,7 @@ def check_regressor() -> dict:
     X, y, _ = data(96, noise=0.3)
     X, y = np.asarray(X), np.asarray(y)
     kw = dict(kernel="rbf", backend="blocked", estimator="slq", epochs=3, num_probes=3,
-              lanczos_depth=6, cg_tol=1e-12, predict_cg_tol=1e-12, seed=0,
+              lanczos_depth=6, cg_tol=1e-12, predict_cg_tol=1e-12, random_state=0,
               variance="exact")
     m1 = GPRegressor(**kw).fit(X, y)
     m4 = GPRegressor(**kw, devices=4).fit(X, y)

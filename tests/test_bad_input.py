@@ -24,7 +24,7 @@ from gpadjoint.cli import main as cli_main
 from gpadjoint.config import load_config
 from gpadjoint.model import GPRegressor
 
-FAST = dict(epochs=1, num_probes=2, lanczos_depth=3, precond_rank=2, seed=0)
+FAST = dict(epochs=1, num_probes=2, lanczos_depth=3, precond_rank=2, random_state=0)
 
 
 class CLIError(Exception):
@@ -67,7 +67,7 @@ def write(tmp: Path, name: str, text: str) -> Path:
 
 
 def corrupted_yacht(tmp: Path) -> Path:
-    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp / "yacht")
+    shutil.copytree(DS.SHIPPED_DATA_DIR / "yacht", tmp / "yacht")
     f = tmp / "yacht" / "data.csv.gz"
     raw = bytearray(f.read_bytes())
     raw[100] ^= 0x01
@@ -76,7 +76,7 @@ def corrupted_yacht(tmp: Path) -> Path:
 
 
 def truncated_yacht(tmp: Path) -> Path:
-    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp / "yacht")
+    shutil.copytree(DS.SHIPPED_DATA_DIR / "yacht", tmp / "yacht")
     f = tmp / "yacht" / "data.csv.gz"
     f.write_bytes(f.read_bytes()[:200])
     return tmp

@@ -57,6 +57,7 @@ def test_paper_config_is_the_papers_setup():
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.schedule) == ("adam", 0.05, "constant")
     assert cfg.train.epochs == 75 and cfg.train.init == "normal"
     assert cfg.train.early_stopping is False
+    assert cfg.train.random_state == 1 and cfg.model.normalize_y is False
 
 
 def test_mll_section_is_the_estimators_own_settings():
@@ -74,9 +75,9 @@ def test_roundtrip_and_overrides():
     cfg = RunConfig()
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     new = cfg.with_overrides(lr=0.1, epochs=5, mll__cg_tol=1e-3, predict={"batch_size": 64},
-                             seed=None)
+                             random_state=None)
     assert new.optim.lr == 0.1 and new.train.epochs == 5 and new.mll.cg_tol == 1e-3
-    assert new.predict.batch_size == 64 and new.train.seed == cfg.train.seed
+    assert new.predict.batch_size == 64 and new.train.random_state == cfg.train.random_state
     with pytest.raises(ValueError, match="mll__cg_tol or predict__cg_tol"):
         cfg.with_overrides(cg_tol=1.0)
     with pytest.raises(ValueError, match="'nope'"):
@@ -97,6 +98,20 @@ def test_unknown_key_names_key_section_and_valid_keys(tmp_path):
     msg = str(e.value)
     assert "'num_probe'" in msg and "[mll]" in msg and "num_probes" in msg
     assert "lanczos_depth" in msg and "c.toml" in msg
+
+
+@pytest.mark.parametrize("section, old, new, value", [
+    ("train", "seed", "random_state", "3"), ("model", "scale_y", "normalize_y", "false")])
+def test_old_key_names_fail_naming_the_new_one(tmp_path, section, old, new, value):
+    """A file written before the scikit-learn names does not silently take the default."""
+    with pytest.raises(ValueError, match=rf"c.toml: unknown key '{old}' in section "
+                       rf"\[{section}\] \(renamed '{new}'"):
+        load_config(_write(tmp_path, f"[{section}]\n{old} = {value}\n"))
+    assert load_config(_write(tmp_path, f"[{section}]\n{new} = {value}\n")).to_dict()[
+        section][new] == {"3": 3, "false": False}[value]
+    for over in ({old: 1}, {f"{section}__{old}": 1}):  # RunConfig.with_overrides too
+        with pytest.raises(ValueError, match=f"renamed '{new}'"):
+            RunConfig().with_overrides(**over)
 
 
 def test_unknown_section(tmp_path):

@@ -4,7 +4,9 @@ import hashlib
 import http.server
 import re
 import shutil
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,14 +16,14 @@ from gpadjoint import data as D
 from gpadjoint import datasets as DS
 
 SHIPPED = [n for n, i in DS.DATASETS.items() if i.shipped]
-MANIFEST = pd.read_csv(DS.REPO_DATA_DIR / "MANIFEST.tsv", sep="\t", dtype={"sha256": str})
+MANIFEST = pd.read_csv(DS.SHIPPED_DATA_DIR / "MANIFEST.tsv", sep="\t", dtype={"sha256": str})
 
 
 def test_registry_matches_manifest_and_readme():
     assert len(SHIPPED) == 17
     assert sorted(n for n, i in DS.DATASETS.items() if not i.shipped) == sorted(
         ["3droad", "slice", "buzz", "houseelectric", "song"])
-    readme = (DS.REPO_DATA_DIR / "README.md").read_text()
+    readme = (DS.SHIPPED_DATA_DIR / "README.md").read_text()
     table = dict(
         (m[1], (int(m[2]), int(m[3])))
         for m in re.finditer(r"^\| (\w+) \| (\d+) \| (\d+) \|", readme, re.M))
@@ -59,7 +61,7 @@ def test_shipped_set_shapes_and_splits(name):
     for a in (s.X_train, s.y_train, s.X_test, s.y_test, s.x_std):
         assert np.isfinite(a).all()
     # every split: train and test disjoint and covering all rows
-    data, splits = DS._parse(name, DS.REPO_DATA_DIR / name, ())
+    data, splits = DS._parse(name, DS.SHIPPED_DATA_DIR / name, ())
     tests = []
     for k in range(info.n_splits):
         train, test = splits(k)
@@ -75,7 +77,7 @@ def test_shipped_set_shapes_and_splits(name):
 def test_standardisation_uses_training_statistics():
     for name in ("yacht", "kin8nm", "protein"):
         s = DS.load_dataset(name, 3)
-        data, splits = DS._parse(name, DS.REPO_DATA_DIR / name, ())
+        data, splits = DS._parse(name, DS.SHIPPED_DATA_DIR / name, ())
         train, test = splits(3)
         np.testing.assert_allclose(s.X_train.mean(0), 0, atol=1e-10)
         np.testing.assert_allclose(s.X_train.std(0), 1, rtol=1e-10)
@@ -143,7 +145,7 @@ def test_kin8nm_has_20_splits_of_7373_819():
     for k in range(20):
         s = DS.load_dataset("kin8nm", k)
         assert (s.n_train, s.n_test) == (7373, 819)
-    _, splits = DS._parse("kin8nm", DS.REPO_DATA_DIR / "kin8nm", ())
+    _, splits = DS._parse("kin8nm", DS.SHIPPED_DATA_DIR / "kin8nm", ())
     assert len(np.intersect1d(splits(0)[1], splits(1)[1])) == 76  # random splits, not folds
     with pytest.raises(ValueError, match="20 splits"):
         DS.load_dataset("kin8nm", 20)
@@ -161,7 +163,7 @@ def test_bad_name_and_split():
 
 
 def test_checksum_catches_corrupted_copy(tmp_path):
-    shutil.copytree(DS.REPO_DATA_DIR / "yacht", tmp_path / "yacht")
+    shutil.copytree(DS.SHIPPED_DATA_DIR / "yacht", tmp_path / "yacht")
     assert DS.load_dataset("yacht", 1, data_dir=tmp_path).n_test == 31  # intact copy loads
     f = tmp_path / "yacht" / "data.csv.gz"
     raw = bytearray(f.read_bytes())
@@ -251,12 +253,44 @@ def test_download_wrong_checksum_leaves_nothing(server, tmp_path):
     url, _, _ = server
     cache = tmp_path / "cache"
     with pytest.raises(DS.ChecksumError, match="expected sha256 " + "0" * 64):
-        DS.download_dataset("tinyremote", cache_dir=cache, base_url=url,
+        DS.download_dataset("tinyremote", cache_dir=cache, base_url=url, retries=0,
                            sha256={"test_mask.csv.gz": "0" * 64})
     assert not cache.exists() or not any(cache.rglob("*"))
-    with pytest.raises(OSError):  # urllib's HTTPError (404) for a wrong base URL
-        DS.download_dataset("tinyremote", cache_dir=cache, base_url=url + "/nope")
+    with pytest.raises(OSError):  # requests' HTTPError (404) for a wrong base URL
+        DS.download_dataset("tinyremote", cache_dir=cache, base_url=url + "/nope", retries=0)
     assert not any(cache.rglob("*"))
+
+
+def test_download_retries_a_failed_request(server, tmp_path):
+    """pooch's retry: the first request for each file fails (503), the second succeeds."""
+    requests = pytest.importorskip("requests")  # pooch's
+    url, data, _ = server
+    real, calls = requests.get, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[0])
+        if calls.count(args[0]) == 1:
+            return real(url + "/nope", *args[1:], **kwargs)  # a 404 response
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(requests, "get", flaky)
+        mp.setattr("time.sleep", lambda s: None)  # pooch waits 1 s, 2 s, ... between tries
+        folder = DS.download_dataset("tinyremote", cache_dir=tmp_path / "c", base_url=url,
+                                     retries=1)
+    assert len(calls) == 4  # two files, two requests each
+    s = DS.load_dataset("tinyremote", 0, data_dir=folder.parent)
+    assert s.n_train + s.n_test == len(data)
+
+
+def test_default_cache_dir_is_the_user_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPADJOINT_DATA", raising=False)
+    import platformdirs
+    assert DS.default_cache_dir() == Path(platformdirs.user_cache_dir("gpadjoint",
+                                                                       appauthor=False))
+    if sys.platform.startswith("linux"):  # XDG: ~/.cache/gpadjoint unless XDG_CACHE_HOME says
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        assert DS.default_cache_dir() == tmp_path / "gpadjoint"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def _three_routes(tmp_path, settings, cli_data, X, y):
 def test_cli_config_file_and_keywords_agree_on_yacht(tmp_path):
     split = gdatasets.load_dataset("yacht", 0)
     X, y = split.unscale_X(split.X_train), split.unscale_y(split.y_train)
-    settings = dict(epochs=6, seed=2, init="normal", kernel="matern52", scale_y=False)
+    settings = dict(epochs=6, random_state=2, init="normal", kernel="matern52",
+                    normalize_y=False)
     rec, model = _three_routes(tmp_path, settings, ["--dataset", "yacht"], X, y)
     assert rec["estimator"] == model.estimator_ == "exact"
     # and with no config at all: the CLI's flags are the same keywords on default.toml
@@ -91,9 +92,9 @@ def test_cli_config_file_and_keywords_agree_on_an_elevators_subset(tmp_path):
 
     csv = tmp_path / "elevators300.csv"
     pd.DataFrame(np.column_stack([Xa, ya]), columns=[*cols, "y"]).to_csv(csv, index=False)
-    settings = dict(epochs=3, seed=1, estimator="slq", num_probes=4, lanczos_depth=8,
+    settings = dict(epochs=3, random_state=1, estimator="slq", num_probes=4, lanczos_depth=8,
                     precond_rank=10, init_subset=100, cg_tol=1e-6)
-    # the rows the CLI trains on, through the same load (scale_y as default.toml's, since the
+    # the rows the CLI trains on, through the same load (normalize_y as default.toml's, since the
     # unscaled values then round alike; the flat directions of this fit, lengthscales of 1e6,
     # move by 1e-5 when y changes in its last bit)
     split = gdata.load_csv(csv, "y", test_fraction=0.1, seed=1, scale_y=True)

@@ -42,7 +42,7 @@ optimizer = "adam"     # all {epochs} epochs run (L-BFGS would stop once converg
 lr = 0.05
 [train]
 epochs = {epochs}
-seed = 7
+random_state = 7
 checkpoint_every = 1
 init_subset = 0
 """

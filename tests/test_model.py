@@ -22,17 +22,46 @@ def data(n=60, d=2, seed=0):
 
 
 @pytest.mark.slow
-@parametrize_with_checks([GPRegressor(**FAST)])
+@parametrize_with_checks([GPRegressor(random_state=0, normalize_y=True, **FAST)])
 def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # CG warnings at 2 epochs on odd data
         check(estimator)
 
 
+def test_scikit_learn_names_random_state_and_normalize_y():
+    X, y = data()
+    m = GPRegressor(random_state=5, normalize_y=False, epochs=0, init="normal")
+    assert m.get_params()["random_state"] == 5 and m.get_params()["normalize_y"] is False
+    cfg = m.run_config()
+    assert cfg.train.random_state == 5 and cfg.model.normalize_y is False
+    m.fit(X, y)
+    assert m.random_state_ == 5 and m.y_std_ == 1.0 and m.y_mean_ == pytest.approx(y.mean())
+    # the seed draws the start (init = "normal"): the same seed the same, another one not
+    again = GPRegressor(random_state=np.int64(5), normalize_y=False, epochs=0,
+                        init="normal").fit(X, y)
+    other = GPRegressor(random_state=6, normalize_y=False, epochs=0, init="normal").fit(X, y)
+    np.testing.assert_array_equal(again.params_.raw_lengthscale, m.params_.raw_lengthscale)
+    assert not np.allclose(other.params_.raw_lengthscale, m.params_.raw_lengthscale)
+    scaled = GPRegressor(normalize_y=True, epochs=0).fit(X, y)
+    assert scaled.y_std_ == pytest.approx(y.std())
+    # None: the config's [train] random_state (0 in the packaged defaults), recorded
+    assert GPRegressor(epochs=0).fit(X, y).random_state_ == 0
+    assert GPRegressor(config="configs/paper.toml", epochs=0).run_config().train.random_state == 1
+
+
+@pytest.mark.parametrize("old, new", [("seed", "random_state"), ("scale_y", "normalize_y")])
+def test_old_keyword_names_fail_naming_the_new_one(old, new):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{old}'"):
+        GPRegressor(**{old: 1})  # Python's own error: scikit-learn forbids a **kwargs
+    with pytest.raises(ValueError, match=rf"unknown setting '{old}' \(renamed '{new}'"):
+        GPRegressor().run_config().with_keywords(**{old: 1})
+
+
 def test_hyperparameters_are_in_original_units():
     X, y = data()
     Xs = np.random.default_rng(1).uniform(-3, 3, (15, 2))
-    kw = dict(epochs=15, seed=0)
+    kw = dict(epochs=15, random_state=0)
     m1 = GPRegressor(**kw).fit(X, y)
     m2 = GPRegressor(**kw).fit(X * 1000, y * 1e-3)
     h1, h2 = m1.hyperparameters_, m2.hyperparameters_
@@ -56,7 +85,7 @@ def test_save_load_round_trip_predicts_identically(tmp_path, variance):
     X, y = data()
     Xs = np.random.default_rng(2).uniform(-3, 3, (20, 2))
     # posterior="cg": the variance engines are the CG posterior's (auto takes the exact one here)
-    m = GPRegressor(epochs=5, variance=variance, love_rank=20, seed=3,
+    m = GPRegressor(epochs=5, variance=variance, love_rank=20, random_state=3,
                     posterior="cg").fit(X, y)
     mu, sd = m.predict(Xs, return_std=True)  # for love this caches the root, which is saved
     path = tmp_path / "sub" / "model.npz"
@@ -75,6 +104,24 @@ def test_save_load_round_trip_predicts_identically(tmp_path, variance):
     assert m2.history_ == m.history_
 
 
+def test_load_reads_files_saved_with_the_old_names(tmp_path):
+    import json
+
+    X, y = data()
+    m = GPRegressor(epochs=0, random_state=4, normalize_y=False).fit(X, y)
+    path = m.save(tmp_path / "m.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    s = meta["settings"]
+    s["seed"], s["scale_y"] = s.pop("random_state"), s.pop("normalize_y")
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    np.savez(tmp_path / "old.npz", **arrays)
+    old = GPRegressor.load(tmp_path / "old.npz")
+    assert old.config_ == m.config_ and old.random_state_ == 4
+    np.testing.assert_array_equal(old.predict(X[:5]), m.predict(X[:5]))
+
+
 def test_load_rejects_other_files(tmp_path):
     p = tmp_path / "x.npz"
     np.savez(p, a=np.zeros(3))
@@ -84,7 +131,7 @@ def test_load_rejects_other_files(tmp_path):
 
 def test_return_std_is_positive_and_finite():
     X, y = data()
-    m = GPRegressor(epochs=10, seed=0).fit(X, y)
+    m = GPRegressor(epochs=10, random_state=0).fit(X, y)
     Xs = np.vstack([X[:10], [[1e6, -1e6]], [[0.0, 0.0]]])  # training inputs and far away
     mu, sd = m.predict(Xs, return_std=True)
     assert mu.shape == sd.shape == (12,)
@@ -137,7 +184,7 @@ def test_small_n_and_constant_inputs():
     Xt = np.array([[0.5, 5.0], [3.0, 5.0]])
     for estimator in ("exact", "slq"):
         m = GPRegressor(epochs=3, lanczos_depth=10, precond_rank=15, love_rank=100,
-                        estimator=estimator, seed=0).fit(X, y)
+                        estimator=estimator, random_state=0).fit(X, y)
         assert m.x_std_[1] == 1.0
         for variance in ("exact", "love"):
             m.set_params(variance=variance)
@@ -162,7 +209,7 @@ def test_backend_choice_is_reported(capsys):
 
 def test_float32_and_epochs_zero():
     X, y = data()
-    m = GPRegressor(dtype="float32", epochs=5, seed=0, estimator="slq").fit(X, y)
+    m = GPRegressor(dtype="float32", epochs=5, random_state=0, estimator="slq").fit(X, y)
     assert m.params_.raw_lengthscale.dtype == np.float32 and m.alpha_.dtype == np.float32
     assert m.predict_dtype_ == "float32"
     mu, sd = m.predict(X, return_std=True)
@@ -189,7 +236,7 @@ def test_yacht_rmse_close_to_sklearn():
     Xtr, Xte = s.unscale_X(s.X_train), s.unscale_X(s.X_test)
     ytr, yte = s.unscale_y(s.y_train), s.unscale_y(s.y_test)
     m = GPRegressor(
-        epochs=300, lr=0.1, lanczos_depth=30, num_probes=16, precond_rank=30, seed=0
+        epochs=300, lr=0.1, lanczos_depth=30, num_probes=16, precond_rank=30, random_state=0
     ).fit(Xtr, ytr)
     rmse = float(np.sqrt(np.mean((m.predict(Xte) - yte) ** 2)))
 
@@ -217,7 +264,7 @@ def test_float32_exact_estimator_predicts_in_float64_like_sklearn(tmp_path, vari
     y = np.sin(2 * X[:, 0]) + 0.5 * X[:, 1] + 1e-3 * rng.standard_normal(150)  # noise ~ floor
     # 50 steps: run to convergence (about 110), this likelihood's maximum drifts to infinite
     # lengthscales and output scale (cond(K) ~ 4e15), where no two float64 solvers agree
-    m = GPRegressor(dtype="float32", seed=0, variance=variance, epochs=50,
+    m = GPRegressor(dtype="float32", random_state=0, variance=variance, epochs=50,
                     love_rank=150).fit(X, y)
     assert m.estimator_ == "exact" and m.predict_dtype_ == "float64"
     assert m.alpha_.dtype == np.float64

@@ -14,8 +14,8 @@ from gpadjoint.model import GPRegressor
 # Adam pinned: these tests are about the estimator's numerics; L-BFGS's accept/reject decisions
 # (the default with SLQ) can turn round-off-level differences into 1e-5 ones within 15 steps
 SLQ = dict(estimator="slq", num_probes=8, lanczos_depth=15, precond_rank=10, epochs=15,
-           lr=0.1, seed=0, optimizer="adam")
-EXACT = dict(estimator="exact", epochs=30, seed=0)
+           lr=0.1, random_state=0, optimizer="adam")
+EXACT = dict(estimator="exact", epochs=30, random_state=0)
 
 
 def smooth(n=80, d=2, seed=0, noise=0.05):

@@ -23,6 +23,13 @@ def test_commit_is_this_checkouts_head():
     assert head.startswith(short.removesuffix("+dirty"))
 
 
+def test_commit_is_unknown_outside_a_checkouts_top(monkeypatch):
+    # an installed wheel: the package's parent folder (site-packages) is no checkout's top, even
+    # when it lies inside one (a virtual environment in a repository)
+    monkeypatch.setattr(provenance, "REPO", ROOT / "gpadjoint")
+    assert provenance.commit() == "unknown"
+
+
 def test_versions_and_machine_describe_this_process():
     v = provenance.versions()
     assert v["jax"] == jax.__version__ and set(provenance.CORE) <= set(v)

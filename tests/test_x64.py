@@ -43,7 +43,7 @@ def test_float64_estimator_without_global_x64_matches_the_opted_in_process():
         from gpadjoint import GPRegressor
         rng = np.random.default_rng(0)
         X = rng.standard_normal((60, 2)); y = np.sin(X[:, 0]) + 0.1 * rng.standard_normal(60)
-        m = GPRegressor(dtype="float64", estimator="slq", epochs=3, seed=0).fit(X, y)
+        m = GPRegressor(dtype="float64", estimator="slq", epochs=3, random_state=0).fit(X, y)
         mean, std = m.predict(X[:5], return_std=True)
         print(jax.config.jax_enable_x64, m.alpha_.dtype, repr(mean.tolist()), repr(std.tolist()))
     """
