@@ -132,9 +132,11 @@ def neg_mll(
         x0=x0,
         half=half,
     )
-    logdet = logdet_P + slq_from_tridiag(tri, lower)
+    slq = slq_from_tridiag(tri, lower)
+    logdet = logdet_P + slq
     value = neg_mll_from_terms(quad, logdet, n)
     aux = {
+        "depth_change": _depth_change(tri, lower, slq, n),
         "logdet": lax.stop_gradient(logdet),
         "quad": lax.stop_gradient(quad),
         "cg_iterations": info.iterations,
@@ -145,6 +147,24 @@ def neg_mll(
         "passes": passes + depth + 1 + (1 if backend.name == "dense" else 0),
     }
     return value, aux
+
+
+def _depth_change(tri, lower, slq, n: int) -> jax.Array:
+    """How far the SLQ log det still moved over the second half of the Lanczos steps, per datum.
+
+    0.5 |Q_k - Q_{k/2}| / n (the loss's units) between the quadratures of the full depth k and of
+    the leading k/2 steps of the same tridiagonals. Gauss quadrature of log converges
+    geometrically in the depth, so the error left at depth k is far below this change, while
+    an unconverged quadrature overestimates log det by an amount that grows as the noise (the
+    spectrum's lower end) falls: a fit at too small a depth drifts to too much noise. The
+    L-BFGS trainer deepens the Lanczos iteration while this exceeds ``MLLConfig.depth_tol``.
+    """
+    k = tri.alpha.shape[1]
+    if k < 2:
+        return jnp.asarray(jnp.inf, tri.alpha.dtype)
+    h = k // 2
+    short = slq_from_tridiag(tri._replace(alpha=tri.alpha[:, :h], beta=tri.beta[:, :h]), lower)
+    return lax.stop_gradient(0.5 * jnp.abs(slq - short) / n)
 
 
 @jax.custom_vjp
@@ -212,6 +232,7 @@ def _neg_mll_exact_aux(params: Params, X, y, *, kernel: str, noise_floor: float)
         "cg_iterations": jnp.asarray(0, jnp.int32),
         "cg_residual": jnp.asarray(0.0, dt),
         "alpha": alpha.astype(dt),
+        "depth_change": jnp.asarray(0.0, dt),  # no quadrature
         "passes": jnp.asarray(0, jnp.int32),
     }
     return value.astype(dt), aux

@@ -187,6 +187,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         estimator=None,
         exact_max_n=None,
         precond_logdet=None,
+        depth_tol=None,
+        max_lanczos_depth=None,
         optimizer=None,
         lr=None,
         schedule=None,

@@ -18,6 +18,7 @@ search on the fixed-probe objective (:mod:`gpadjoint.lbfgs` has its pure parts).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -161,6 +162,9 @@ class LBFGSState(NamedTuple):
     anchor: the parameters the preconditioner is built at (see :class:`LBFGS`).
     metric: the (k, k) coordinate matrix M of :class:`LBFGS` (identity when none was given);
         kept in the state so that a resumed run continues in the same coordinates.
+    depth: the Lanczos depth of the objective now (``MLLConfig.depth_tol`` deepens it).
+    depth_change: the ``depth_change`` of ``neg_mll`` at the current parameters (NaN until
+        first evaluated): above ``depth_tol`` the next step deepens before it moves.
     """
 
     inner: Any
@@ -168,6 +172,8 @@ class LBFGSState(NamedTuple):
     grad: Params
     anchor: Params
     metric: jax.Array
+    depth: jax.Array
+    depth_change: jax.Array
 
 
 def as_optimizer(optimizer):
@@ -374,12 +380,15 @@ def make_lbfgs_trainer(
             grad=jax.tree.map(jnp.zeros_like, params),
             anchor=params,
             metric=jnp.asarray(metric),
+            depth=jnp.asarray(ev.depth, jnp.int32),
+            depth_change=jnp.asarray(jnp.nan, dtype),
         )
         return TrainState(params, opt_state, jnp.asarray(0, jnp.int32), key,
                           jnp.zeros(X.shape[0], dtype) if warm_start else None)
 
     def compile(state: TrainState) -> float:
         t0 = time.perf_counter()
+        ev.set_depth(int(state.opt_state.depth))
         ev.executable(state.params, jax.random.fold_in(state.key, 0), state.last_alpha,
                       state.opt_state.anchor)
         return time.perf_counter() - t0
@@ -402,6 +411,22 @@ class _Evaluator:
         self.traces = 0
         self.compiled: dict = {}
         self.counts: dict = {}
+        self.last_change = math.nan
+        n = X.shape[0]
+        self.depth = min(cfg.lanczos_depth, n)
+        # deepening applies to SLQ only, up to max_lanczos_depth (and n)
+        slq = choose_estimator(n, cfg)[0] == "slq"
+        self.max_depth = min(max(cfg.max_lanczos_depth, self.depth), n) if slq else self.depth
+
+    def set_depth(self, depth: int) -> None:
+        """Evaluate with this Lanczos depth from now on (compiled once per depth)."""
+        self.depth = int(depth)
+        self.cfg = dataclasses.replace(self.cfg, lanczos_depth=self.depth)
+
+    def too_shallow(self, change: float) -> bool:
+        """Whether ``depth_change`` calls for a deeper Lanczos iteration that is allowed."""
+        tol = self.cfg.depth_tol
+        return tol > 0 and self.depth < self.max_depth and not change <= tol
 
     def _evaluate(self, params, key, x0, anchor, X, y):
         self.traces += 1  # runs only while tracing
@@ -411,12 +436,12 @@ class _Evaluator:
                            precond_params=anchor)
 
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        keep = ("cg_iterations", "cg_residual", "passes", "alpha")
+        keep = ("cg_iterations", "cg_residual", "passes", "alpha", "depth_change")
         return value, grads, {k: aux[k] for k in keep}
 
     def executable(self, params, key, x0, anchor):
         args = (params, key, x0, anchor, self.X, self.y)
-        sig = _signature(args)
+        sig = (_signature(args), self.depth)
         if sig not in self.compiled:
             self.compiled[sig] = jax.jit(self._evaluate).lower(*args).compile()
         return self.compiled[sig], args
@@ -433,6 +458,7 @@ class _Evaluator:
         c["cg_iterations"] += int(aux["cg_iterations"])
         c["passes"] += int(aux["passes"])
         c["cg_residual"] = max(c["cg_residual"], float(aux["cg_residual"]))
+        self.last_change = float(aux["depth_change"])
         finite = bool(np.isfinite(v)) and coords.tree_finite(g)
         solved = float(aux["cg_residual"]) <= self.cfg.cg_tol
         alpha = aux["alpha"]
@@ -447,15 +473,27 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool)
     s, cfg, dtype = state.opt_state, ev.cfg, ev.X.dtype
     params, x0, anchor = state.params, state.last_alpha, s.anchor
     ev.start()
-    value, grad = float(s.value), s.grad
+    ev.set_depth(int(s.depth))
+    value, grad, change = float(s.value), s.grad, float(s.depth_change)
     refreshed = (anchored and coords.moved(params, anchor) > lbfgs.refresh
                  and bool(np.isfinite(value)))
     if refreshed:  # the preconditioner is stale: rebuild it here
         anchor, value = params, math.nan
     ev.counts["refreshed"] = refreshed
+    deepened = False
+    while True:
+        if np.isfinite(value) and ev.too_shallow(change):
+            # the quadrature has not converged here: a deeper one is a new objective
+            ev.set_depth(min(2 * ev.depth, ev.max_depth))
+            value, deepened = math.nan, True
+        if np.isfinite(value):
+            break
+        value, grad, finite, _, x0 = ev.run(params, key, x0, anchor)  # first step, or new P
+        change = ev.last_change
+        if not finite:
+            break
+    ev.counts.update(deepened=deepened, lanczos_depth=ev.depth, depth_change=change)
     finite = bool(np.isfinite(value))
-    if not finite:  # first step, or a new preconditioner
-        value, grad, finite, _, x0 = ev.run(params, key, x0, anchor)
     gnorm = coords.tree_norm(grad)
     metrics = _lbfgs_metrics(state.params, value, gnorm, cfg, finite)
     failed = dict(linesearch_ok=False, step_size=0.0, new_loss=value, new_grad_norm=gnorm)
@@ -478,16 +516,17 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool)
         if not (fin_t and solved_t):
             return host.Trial(False, v_t, math.nan)
         gu_t = coords.opt_grad(g_t, p_t)
-        return host.Trial(True, v_t, coords.tree_vdot(gu_t, desc), (p_t, g_t))
+        return host.Trial(True, v_t, coords.tree_vdot(gu_t, desc), (p_t, g_t, ev.last_change))
 
     search = host.weak_wolfe(phi, value, slope, t_max=host.step_cap(desc, caps), c1=lbfgs.c1,
                              c2=lbfgs.c2, max_evals=lbfgs.max_linesearch_steps)
     x0 = x0_box[0]
     if search.trial is None:
         metrics.update(ev.counts, **failed)
-        kept = LBFGSState(s.inner, jnp.asarray(value, dtype), grad, anchor, s.metric)
+        kept = LBFGSState(s.inner, jnp.asarray(value, dtype), grad, anchor, s.metric,
+                           jnp.asarray(ev.depth, jnp.int32), jnp.asarray(change, dtype))
         return TrainState(state.params, kept, state.epoch, state.key, x0), metrics
-    t, (p_new, g_new) = search.t, search.trial.payload
+    t, (p_new, g_new, change_new) = search.t, search.trial.payload
     if not (search.wolfe or t * (search.trial.slope - slope) > 0):
         # no positive curvature pair: forget
         inner = host.init_memory(M.shape[0], lbfgs.memory_size)
@@ -495,7 +534,8 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool)
     new_state = TrainState(
         params=Params(*(jnp.asarray(a, dtype) for a in p_new)),
         opt_state=LBFGSState(inner, jnp.asarray(search.trial.value, dtype), new_grad, anchor,
-                             s.metric),
+                             s.metric, jnp.asarray(ev.depth, jnp.int32),
+                             jnp.asarray(change_new, dtype)),
         epoch=state.epoch + 1, key=state.key, last_alpha=x0)
     metrics.update(ev.counts, linesearch_ok=True, step_size=t, new_loss=search.trial.value,
                    new_grad_norm=coords.tree_norm(g_new))

@@ -134,6 +134,11 @@ class MLLConfig(Section):
             variance and quadrature error. Needs ``precond_rank`` > 0. The paper did not.
         noise_floor: lower bound added to the softplus noise (variance units); in a run
             configuration it is the ``[model]`` key, not one of the ``[mll]`` table.
+        depth_tol: the L-BFGS trainer doubles ``lanczos_depth`` (up to ``max_lanczos_depth``)
+            while the SLQ log det still moves by more than this (per datum, the loss's units)
+            over the second half of the Lanczos steps (``depth_change`` of
+            :func:`gpadjoint.mll.neg_mll`); 0 keeps the depth fixed.
+        max_lanczos_depth: the most Lanczos steps that deepening may reach.
 
     """
 
@@ -141,7 +146,8 @@ class MLLConfig(Section):
     _TYPES: ClassVar[dict[str, type]] = {
         "num_probes": int, "lanczos_depth": int, "precond_rank": int, "cg_tol": float,
         "cg_min_iter": int, "cg_max_iter": int, "estimator": str, "exact_max_n": int,
-        "precond_logdet": bool, "noise_floor": float,
+        "precond_logdet": bool, "noise_floor": float, "depth_tol": float,
+        "max_lanczos_depth": int,
     }
     _NOT_IN_TABLE: ClassVar[tuple[str, ...]] = ("noise_floor",)
 
@@ -155,10 +161,13 @@ class MLLConfig(Section):
     exact_max_n: int = EXACT_MAX_N
     precond_logdet: bool = False
     noise_floor: float = NOISE_FLOOR
+    depth_tol: float = 0.0
+    max_lanczos_depth: int = 0
 
     def _validate(self):
         self._choice("estimator", ESTIMATORS)
         self._positive("num_probes", "lanczos_depth", "cg_tol", "cg_max_iter", "exact_max_n")
-        self._non_negative("precond_rank", "cg_min_iter", "noise_floor")
+        self._non_negative("precond_rank", "cg_min_iter", "noise_floor", "depth_tol",
+                           "max_lanczos_depth")
         if self.cg_min_iter > self.cg_max_iter:
             self._fail("cg_min_iter", f"must not exceed cg_max_iter = {self.cg_max_iter}")

@@ -346,12 +346,13 @@ def _resolve_backend(backend, kernel, n, dtype) -> tuple[Backend, str]:
     return make_backend(backend, kernel), "requested"
 
 
-_LBFGS_KEYS = ("evaluations", "step_size", "new_loss", "new_grad_norm", "refreshed")
+_LBFGS_KEYS = ("evaluations", "step_size", "new_loss", "new_grad_norm", "refreshed",
+               "deepened", "lanczos_depth", "depth_change")
 
 
 def _record(epoch: int, m: dict, seconds: float, cfg: MLLConfig) -> dict:
     res = float(m["cg_residual"])
-    kinds = {"evaluations": int, "refreshed": bool}
+    kinds = {"evaluations": int, "refreshed": bool, "deepened": bool, "lanczos_depth": int}
     extra = {k: kinds.get(k, float)(m[k]) for k in _LBFGS_KEYS if k in m}
     return {
         "epoch": epoch,

@@ -35,7 +35,7 @@ def test_settings_are_the_resolved_config_of_the_method(method, base):
     from gpadjoint.optimizers import resolve_optimizer
 
     toml = tomllib.loads((ROOT / base).read_text())
-    cfg = bench_uci.method_config(method, epochs=3).with_overrides(train__seed=1)
+    cfg = bench_uci.method_config(method, epochs=3).with_overrides(train__random_state=1)
     n = 20_000  # beyond any exact-estimator threshold of either file: the SLQ path
     s = bu.run_settings(cfg.to_dict(), n)
     assert s["dtype"] == toml.get("model", {}).get("dtype", cfg.model.dtype) == cfg.model.dtype
