@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .kernels import PROFILE_DERIVATIVES, Hypers, dense_cov, get_profile, sq_diff_basis, sq_dist
+from .kernels import PROFILE_DERIVATIVES, Hypers, dense_cov, get_profile, sq_diff_basis
 from .tiles import (
     finish_hbar,
     hbar_tile,
@@ -40,6 +40,7 @@ from .tiles import (
     pad_rows,
     profile_entries,
     symmetric_operator,
+    tile_sq_dist,
 )
 
 BACKENDS = ("dense", "blocked", "keops")
@@ -321,10 +322,14 @@ def _sym_forward(prof, tile, mixed, V, X, hypers):
 
     def body(out, s):
         At = lax.dynamic_slice_in_dim(Xe, s, t)
-        R2 = sq_dist(At, lax.dynamic_slice_in_dim(Xe, s, L), 0)
+        R2 = tile_sq_dist(At, lax.dynamic_slice_in_dim(Xe, s, L), 0)
         Kt = hypers.outputscale * profile_entries(prof, R2, mixed)  # (t, L): tiles I .. I+h
+        # materialise the tile once: left to itself XLA fuses its elementwise producer into
+        # both products below, evaluating every kernel entry twice
+        Kt = lax.optimization_barrier(Kt)
         rows = Kt @ lax.dynamic_slice_in_dim(Ve, s, L)
-        cols = Kt[:, t : (hT + 1) * t].T @ lax.dynamic_slice_in_dim(Ve, s, t)
+        # (V_I^T K)^T, not K^T V_I: XLA's CPU dot copies a transposed (t, L) operand first
+        cols = (lax.dynamic_slice_in_dim(Ve, s, t).T @ Kt[:, t : (hT + 1) * t]).T
         out = lax.dynamic_update_slice_in_dim(out, lax.dynamic_slice_in_dim(out, s, t) + rows, s, 0)
         old = lax.dynamic_slice_in_dim(out, s + t, hT * t)
         return lax.dynamic_update_slice_in_dim(out, old + cols, s + t, 0), None
