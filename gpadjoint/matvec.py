@@ -31,18 +31,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .kernels import (
-    PROFILE_DERIVATIVES,
-    Hypers,
-    cross_cov,
-    dense_cov,
-    get_profile,
-    sq_diff_basis,
-    sq_diff_sums,
-    sq_dist,
+from .kernels import PROFILE_DERIVATIVES, Hypers, dense_cov, get_profile, sq_diff_basis
+from .tiles import (
+    finish_hbar,
+    hbar_tile,
+    hbar_tile_autodiff,
+    kv_tile,
+    pad_rows,
+    profile_entries,
+    symmetric_operator,
+    tile_sq_dist,
 )
 
 BACKENDS = ("dense", "blocked", "keops")
+# "full": kernel entries in the working dtype; "mixed": entries in float32, everything else in
+# the working dtype (gpadjoint.tiles).
+PRECISIONS = ("full", "mixed")
 
 # Bytes of one n x n kernel matrix we are willing to hold for the dense backend, as a fraction of
 # available memory (K, its cotangent and one temporary live at once in value+gradient).
@@ -61,6 +65,10 @@ class Backend:
             d = 8, an 11-column matvec took 1.05 s against 1.61 s with 1024 rows.
         mesh: a 1-D ``jax.sharding.Mesh`` (:func:`gpadjoint.sharding.make_mesh`) to split the
             rows over, or None for the single-device path (:mod:`gpadjoint.sharding`).
+        symmetric: ``blocked`` evaluates each off-diagonal kernel tile once and applies it to
+            both sides (the strip layout below); False: row tiles against all columns.
+        precision: "full" (kernel entries in the working dtype) or "mixed" (entries in
+            float32, products, sums and Krylov vectors in the working dtype; :data:`PRECISIONS`).
 
     """
 
@@ -68,6 +76,8 @@ class Backend:
     kernel: str
     tile: int = 128
     mesh: Any = None
+    symmetric: bool = True
+    precision: str = "full"
 
     def operator(self, X, hypers: Hypers) -> tuple[Callable, tuple]:
         """Return ``(mv, args)`` with ``mv(V, *args) == K(hypers) @ V`` for V (n,) or (n, m)."""
@@ -76,7 +86,8 @@ class Backend:
         if self.name == "dense":
             return _dense_mv, (dense_cov(self.kernel, X, hypers),)
         if self.name == "blocked":
-            return _blocked_mv_fn(self.kernel, self.tile), (X, hypers)
+            return _blocked_mv_fn(self.kernel, self.tile, self.symmetric,
+                                  self.precision == "mixed"), (X, hypers)
         if self.name == "keops":
             return _keops_mv_fn(self.kernel), (X, hypers)
         raise ValueError(f"unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}")
@@ -89,7 +100,8 @@ class Backend:
             return sh.sharded_dense_mv(self.mesh), (sh.sharded_dense_cov(
                 self.mesh, self.kernel, X, hypers),)
         if self.name == "blocked":
-            return sh.sharded_blocked_mv(self.mesh, self.kernel, self.tile), (X, hypers)
+            return sh.sharded_blocked_mv(self.mesh, self.kernel, self.tile,
+                                         self.precision == "mixed"), (X, hypers)
         if self.name == "keops":
             return sh.sharded_keops_operator(self.mesh, self.kernel, X, hypers)
         raise ValueError(f"unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}")
@@ -100,10 +112,13 @@ class Backend:
         return mv(V, *args)
 
 
-def make_backend(name: str, kernel: str, *, tile: int = 128, mesh=None) -> Backend:
+def make_backend(name: str, kernel: str, *, tile: int = 128, mesh=None, symmetric: bool = True,
+                 precision: str = "full") -> Backend:
     """Validate names and return a :class:`Backend` (no silent substitution).
 
     ``mesh``: a device mesh to shard the rows over (:func:`gpadjoint.sharding.make_mesh`).
+    ``symmetric``, ``precision``: the blocked pass's layout and kernel-entry precision
+    (:class:`Backend`); "mixed" exists for ``blocked`` only.
 
     Raises:
         ValueError: for an unknown backend or kernel name.
@@ -115,6 +130,12 @@ def make_backend(name: str, kernel: str, *, tile: int = 128, mesh=None) -> Backe
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'")
     if tile < 1:
         raise ValueError(f"tile must be a positive number of rows, got {tile}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown kernel precision {precision!r}; choose one of "
+                         f"{', '.join(PRECISIONS)}")
+    if precision == "mixed" and name != "blocked":
+        raise ValueError(f"kernel precision 'mixed' exists for the blocked backend only, not "
+                         f"{name!r}; choose --backend blocked or precision 'full'")
     if name == "keops":
         from .keops_bridge import keops_available
 
@@ -125,7 +146,7 @@ def make_backend(name: str, kernel: str, *, tile: int = 128, mesh=None) -> Backe
                 "Install a C++ compiler and the Python headers (apt-get install g++ python3-dev), "
                 "or choose --backend dense/blocked/auto."
             )
-    return Backend(name, kernel, tile, mesh)
+    return Backend(name, kernel, tile, mesh, symmetric, precision)
 
 
 def available_memory_bytes() -> int:
@@ -180,14 +201,19 @@ def _dense_mv(V, K):
 
 
 # --- blocked ----------------------------------------------------------------------------------
-
-
-def _pad_rows(A, multiple):
-    n = A.shape[0]
-    pad = (-n) % multiple
-    if pad == 0:
-        return A
-    return jnp.concatenate([A, jnp.zeros((pad,) + A.shape[1:], A.dtype)], axis=0)
+#
+# Two layouts of the same tiles (gpadjoint.tiles):
+#
+# rows       Row tile I against all n columns: every kernel pair evaluated twice (K_ij and K_ji),
+#            in the forward pass and again in the VJP. Kept as the reference and for comparison.
+# symmetric  Row tile I against the strip of tiles I, I+1, ..., I+h (mod nb), h = nb // 2: with
+#            the tiles on a circle every unordered pair of tiles {I, J} lies in exactly one strip
+#            (for even nb the pair at distance h lies in two, and each of those strips applies it
+#            to its own rows only). An off-diagonal tile K_IJ is evaluated once and used twice:
+#            K_IJ V_J for rows I, K_IJ^T V_I for rows J; in the VJP its weight carries both
+#            orientations, U_I V_J^T + V_I U_J^T. About half the kernel evaluations of ``rows``,
+#            the same products; every strip has the same static shape (t, (h + 1) t), taken as one
+#            slice of the inputs with their first h tiles appended again.
 
 
 @functools.cache
@@ -202,114 +228,161 @@ def _keops_mv_fn(kernel: str) -> Callable:
 
 
 @functools.cache
-def _blocked_mv_fn(kernel: str, tile: int) -> Callable:
+def _blocked_mv_fn(kernel: str, tile: int, symmetric: bool = False, mixed: bool = False):
     """Build ``mv(V, X, hypers)`` computing K V tile by tile with a memory-light custom VJP.
 
-    Cached per (kernel, tile): callers pass ``mv`` to jitted functions as a static argument,
-    so the same settings must give the same function object, or every call would recompile.
+    ``symmetric``: the strip layout (each kernel pair once); otherwise row tiles against all
+    columns. ``mixed``: kernel entries in float32, products and sums in the working dtype
+    (:mod:`gpadjoint.tiles`). Cached per settings: callers pass ``mv`` to jitted functions as a
+    static argument, so the same settings must give the same function object, or every call
+    would recompile.
     """
-
-    def tile_rows(start, Xt, X, V, hypers):
-        # rows [start, start+tile) of K V; padded rows beyond n are discarded by the caller
-        Kt = cross_cov(kernel, Xt, X, hypers, diag_offset=start)
-        return Kt @ V
-
-    def forward(V, X, hypers):
-        n = X.shape[0]
-        t = min(tile, n)
-        Xp = _pad_rows(X, t)
-        nb = Xp.shape[0] // t
-        starts = jnp.arange(nb) * t
-        blocks = lax.map(
-            lambda s: tile_rows(s, lax.dynamic_slice_in_dim(Xp, s, t), X, V, hypers), starts
-        )
-        out = blocks.reshape((nb * t,) + V.shape[1:])[:n]
-        return out + hypers.noise * V
-
-    def hypers_vjp(X, U, V, hypers):
-        if kernel in PROFILE_DERIVATIVES:
-            return _blocked_hypers_vjp(kernel, tile, X, U, V, hypers)
-        return _blocked_hypers_vjp_autodiff(tile_rows, tile, X, U, V, hypers)
-
-    return symmetric_operator(forward, hypers_vjp)
+    prof = get_profile(kernel)
+    if symmetric:
+        fwd = functools.partial(_sym_forward, prof, tile, mixed)
+        hvjp = functools.partial(_sym_hypers_vjp, kernel, tile, mixed)
+    else:
+        fwd = functools.partial(_rows_forward, prof, tile, mixed)
+        hvjp = functools.partial(_rows_hypers_vjp, kernel, tile, mixed)
+    return symmetric_operator(fwd, hvjp)
 
 
-def symmetric_operator(forward: Callable, hypers_vjp: Callable) -> Callable:
-    """Wrap ``forward(V, X, hypers) = K V`` (K symmetric) as ``mv`` with a memory-light VJP.
-
-    The cotangent of V is ``forward(U, X, hypers)`` (K^T U = K U; dropped as dead code when
-    unused), X gets none (inputs are data), and the hyperparameters get
-    ``hypers_vjp(X, U, V, hypers)``, the gradient of <U, K(hypers) V>: nothing of K is kept
-    for the backward pass. Every backend that never forms K (blocked, KeOps, sharded) uses it.
-    """
-
-    @jax.custom_vjp
-    def mv(V, X, hypers):
-        return forward(V, X, hypers)
-
-    def fwd(V, X, hypers):
-        return forward(V, X, hypers), (V, X, hypers)
-
-    def bwd(res, U):
-        V, X, hypers = res
-        return forward(U, X, hypers), jnp.zeros_like(X), hypers_vjp(X, U, V, hypers)
-
-    mv.defvjp(fwd, bwd)
-    return mv
-
-
-def _blocked_hypers_vjp_autodiff(tile_rows, tile, X, U, V, hypers):
-    """Cotangent of hypers for <U, K(hypers) V> by autodiff through each tile (matern12)."""
+def _rows_forward(prof, tile, mixed, V, X, hypers):
     n = X.shape[0]
     t = min(tile, n)
-    Xp = _pad_rows(X, t)
-    Up = _pad_rows(U, t)
-    nb = Xp.shape[0] // t
+    Xs = X / hypers.lengthscale
+    Xsp = pad_rows(Xs, t)
+    nb = Xsp.shape[0] // t
 
-    def body(acc, s):
-        Xt = lax.dynamic_slice_in_dim(Xp, s, t)
-        Ut = lax.dynamic_slice_in_dim(Up, s, t)
-        _, vjp = jax.vjp(lambda h: tile_rows(s, Xt, X, V, h), hypers)
-        (g,) = vjp(Ut)
-        return jax.tree.map(jnp.add, acc, g), None
+    def rows(s):  # rows [s, s + t) of K V; padded rows beyond n are dropped below
+        Xt = lax.dynamic_slice_in_dim(Xsp, s, t)
+        return kv_tile(prof, Xt, Xs, V, hypers.outputscale, s, mixed)
 
-    zero = jax.tree.map(jnp.zeros_like, hypers)
-    hbar, _ = lax.scan(body, zero, jnp.arange(nb) * t)
-    return hbar._replace(noise=hbar.noise + jnp.sum(U * V))
+    blocks = lax.map(rows, jnp.arange(nb) * t)
+    out = blocks.reshape((nb * t,) + V.shape[1:])[:n]
+    return out + hypers.noise * V
 
 
-def _blocked_hypers_vjp(kernel, tile, X, U, V, hypers):
-    """Cotangent of hypers for <U, K(hypers) V> = sum_ij (U_i . V_j) K_ij, in closed form.
+def _rows_hypers_vjp(kernel, tile, mixed, X, U, V, hypers, autodiff=False):
+    """Cotangent of hypers for <U, K(hypers) V> = sum_ij (U_i . V_j) K_ij, row tile by row tile.
 
-    Per row tile: the weight W = U_t V^T, then one fused elementwise pass giving
-    sum W o k(R2) (the output scale's cotangent) and G = W o k'(R2), and the lengthscale terms
-    sum_ij G_ij (xs_id - xs_jd)^2 from one (t, n) x (n, 2d + 1) product
-    (:func:`gpadjoint.kernels.sq_diff_sums`), as the dense backend's hand-written VJP. Autodiff
-    through the tile instead keeps and revisits several (t, n) intermediates: at n = 36 000,
-    d = 8, 102 columns it took 15.4 s against 3.8 s here (an 11-column matvec: 1.05 s).
+    Per tile the weight W = U_t V^T, then :func:`gpadjoint.tiles.hbar_tile` (closed form:
+    rbf, matern32, matern52) or, for matern12 or with ``autodiff``, autodiff through the tile
+    (which keeps and revisits several (t, n) intermediates; the closed form reads the tile once).
     """
     n, d = X.shape
     U, V = U.reshape(n, -1), V.reshape(n, -1)
     t = min(tile, n)
-    ls = hypers.lengthscale
-    Xs = X / ls
-    Xsp = _pad_rows(Xs, t)
-    Up = _pad_rows(U, t)
-    nb = Xsp.shape[0] // t
-    prof, dprof = get_profile(kernel), PROFILE_DERIVATIVES[kernel]
+    Up = pad_rows(U, t)  # padded rows of U are zero, so padded rows of W add nothing
+    starts = jnp.arange(Up.shape[0] // t) * t
+    if kernel in PROFILE_DERIVATIVES and not autodiff:
+        prof, dprof = get_profile(kernel), PROFILE_DERIVATIVES[kernel]
+        Xs = X / hypers.lengthscale
+        Xsp = pad_rows(Xs, t)
+        B = sq_diff_basis(Xs)  # once, outside the tile loop
 
-    B = sq_diff_basis(Xs)  # once, outside the tile loop
+        def body(acc, s):
+            W = lax.dynamic_slice_in_dim(Up, s, t) @ V.T
+            At = lax.dynamic_slice_in_dim(Xsp, s, t)
+            return jax.tree.map(jnp.add, acc, hbar_tile(prof, dprof, At, Xs, B, W, s, mixed)), None
 
-    def body(acc, s):
-        s2bar, quad = acc
-        Xt = lax.dynamic_slice_in_dim(Xsp, s, t)
-        Ut = lax.dynamic_slice_in_dim(Up, s, t)
-        R2 = sq_dist(Xt, Xs, s)
-        W = Ut @ V.T  # padded rows of U are zero, so padded rows of W add nothing
-        s2bar = s2bar + jnp.sum(W * prof(R2))
-        quad = quad + sq_diff_sums((W * dprof(R2)) @ B, Xt)
-        return (s2bar, quad), None
+        zero = (jnp.zeros((), X.dtype), jnp.zeros((d,), X.dtype))
+        (s2bar, quad), _ = lax.scan(body, zero, starts)
+        return finish_hbar(hypers, s2bar, quad, jnp.sum(U * V))
+    Xp = pad_rows(X, t)
 
-    zero = (jnp.zeros((), X.dtype), jnp.zeros((d,), X.dtype))
-    (s2bar, quad), _ = lax.scan(body, zero, jnp.arange(nb) * t)
-    return Hypers(-2.0 * hypers.outputscale * quad / ls, s2bar, jnp.sum(U * V))
+    def body_ad(acc, s):
+        W = lax.dynamic_slice_in_dim(Up, s, t) @ V.T
+        At = lax.dynamic_slice_in_dim(Xp, s, t)
+        return jax.tree.map(jnp.add, acc, hbar_tile_autodiff(kernel, At, X, W, hypers, s)), None
+
+    hbar, _ = lax.scan(body_ad, jax.tree.map(jnp.zeros_like, hypers), starts)
+    return hbar._replace(noise=hbar.noise + jnp.sum(U * V))
+
+
+def _sym_layout(n, tile):
+    """(t, nb, h, hT): tile rows, tiles, strip length in tiles - 1, transposed tiles per strip."""
+    t = min(tile, n)
+    nb = -(-n // t)
+    return t, nb, nb // 2, (nb - 1) // 2
+
+
+def _wrap(A, t, h):
+    # A padded to whole tiles, then its first h tiles again: strip I is one slice from row I t
+    Ap = pad_rows(A, t)
+    return jnp.concatenate([Ap, Ap[: h * t]], axis=0)
+
+
+def _sym_forward(prof, tile, mixed, V, X, hypers):
+    n = X.shape[0]
+    t, nb, h, hT = _sym_layout(n, tile)
+    L = (h + 1) * t
+    V2 = V.reshape(n, -1)
+    Xe, Ve = _wrap(X / hypers.lengthscale, t, h), _wrap(V2, t, h)
+
+    def body(out, s):
+        At = lax.dynamic_slice_in_dim(Xe, s, t)
+        R2 = tile_sq_dist(At, lax.dynamic_slice_in_dim(Xe, s, L), 0)
+        Kt = hypers.outputscale * profile_entries(prof, R2, mixed)  # (t, L): tiles I .. I+h
+        # materialise the tile once: left to itself XLA fuses its elementwise producer into
+        # both products below, evaluating every kernel entry twice
+        Kt = lax.optimization_barrier(Kt)
+        rows = Kt @ lax.dynamic_slice_in_dim(Ve, s, L)
+        # (V_I^T K)^T, not K^T V_I: XLA's CPU dot copies a transposed (t, L) operand first
+        cols = (lax.dynamic_slice_in_dim(Ve, s, t).T @ Kt[:, t : (hT + 1) * t]).T
+        out = lax.dynamic_update_slice_in_dim(out, lax.dynamic_slice_in_dim(out, s, t) + rows, s, 0)
+        old = lax.dynamic_slice_in_dim(out, s + t, hT * t)
+        return lax.dynamic_update_slice_in_dim(out, old + cols, s + t, 0), None
+
+    zero = jnp.zeros(((nb + h) * t, V2.shape[1]), V2.dtype)
+    out_e, _ = lax.scan(body, zero, jnp.arange(nb) * t)
+    out = out_e[: nb * t].at[: h * t].add(out_e[nb * t :])  # fold the wrapped tiles back
+    return out[:n].reshape(V.shape) + hypers.noise * V
+
+
+def _sym_hypers_vjp(kernel, tile, mixed, X, U, V, hypers, autodiff=False):
+    """As :func:`_rows_hypers_vjp` over the strips of the symmetric layout.
+
+    Strip I's weight is ``[U_I | V_I] [V_c | m o U_c]^T`` (c: the strip's columns, m = 1 on the
+    tiles whose transpose the strip applies, 0 on its diagonal tile and on a tile at distance
+    nb / 2), the sum of both orientations of each pair it holds. matern12 ignores ``mixed``
+    here: its VJP is autodiff through a full-precision tile.
+    """
+    n, d = X.shape
+    U2, V2 = U.reshape(n, -1), V.reshape(n, -1)
+    t, nb, h, hT = _sym_layout(n, tile)
+    L = (h + 1) * t
+    mask = jnp.zeros((L, 1), X.dtype).at[t : (hT + 1) * t].set(1.0)
+    Ue, Ve = _wrap(U2, t, h), _wrap(V2, t, h)
+    starts = jnp.arange(nb) * t
+
+    def weight(s):
+        left = jnp.concatenate([lax.dynamic_slice_in_dim(Ue, s, t),
+                                lax.dynamic_slice_in_dim(Ve, s, t)], axis=1)
+        right = jnp.concatenate([lax.dynamic_slice_in_dim(Ve, s, L),
+                                 mask * lax.dynamic_slice_in_dim(Ue, s, L)], axis=1)
+        return left @ right.T
+
+    if kernel in PROFILE_DERIVATIVES and not autodiff:
+        prof, dprof = get_profile(kernel), PROFILE_DERIVATIVES[kernel]
+        Xe = _wrap(X / hypers.lengthscale, t, h)
+        Be = sq_diff_basis(Xe)
+
+        def body(acc, s):
+            At, Bs = lax.dynamic_slice_in_dim(Xe, s, t), lax.dynamic_slice_in_dim(Xe, s, L)
+            Bb = lax.dynamic_slice_in_dim(Be, s, L)
+            part = hbar_tile(prof, dprof, At, Bs, Bb, weight(s), 0, mixed)
+            return jax.tree.map(jnp.add, acc, part), None
+
+        zero = (jnp.zeros((), X.dtype), jnp.zeros((d,), X.dtype))
+        (s2bar, quad), _ = lax.scan(body, zero, starts)
+        return finish_hbar(hypers, s2bar, quad, jnp.sum(U * V))
+    Xe = _wrap(X, t, h)
+
+    def body_ad(acc, s):
+        At, Bs = lax.dynamic_slice_in_dim(Xe, s, t), lax.dynamic_slice_in_dim(Xe, s, L)
+        return jax.tree.map(jnp.add, acc, hbar_tile_autodiff(kernel, At, Bs, weight(s), hypers,
+                                                             0)), None
+
+    hbar, _ = lax.scan(body_ad, jax.tree.map(jnp.zeros_like, hypers), starts)
+    return hbar._replace(noise=hbar.noise + jnp.sum(U * V))

@@ -50,16 +50,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .kernels import (
-    PROFILE_DERIVATIVES,
-    Hypers,
-    cross_cov,
-    get_profile,
-    sq_diff_basis,
-    sq_diff_sums,
-    sq_dist,
-)
-from .matvec import symmetric_operator
+from .kernels import PROFILE_DERIVATIVES, Hypers, get_profile, sq_diff_basis
+from .tiles import finish_hbar, hbar_tile, hbar_tile_autodiff, kv_tile, symmetric_operator
 
 AXIS = "rows"
 
@@ -216,19 +208,25 @@ def _tiles(A, t):
     return Ap, Ap.shape[0] // t
 
 
-def _blocked_body(kernel, tile):
+def _blocked_body(kernel, tile, mixed=False):
+    prof = get_profile(kernel)
+
     def body(Vloc, Xloc, hypers):
         nloc = Xloc.shape[0]
         t = min(tile, nloc)
-        Xp, nb = _tiles(Xloc, t)
+        ls = hypers.lengthscale
+        Xp, nb = _tiles(Xloc / ls, t)
         row0 = _row_offset(nloc)
 
         def with_shard(acc, Xc, Vc, src):
-            def tile_rows(s):
-                Xt = lax.dynamic_slice_in_dim(Xp, s, t)
-                return cross_cov(kernel, Xt, Xc, hypers, diag_offset=row0 + s - src * nloc) @ Vc
+            Xcs = Xc / ls
 
-            return acc + lax.map(tile_rows, jnp.arange(nb) * t)
+            def rows(s):
+                At = lax.dynamic_slice_in_dim(Xp, s, t)
+                return kv_tile(prof, At, Xcs, Vc, hypers.outputscale, row0 + s - src * nloc,
+                               mixed)
+
+            return acc + lax.map(rows, jnp.arange(nb) * t)
 
         zero = jnp.zeros((nb, t) + Vloc.shape[1:], Vloc.dtype)
         blocks = _ring(with_shard, _varying(zero), Xloc, Vloc)
@@ -238,7 +236,7 @@ def _blocked_body(kernel, tile):
     return body
 
 
-def _blocked_hbar_body(kernel, tile):
+def _blocked_hbar_body(kernel, tile, mixed=False):
     """Per-device partial cotangent of hypers for <U, K V>, then psum over the mesh."""
 
     def body(Uloc, Vloc, Xloc, hypers):
@@ -257,20 +255,16 @@ def _blocked_hbar_body(kernel, tile):
                 B = sq_diff_basis(Xs)
 
                 def step(acc, s):
-                    s2bar, quad = acc
-                    Xt = lax.dynamic_slice_in_dim(Xsl, s, t)
-                    Ut = lax.dynamic_slice_in_dim(Up, s, t)
-                    R2 = sq_dist(Xt, Xs, row0 + s - src * nloc)
-                    W = Ut @ Vc.T
-                    s2bar = s2bar + jnp.sum(W * prof(R2))
-                    quad = quad + sq_diff_sums((W * dprof(R2)) @ B, Xt)
-                    return (s2bar, quad), None
+                    At = lax.dynamic_slice_in_dim(Xsl, s, t)
+                    W = lax.dynamic_slice_in_dim(Up, s, t) @ Vc.T
+                    part = hbar_tile(prof, dprof, At, Xs, B, W, row0 + s - src * nloc, mixed)
+                    return jax.tree.map(jnp.add, acc, part), None
 
                 return lax.scan(step, acc, starts)[0]
 
             zero = _varying((jnp.zeros((), Xloc.dtype), jnp.zeros((d,), Xloc.dtype)))
             s2bar, quad = _ring(with_shard, zero, Xloc, Vloc)
-            part = Hypers(-2.0 * hypers.outputscale * quad / ls, s2bar, jnp.zeros_like(s2bar))
+            part = finish_hbar(hypers, s2bar, quad, jnp.zeros_like(s2bar))
         else:  # matern12: autodiff through each tile
             Xp, _ = _tiles(Xloc, t)
             # differentiate w.r.t. a per-device copy of hypers: w.r.t. the replicated hypers
@@ -279,11 +273,9 @@ def _blocked_hbar_body(kernel, tile):
 
             def with_shard(acc, Xc, Vc, src):
                 def step(acc, s):
-                    Xt = lax.dynamic_slice_in_dim(Xp, s, t)
-                    Ut = lax.dynamic_slice_in_dim(Up, s, t)
-                    off = row0 + s - src * nloc
-                    _, vjp = jax.vjp(lambda h: cross_cov(kernel, Xt, Xc, h, off) @ Vc, hv)
-                    (g,) = vjp(Ut)
+                    At = lax.dynamic_slice_in_dim(Xp, s, t)
+                    W = lax.dynamic_slice_in_dim(Up, s, t) @ Vc.T
+                    g = hbar_tile_autodiff(kernel, At, Xc, W, hv, row0 + s - src * nloc)
                     return jax.tree.map(jnp.add, acc, g), None
 
                 return lax.scan(step, acc, starts)[0]
@@ -312,13 +304,15 @@ def _sharded_operator(mesh: Mesh, body, hbar_body) -> Callable:
 
 
 @functools.cache
-def sharded_blocked_mv(mesh: Mesh, kernel: str, tile: int) -> Callable:
+def sharded_blocked_mv(mesh: Mesh, kernel: str, tile: int, mixed: bool = False) -> Callable:
     """``mv(V, X, hypers) = K V`` with rows sharded over ``mesh``; custom VJP as ``blocked``.
 
-    Cached per (mesh, kernel, tile) so that jit caches keyed on the operator stay valid.
+    The tiles are those of the single-device ``rows`` layout (:mod:`gpadjoint.tiles`), row tiles
+    of the device's shard against each column shard of the ring; ``mixed`` as there.
+    Cached per (mesh, kernel, tile, mixed) so that jit caches keyed on the operator stay valid.
     """
-    body = _blocked_body(kernel, tile)
-    hbar_body = _blocked_hbar_body(kernel, tile)
+    body = _blocked_body(kernel, tile, mixed)
+    hbar_body = _blocked_hbar_body(kernel, tile, mixed)
 
     return _sharded_operator(mesh, body, hbar_body)
 

@@ -20,17 +20,17 @@ def reference(X, V, h, kernel):
     return K @ V
 
 
-def check_backend(name, kernel, dtype, ncols, n=150, tile=64):
+def check_backend(name, kernel, dtype, ncols, n=150, tile=64, tol=None, **kw):
     X, _, params = problem(n=n, d=3, dtype=dtype)
     h = constrain(params)
     rng = np.random.default_rng(3)
     shape = (n,) if ncols is None else (n, ncols)
     V = jnp.asarray(rng.standard_normal(shape), dtype)
     U = jnp.asarray(rng.standard_normal(shape), dtype)
-    be = make_backend(name, kernel, tile=tile)
+    be = make_backend(name, kernel, tile=tile, **kw)
     out, vjp = jax.vjp(lambda V, h: be.matvec(X, V, h), V, h)
     ref, vjp_ref = jax.vjp(lambda V, h: reference(X, V, h, kernel), V, h)
-    tol = RTOL[dtype]
+    tol = tol or RTOL[dtype]
     assert out.dtype == dtype
     assert rel_err(out, ref) < tol
     (Vb, hb), (Vb_ref, hb_ref) = vjp(U), vjp_ref(U)
@@ -47,14 +47,56 @@ def test_jax_backends_match_dense_reference(name, kernel, dtype, ncols):
     check_backend(name, kernel, dtype, ncols)
 
 
+# n = 150 with these tiles: 1, 2 (nb even: the tile at distance nb/2 lies in two strips), 3, 5
+# and 22 tiles, the last one padded except for 50 and 150
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("tile", [7, 50, 64, 100, 150, 1000])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_blocked_layouts_match_dense_reference_on_uneven_n(kernel, tile, symmetric):
+    check_backend("blocked", kernel, jnp.float64, 5, tile=tile, symmetric=symmetric)
+    check_backend("blocked", kernel, jnp.float32, None, tile=tile, symmetric=symmetric)
+
+
+# kernel entries in float32 with float64 products: errors of float32's rounding of each entry
+# (eps32 = 1.2e-7), not of float32 sums over n terms; float32 working dtype: as float32
+MIXED_RTOL = {jnp.float64: 20 * float(jnp.finfo(jnp.float32).eps), jnp.float32: 1e-4}
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("tile", [7, 64, 150])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mixed_precision_matches_dense_reference(kernel, tile, dtype, symmetric):
+    check_backend("blocked", kernel, dtype, 4, tile=tile, tol=MIXED_RTOL[dtype],
+                  symmetric=symmetric, precision="mixed")
+
+
+def test_mixed_precision_really_rounds_the_entries():
+    # prove the float32 entries ran: the mixed pass differs from the full one by float32's
+    # rounding, far above float64's and far below the tolerance above
+    X, _, params = problem(n=90)
+    V = jnp.ones((90, 2))
+    full = make_backend("blocked", "matern52", tile=32).matvec(X, V, constrain(params))
+    mixed = make_backend("blocked", "matern52", tile=32, precision="mixed").matvec(
+        X, V, constrain(params))
+    assert 1e-10 < rel_err(mixed, full) < MIXED_RTOL[jnp.float64]
+
+
+def test_precision_is_validated():
+    with pytest.raises(ValueError, match="choose one of full, mixed"):
+        make_backend("blocked", "rbf", precision="half")
+    with pytest.raises(ValueError, match="blocked backend only"):
+        make_backend("dense", "rbf", precision="mixed")
+
+
 @pytest.mark.parametrize("kernel", ["rbf", "matern32", "matern52"])
 @pytest.mark.parametrize("tile", [7, 50, 150, 1000])
 @pytest.mark.parametrize("ncols", [None, 5])
-def test_blocked_closed_form_vjp_matches_autodiff_through_tiles(kernel, tile, ncols):
+@pytest.mark.parametrize("layout", ["rows", "sym"])
+def test_blocked_closed_form_vjp_matches_autodiff_through_tiles(kernel, tile, ncols, layout):
     # the hand-written hyperparameter VJP against JAX autodiff through the same tiles, for
     # tiles that divide n, that leave a padded remainder, equal n and exceed it
     import gpadjoint.matvec as mvmod
-    from gpadjoint.kernels import cross_cov
 
     X, _, params = problem(n=150, d=4)
     h = constrain(params)
@@ -62,32 +104,35 @@ def test_blocked_closed_form_vjp_matches_autodiff_through_tiles(kernel, tile, nc
     shape = (150,) if ncols is None else (150, ncols)
     U = jnp.asarray(rng.standard_normal(shape))
     V = jnp.asarray(rng.standard_normal(shape))
-
-    def tile_rows(start, Xt, X, V, hypers):
-        return cross_cov(kernel, Xt, X, hypers, diag_offset=start) @ V
-
-    fast = mvmod._blocked_hypers_vjp(kernel, tile, X, U, V, h)
-    slow = mvmod._blocked_hypers_vjp_autodiff(tile_rows, tile, X, U, V, h)
+    hvjp = getattr(mvmod, f"_{layout}_hypers_vjp")
+    fast = hvjp(kernel, tile, False, X, U, V, h)
+    slow = hvjp(kernel, tile, False, X, U, V, h, autodiff=True)
     for field in ("lengthscale", "outputscale", "noise"):
         assert rel_err(getattr(fast, field), getattr(slow, field)) < 1e-10, field
 
 
-def test_blocked_backend_really_tiles(monkeypatch):
-    # prove the blocked path ran: count tile evaluations through the cross-covariance it calls
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_blocked_backend_really_tiles(monkeypatch, symmetric):
+    # prove the blocked path ran: count the distance tiles it traces; the symmetric layout's
+    # tile is a strip of h + 1 = 3 tiles (nb = 4, h = 2), the rows layout's all 100 columns
     import gpadjoint.matvec as mvmod
+    import gpadjoint.tiles as tiles
 
     calls = []
-    real = mvmod.cross_cov
+    real = tiles.tile_sq_dist
 
-    def counting(*a, **k):
-        calls.append(a[1].shape)
-        return real(*a, **k)
+    def counting(A, B, *a):
+        calls.append((A.shape, B.shape))
+        return real(A, B, *a)
 
-    monkeypatch.setattr(mvmod, "cross_cov", counting)
+    monkeypatch.setattr(tiles, "tile_sq_dist", counting)
+    monkeypatch.setattr(mvmod, "tile_sq_dist", counting)
+    mvmod._blocked_mv_fn.cache_clear()
     X, _, params = problem(n=100)
-    be = make_backend("blocked", "rbf", tile=32)
+    be = make_backend("blocked", "rbf", tile=32, symmetric=symmetric)
     out = be.matvec(X, jnp.ones(100), constrain(params))
-    assert calls and calls[0] == (32, 3)  # one traced tile of 32 rows, mapped over 4 tiles
+    mvmod._blocked_mv_fn.cache_clear()
+    assert calls == [((32, 3), (96, 3) if symmetric else (100, 3))]  # one traced tile
     assert rel_err(out, dense_cov("rbf", X, constrain(params)) @ jnp.ones(100)) < 1e-10
 
 
