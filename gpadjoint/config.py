@@ -107,7 +107,7 @@ class OptimConfig(Section):
         "optimizer": str, "lr": float, "schedule": str, "decay_epochs": int,
         "final_lr_fraction": float, "decay_rate": float, "warmup_epochs": int, "b1": float,
         "b2": float, "eps": float, "momentum": float, "weight_decay": float, "clip_norm": float,
-        "lbfgs_memory": int, "lbfgs_rtol": float, "lbfgs_gtol": float,
+        "lbfgs_memory": int, "lbfgs_rtol": float, "lbfgs_gtol": float, "lbfgs_ptol": float,
     }
 
     optimizer: str = _DEFAULTS["optim"]["optimizer"]
@@ -126,12 +126,13 @@ class OptimConfig(Section):
     lbfgs_memory: int = _DEFAULTS["optim"]["lbfgs_memory"]
     lbfgs_rtol: float = _DEFAULTS["optim"]["lbfgs_rtol"]
     lbfgs_gtol: float = _DEFAULTS["optim"]["lbfgs_gtol"]
+    lbfgs_ptol: float = _DEFAULTS["optim"]["lbfgs_ptol"]
 
     def _validate(self):
         self._choice("optimizer", OPTIMIZERS)
         self._choice("schedule", SCHEDULES)
         self._positive("lr", "eps", "lbfgs_memory")
-        self._non_negative("lbfgs_rtol", "lbfgs_gtol")
+        self._non_negative("lbfgs_rtol", "lbfgs_gtol", "lbfgs_ptol")
         self._non_negative(
             "decay_epochs", "final_lr_fraction", "warmup_epochs", "momentum", "weight_decay",
             "clip_norm",

@@ -205,6 +205,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         lbfgs_memory=None,
         lbfgs_rtol=None,
         lbfgs_gtol=None,
+        lbfgs_ptol=None,
         epochs=None,
         random_state=None,
         early_stopping=None,

@@ -35,7 +35,7 @@ from .config import OptimConfig
 from .kernels import Params, constrain
 from .matvec import Backend
 from .mll import MLLConfig, choose_estimator, neg_mll
-from .stops import Converged, EarlyStopping, Plateau
+from .stops import Converged, EarlyStopping, Plateau, PredictedDecrease
 
 _DEFAULT_MLL = MLLConfig()
 
@@ -109,7 +109,11 @@ class LBFGS(NamedTuple):
     c2: curvature constant (weak Wolfe); guarantees positive curvature pairs.
     rtol: stop once the loss changes by less than ``rtol * max(1, |loss|)`` per step ...
     patience: ... for this many consecutive steps,
-    gtol: or once the gradient's 2-norm (raw parameters, per datum) is at most this.
+    gtol: or once the gradient's 2-norm (raw parameters, per datum) is at most this,
+    ptol: or once the decrease the quadratic model predicts for the next step, 1/2 g^T H^-1 g
+        with L-BFGS's inverse Hessian in the metric's coordinates (per datum), is at most this
+        for two consecutive steps (0: off). Unlike ``rtol`` it does not stop on a flat stretch
+        that the model still sees descending.
     refresh: rebuild the preconditioner (held fixed between rebuilds, so that the objective is
         smooth and its gradient exact) once a log hyperparameter has moved more than this since
         it was built; the step then starts from a fresh evaluation.
@@ -132,6 +136,7 @@ class LBFGS(NamedTuple):
     rtol: float = 1e-5
     patience: int = 3
     gtol: float = 1e-5
+    ptol: float = 0.0
     refresh: float = 1.0
     max_step: float = 5.0
     metric: Any = None
@@ -150,7 +155,8 @@ class LBFGS(NamedTuple):
 
     def stop_rules(self, early_stopping: EarlyStopping | None) -> list:
         """L-BFGS's own convergence rule (``early_stopping`` does not apply to it)."""
-        return [Converged(self.rtol, self.gtol, self.patience)]
+        rules = [Converged(self.rtol, self.gtol, self.patience)]
+        return rules + ([PredictedDecrease(self.ptol, 2)] if self.ptol > 0 else [])
 
 
 class LBFGSState(NamedTuple):
@@ -538,8 +544,21 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool)
                              jnp.asarray(change_new, dtype)),
         epoch=state.epoch + 1, key=state.key, last_alpha=x0)
     metrics.update(ev.counts, linesearch_ok=True, step_size=t, new_loss=search.trial.value,
-                   new_grad_norm=coords.tree_norm(g_new))
+                   new_grad_norm=coords.tree_norm(g_new),
+                   predicted_decrease=_predicted_decrease(p_new, g_new, inner, M))
     return new_state, metrics
+
+
+def _predicted_decrease(p: Params, g: Params, memory, M: np.ndarray) -> float:
+    """1/2 g_v^T H_v^-1 g_v at ``p``: the decrease the L-BFGS model expects from a full step.
+
+    The next step's own two-loop product (the memory gains the pair of the step just taken),
+    computed here and discarded; the next step recomputes the same product.
+    """
+    u = coords.to_opt(p)
+    v, gv = np.linalg.solve(M, coords.flat(u)), M.T @ coords.flat(coords.opt_grad(g, p))
+    hg, _ = host.direction(gv, memory, v)
+    return 0.5 * float(gv @ hg)
 
 
 def _descent(u: Params, gu: Params, memory, M: np.ndarray):
@@ -630,7 +649,8 @@ def make_optimizer(cfg: OptimConfig, epochs: int | None = None, estimator: str =
         if cfg.clip_norm > 0:
             raise ValueError("[optim] clip_norm does not apply to lbfgs (its line search sets "
                              "the step); set clip_norm = 0")
-        return LBFGS(memory_size=cfg.lbfgs_memory, rtol=cfg.lbfgs_rtol, gtol=cfg.lbfgs_gtol)
+        return LBFGS(memory_size=cfg.lbfgs_memory, rtol=cfg.lbfgs_rtol, gtol=cfg.lbfgs_gtol,
+                     ptol=cfg.lbfgs_ptol)
     opt = _gradient_method(name, cfg, _schedule(cfg, epochs))
     if cfg.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)

@@ -92,3 +92,27 @@ class Converged(_Replay):
             return (f"converged after step {record['epoch']}: the loss changed by less than "
                     f"rtol = {self.rtol:g} (relative) for {self.patience} steps")
         return None
+
+
+class PredictedDecrease(_Replay):
+    """Stop once L-BFGS's model predicts less than ``tol`` (nats/datum) to gain, ``patience`` times.
+
+    Reads a step record's ``predicted_decrease`` (1/2 g^T H^-1 g at the accepted point, with
+    the curvature memory's inverse Hessian): on a quadratic that is exactly the gap to the
+    minimum, and near an optimum L-BFGS's model approaches it. Records without it are ignored.
+    """
+
+    def __init__(self, tol: float, patience: int = 2):
+        self.tol, self.patience = tol, patience
+        self.small = 0
+
+    def update(self, record: dict) -> str | None:
+        """Check one step's predicted decrease."""
+        pred = record.get("predicted_decrease")
+        if pred is None:
+            return None
+        self.small = self.small + 1 if pred <= self.tol else 0
+        if self.small >= self.patience:
+            return (f"converged after step {record['epoch']}: L-BFGS predicts a decrease of "
+                    f"{pred:.2g} <= ptol = {self.tol:g} nats/datum, {self.patience} steps running")
+        return None

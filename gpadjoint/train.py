@@ -347,7 +347,7 @@ def _resolve_backend(backend, kernel, n, dtype) -> tuple[Backend, str]:
 
 
 _LBFGS_KEYS = ("evaluations", "step_size", "new_loss", "new_grad_norm", "refreshed",
-               "deepened", "lanczos_depth", "depth_change")
+               "deepened", "lanczos_depth", "depth_change", "predicted_decrease")
 
 
 def _record(epoch: int, m: dict, seconds: float, cfg: MLLConfig) -> dict:

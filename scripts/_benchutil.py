@@ -360,7 +360,7 @@ def read_records(folder: Path, ok_only: bool = True) -> list[dict]:
 
 # the optimiser keys that matter for each optimiser (the others are not read by it)
 _OPTIM_KEYS = {
-    "lbfgs": ("lbfgs_memory", "lbfgs_rtol", "lbfgs_gtol"),
+    "lbfgs": ("lbfgs_memory", "lbfgs_rtol", "lbfgs_gtol", "lbfgs_ptol"),
     "adam": ("lr", "schedule", "b1", "b2", "eps", "clip_norm", "warmup_epochs"),
     "adamw": ("lr", "schedule", "b1", "b2", "eps", "weight_decay", "clip_norm", "warmup_epochs"),
     "sgd": ("lr", "schedule", "momentum", "clip_norm", "warmup_epochs"),
