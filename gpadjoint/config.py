@@ -146,8 +146,8 @@ class TrainConfig(Section):
     SECTION: ClassVar[str] = "train"
     _TYPES: ClassVar[dict[str, type]] = {
         "epochs": int, "seed": int, "early_stopping": bool, "patience": int, "min_delta": float,
-        "checkpoint_every": int, "init": str, "log_every": int, "converge_tol": float,
-        "init_subset": int, "init_subset_max": int, "full_fit": str,
+        "checkpoint_every": int, "checkpoint_seconds": float, "init": str, "log_every": int,
+        "converge_tol": float, "init_subset": int, "init_subset_max": int, "full_fit": str,
     }
 
     epochs: int = _DEFAULTS["train"]["epochs"]
@@ -156,6 +156,7 @@ class TrainConfig(Section):
     patience: int = _DEFAULTS["train"]["patience"]
     min_delta: float = _DEFAULTS["train"]["min_delta"]
     checkpoint_every: int = _DEFAULTS["train"]["checkpoint_every"]
+    checkpoint_seconds: float = _DEFAULTS["train"]["checkpoint_seconds"]
     init: str = _DEFAULTS["train"]["init"]
     log_every: int = _DEFAULTS["train"]["log_every"]
     converge_tol: float = _DEFAULTS["train"]["converge_tol"]
@@ -165,8 +166,10 @@ class TrainConfig(Section):
 
     def _validate(self):
         self._positive("patience", "log_every")
-        self._non_negative("epochs", "seed", "min_delta", "checkpoint_every", "converge_tol",
-                           "init_subset", "init_subset_max")
+        self._non_negative("epochs", "seed", "min_delta", "checkpoint_every",
+                           "checkpoint_seconds", "converge_tol", "init_subset", "init_subset_max")
+        if self.checkpoint_seconds == float("inf"):
+            self._fail("checkpoint_seconds", "must be finite (0 turns checkpoints by time off)")
         self._choice("init", INITS)
         self._choice("full_fit", FULL_FITS)
         if self.full_fit == "never" and self.init_subset == 0:
