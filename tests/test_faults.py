@@ -437,7 +437,8 @@ def _table_of_faults():
         "after this run's training wrote its own checkpoint (\"advanced\"), that this one is "
         "intact. Exit codes: 2 bad input or a damaged "
         f"file, {gcli.EXIT_UNWRITABLE} an output refused before any work, "
-        f"{gcli.EXIT_WRITE_FAILED} a write failed during the run. Paths shortened to `…/`.",
+        f"{gcli.EXIT_WRITE_FAILED} a write failed during the run, {gcli.EXIT_INTERRUPTED} "
+        "stopped by SIGINT/SIGTERM. Paths shortened to `…/`.",
         "",
         "| fault | entry point | how it is made | exit / exception | earlier checkpoint | "
         "message (the error line) |",
@@ -449,6 +450,28 @@ def _table_of_faults():
         msg = msg if len(msg) <= 400 else msg[:397] + "..."
         msg = msg.replace("|", "\\|")
         lines.append(f"| {fault} | {entry} | {how} | {code} | {kept} | {msg} |")
+    if KILL_SEEN:
+        lines += [
+            "",
+            "## Interrupted runs",
+            "",
+            "Rows of `KILLS` in `tests/test_faults.py`: a `gpadjoint fit` child on 270 rows "
+            "(float64, SLQ) gets the signal at a known point, then the same command with "
+            "`--resume` runs. Each row asserts the exit code (-9: killed; "
+            f"{gcli.EXIT_INTERRUPTED}: stopped by SIGINT/SIGTERM), that the message names the "
+            "checkpoint, that no traceback was printed, the checkpoint left (after SIGKILL: the "
+            "bytes it held when the signal was sent; after SIGTERM/SIGINT: the last accepted "
+            "step, no evaluation after the one in progress), and that the resumed run ends where "
+            "an uninterrupted run ends, to 1e-8.",
+            "",
+            "| interruption | how it is made | exit | checkpoint left | message |",
+            "|---|---|---|---|---|",
+        ]
+        for i in sorted(KILL_SEEN):
+            fault, how, code, kept, msg = KILL_SEEN[i]
+            msg = " ".join(msg.split()).replace("|", "\\|")
+            msg = msg if len(msg) <= 400 else msg[:397] + "..."
+            lines.append(f"| {fault} | {how} | {code} | {kept} | {msg} |")
     Path(out).write_text("\n".join(lines) + "\n")
 
 
