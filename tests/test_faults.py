@@ -759,4 +759,5 @@ def test_killed_run_resumes_to_the_same_end(i, f, kill_setup, tmp_path):
         assert "Traceback" not in o.stderr, o.stderr[-3000:]
     f.check(k, full)                          # 4. the checkpoint, 5. the same end as full
     kept = "bytes unchanged" if f.code < 0 else "the last accepted step"
-    KILL_SEEN[i] = (f.fault, f.how, str(f.code), kept, message.replace(str(tmp_path), "…"))
+    shown = message.replace(str(tmp_path), "…").replace(str(Path(data).parent), "…")
+    KILL_SEEN[i] = (f.fault, f.how, str(f.code), kept, shown)
