@@ -6,6 +6,11 @@ fingerprint of the run (:func:`run_fingerprint`: data hash, kernel, backend, est
 settings, seed, optimiser-state layout and the caller's settings). :func:`load_checkpoint`
 refuses a file whose fingerprint differs and names each differing field, and a damaged or
 foreign file with one :class:`~gpadjoint._io.ReadError` naming it and what to do.
+
+The subset start (:func:`gpadjoint.start.subset_start`) has its own file beside the run's
+checkpoint (:func:`start_path`: ``<checkpoint>.start``), written after each finished rung of
+its ladder and when its metric is computed, with the same discipline: one atomic ``.npz``, a
+fingerprint a resume must match (:func:`save_start`, :func:`load_start`).
 """
 
 from __future__ import annotations
@@ -24,18 +29,16 @@ import numpy as np
 from ._io import ReadError, atomic_write, read_npz
 
 CHECKPOINT_FORMAT = "gpadjoint-checkpoint-v1"
+START_FORMAT = "gpadjoint-start-v1"
 
 
 def run_fingerprint(X, y, kernel, backend, mll_config, seed, state, settings) -> dict:
     """Return what a resumed run must match: data hash, settings, state layout (as JSON)."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
-    h.update(np.ascontiguousarray(np.asarray(y)).tobytes())
     fp = {
         "n": int(X.shape[0]),
         "d": int(X.shape[1]),
         "dtype": str(X.dtype),
-        "data_sha256": h.hexdigest(),
+        "data_sha256": data_sha256(X, y),
         "kernel": kernel,
         "backend": backend.name,
         "mll_config": asdict(mll_config),
@@ -178,3 +181,93 @@ def load_checkpoint(path, template: NamedTuple, fingerprint: dict | None = None)
 def _short(v, limit=80) -> str:
     s = json.dumps(v)
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# The subset start's checkpoint
+
+
+def start_path(checkpoint) -> Path | None:
+    """Return the subset start's checkpoint beside the run's ``checkpoint`` (None for None)."""
+    if checkpoint is None:
+        return None
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".start")
+
+
+def data_sha256(X, y) -> str:
+    """Return the SHA-256 of the bytes of ``X`` and ``y`` (C order), as run fingerprints use."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(np.asarray(X)).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(y)).tobytes())
+    return h.hexdigest()
+
+
+def save_start(path, params, info: dict, fingerprint: dict) -> None:
+    """Write the subset start so far atomically: float64 ``params``, ``info`` and fingerprint.
+
+    ``info`` is JSON (its finished stages, and the metric once computed).
+    """
+    arrays = {
+        "format": np.asarray(START_FORMAT),
+        "fingerprint": np.asarray(json.dumps(fingerprint)),
+        "info": np.asarray(json.dumps(info)),
+    }
+    for i, a in enumerate(jax.tree.leaves(params)):
+        arrays[f"params_{i}"] = np.asarray(a, np.float64)
+    atomic_write(Path(path), lambda fh: np.savez(fh, **arrays), what="subset start checkpoint")
+
+
+_START_FIX = ("delete it (and the run's checkpoint beside it) and start afresh without resuming")
+
+
+def read_start(path) -> tuple[list[np.ndarray], dict, dict]:
+    """Return ``(params leaves, info, fingerprint)`` of a start file (ReadError if damaged)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no subset start checkpoint at {path}")
+    try:
+        data = read_npz(path)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise ReadError(f"{path} is not a readable gpadjoint subset start checkpoint (damaged, "
+                        f"or another kind of file: {e}); {_START_FIX}") from None
+    if "format" not in data or str(data["format"]) != START_FORMAT:
+        raise ReadError(f"{path} is not a {START_FORMAT} file (no such format tag); "
+                        f"{_START_FIX}")
+    try:
+        info, fp = json.loads(str(data["info"])), json.loads(str(data["fingerprint"]))
+        leaves = [data[f"params_{i}"]
+                  for i in range(sum(k.startswith("params_") for k in data))]
+        if not isinstance(info, dict) or not isinstance(fp, dict):
+            raise ValueError("info or fingerprint of the wrong type")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ReadError(f"{path}: damaged subset start checkpoint ({e}); {_START_FIX}") from None
+    return leaves, info, fp
+
+
+def load_start(path, template, fingerprint: dict) -> tuple[object, dict]:
+    """Read a start file into the structure of ``template`` (Params) -> ``(params, info)``.
+
+    Raises FileNotFoundError if absent, ReadError if damaged or foreign, ValueError naming each
+    differing field if it was written for another run.
+    """
+    leaves, info, stored = read_start(path)
+    if stored != fingerprint:
+        diffs = [f"{k}: checkpoint {_short(stored.get(k))} vs now {_short(fingerprint.get(k))}"
+                 for k in sorted(set(stored) | set(fingerprint))
+                 if stored.get(k) != fingerprint.get(k)]
+        raise ValueError(
+            f"subset start checkpoint {path} was written for a different run and cannot be "
+            "resumed: " + "; ".join(diffs) + ". Use the same data and settings, or run without "
+            "resuming (or with another checkpoint path) to start afresh.")
+    ref = jax.tree.leaves(template)
+    if [np.shape(a) for a in leaves] != [np.shape(r) for r in ref]:
+        raise ValueError(f"{path}: its parameters do not fit this run; {_START_FIX}")
+    treedef = jax.tree.structure(template)
+    return jax.tree.unflatten(treedef, [jnp.asarray(a, jnp.float64) for a in leaves]), info
+
+
+def add_to_start(path, extra: dict) -> None:
+    """Rewrite the start file at ``path`` with ``extra`` merged into its info (atomically)."""
+    leaves, info, fp = read_start(path)
+    save_start(path, leaves, info | extra, fp)

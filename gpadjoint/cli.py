@@ -5,8 +5,11 @@ split, fits the hyperparameters with the configured estimator, reports test RMSE
 target's units, and writes a JSON run record with full provenance under ``results/runs/`` of the
 current working folder (checkpoints under ``results/checkpoints/``), wherever gpadjoint is
 installed.
-SIGINT/SIGTERM during a fit stop it after the current epoch, write a checkpoint and a partial
-run record; ``--resume`` continues from the checkpoint.
+SIGINT/SIGTERM during a fit stop it within one loss evaluation: the step in progress (an L-BFGS
+line search, or a rung of the subset start) is abandoned, the last accepted point is
+checkpointed and a partial run record written; ``--resume`` continues from the checkpoint (or
+from the subset start's, ``<checkpoint>.start``, when the full fit had not yet written one) and
+ends where an uninterrupted run ends.
 
 Faults around a run get one line on stderr, never a traceback. Every output path (the record,
 the checkpoint, ``--save-model``, ``predict --out``) is checked before any work
@@ -96,6 +99,24 @@ def _still_safe(ckpt: Path, ours: bool, argv: list[str]) -> str:
             f"continue with: {_command(argv, '--resume')}")
 
 
+def _resumed_from(ckpt: Path) -> str:
+    """Name the checkpoint ``--resume`` continues from (the run's, else its subset start's)."""
+    from .checkpoint import checkpoint_epoch, start_path
+
+    if ckpt.exists():
+        return f"checkpoint {ckpt} (epoch {checkpoint_epoch(ckpt)})"
+    return f"the subset start's checkpoint {start_path(ckpt)} (the full fit had not begun)"
+
+
+def _interrupted_safe(ckpt: Path, argv: list[str]) -> str:
+    """Say which checkpoint an interrupted run left and the command that continues from it."""
+    from .checkpoint import start_path
+
+    if ckpt.exists() or start_path(ckpt).exists():
+        return f"{_resumed_from(ckpt)}; continue with: {_command(argv, '--resume')}"
+    return f"no checkpoint was written yet ({ckpt}); run again: {_command(argv)}"
+
+
 def _json_default(o):
     import numpy as np
 
@@ -109,7 +130,10 @@ def _json_default(o):
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM handler: the first signal asks the loop to stop after this epoch."""
+    """SIGINT/SIGTERM handler: the first signal asks the fit to stop before its next evaluation.
+
+    Called, it answers whether a stop was asked (the ``stop`` hook of ``GPRegressor.fit``).
+    """
 
     def __init__(self, quiet: bool):
         self.signal = None
@@ -125,8 +149,12 @@ class _StopFlag:
         if self.signal is not None:  # a second signal: give up immediately
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal} received: finishing this epoch, then saving a checkpoint "
-              "(send it again to abort at once)", file=sys.stderr, flush=True)
+        print(f"\n{self.signal} received: stopping after the evaluation in progress and "
+              "checkpointing the last accepted point (send it again to abort at once)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.signal is not None
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -180,17 +208,22 @@ def _preflight(args, ckpt: Path, out: Path) -> None:
 
     Raises UnwritablePath or ReadError, each naming the path.
     """
-    from .checkpoint import checkpoint_epoch
+    from .checkpoint import checkpoint_epoch, read_start, start_path
 
     check_writable(out, "run record")
     check_writable(ckpt, "checkpoint")
     if args.save_model:
         check_writable(args.save_model, "model file")
     if args.resume:
-        if not ckpt.exists():
-            raise SystemExit(f"error: --resume: no checkpoint at {ckpt}; run without --resume "
-                             "first (or pass --checkpoint PATH)")
-        checkpoint_epoch(ckpt)  # a damaged or foreign file is named now, not after loading
+        start = start_path(ckpt)
+        if ckpt.exists():
+            checkpoint_epoch(ckpt)  # a damaged or foreign file is named now, not after loading
+        elif start.exists():
+            read_start(start)  # the run stopped in its subset start: that is resumed
+        else:
+            raise SystemExit(f"error: --resume: no checkpoint at {ckpt} (nor {start.name} of a "
+                             "subset start beside it); run without --resume first (or pass "
+                             "--checkpoint PATH)")
 
 
 def _run_record(model, cfg, cfg_source, t_start, *, name, split, n_test, checkpoint,
@@ -308,14 +341,15 @@ def cmd_fit(args) -> int:
         raise SystemExit(f"error: --devices: {err}") from None
 
     # ---- training: the estimator, with checkpoints and a stop on SIGINT/SIGTERM
+    if args.resume:
+        _say(f"resuming from {_resumed_from(ckpt)}", q)
     model = GPRegressor(config=cfg, devices=args.devices, verbose=not q)
     t_start = time.time()
     before = _file_state(ckpt)
     try:
         with _StopFlag(q) as stop:
             model.fit(
-                X_train, y_train, checkpoint=ckpt, resume=args.resume,
-                callback=lambda rec, state: stop.signal is not None,
+                X_train, y_train, checkpoint=ckpt, resume=args.resume, stop=stop,
                 settings={"dataset": name, "split": args.split},
                 progress=False if q else "auto",
             )
@@ -334,8 +368,9 @@ def cmd_fit(args) -> int:
         if not _write_record(out, record, ckpt, argv):
             return EXIT_WRITE_FAILED
         # Always said, --quiet or not: the user must learn how to continue.
-        print(f"interrupted by {stop.signal}: checkpoint {ckpt}, partial run record {out}; "
-              f"continue with: {resume}", file=sys.stderr, flush=True)
+        print(f"interrupted by {stop.signal} ({model.stopped_reason_}): "
+              f"{_interrupted_safe(ckpt, argv)}; partial run record {out}",
+              file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
 
     # ---- prediction on the test split, in the target's units

@@ -152,7 +152,8 @@ class TrainConfig(Section):
     SECTION: ClassVar[str] = "train"
     _TYPES: ClassVar[dict[str, type]] = {
         "epochs": int, "random_state": int, "early_stopping": bool, "patience": int,
-        "min_delta": float, "checkpoint_every": int, "init": str, "log_every": int,
+        "min_delta": float, "checkpoint_every": int, "checkpoint_seconds": float, "init": str,
+        "log_every": int,
         "converge_tol": float, "init_subset": int, "init_subset_max": int, "full_fit": str,
     }
 
@@ -162,6 +163,7 @@ class TrainConfig(Section):
     patience: int = _DEFAULTS["train"]["patience"]
     min_delta: float = _DEFAULTS["train"]["min_delta"]
     checkpoint_every: int = _DEFAULTS["train"]["checkpoint_every"]
+    checkpoint_seconds: float = _DEFAULTS["train"]["checkpoint_seconds"]
     init: str = _DEFAULTS["train"]["init"]
     log_every: int = _DEFAULTS["train"]["log_every"]
     converge_tol: float = _DEFAULTS["train"]["converge_tol"]
@@ -172,7 +174,9 @@ class TrainConfig(Section):
     def _validate(self):
         self._positive("patience", "log_every")
         self._non_negative("epochs", "random_state", "min_delta", "checkpoint_every",
-                           "converge_tol", "init_subset", "init_subset_max")
+                           "checkpoint_seconds", "converge_tol", "init_subset", "init_subset_max")
+        if self.checkpoint_seconds == float("inf"):
+            self._fail("checkpoint_seconds", "must be finite (0 turns checkpoints by time off)")
         self._choice("init", INITS)
         self._choice("full_fit", FULL_FITS)
         if self.full_fit == "never" and self.init_subset == 0:

@@ -212,6 +212,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         patience=None,
         min_delta=None,
         checkpoint_every=None,
+        checkpoint_seconds=None,
         init=None,
         log_every=None,
         converge_tol=None,
@@ -277,7 +278,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
     @_x64
     def fit(self, X, y, *, checkpoint=None, resume=False, callback=None, settings=None,
-            progress=None):
+            progress=None, stop=None):
         """Fit the hyperparameters to X (n, d) and y (n,) and precompute the posterior mean.
 
         Keyword-only, for long runs (the command line uses them): ``checkpoint`` (a file to
@@ -286,7 +287,10 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         (``callback(record, state)`` after each epoch; True stops the fit, and the posterior is
         then not solved: ``alpha_`` is None until a fit completes), ``settings`` (extra JSON
         settings stored in the checkpoint's fingerprint), ``progress`` (None: as ``verbose``;
-        True, False, or "auto": a progress line when stderr is a terminal). A ``checkpoint``
+        True, False, or "auto": a progress line when stderr is a terminal), ``stop`` (a
+        callable asked before every loss evaluation, of the subset start's fits too: True
+        abandons the step in progress, checkpoints the last accepted point, or the start's last
+        finished stage, and ends the fit as the callback does). A ``checkpoint``
         that cannot be written is refused before any work (:class:`~gpadjoint._io.WriteError`,
         an OSError naming the path and the reason), and so is a failed checkpoint write later.
 
@@ -308,7 +312,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         t0 = time.time()
         params, interrupted = self._train(backend, optimizer, say, checkpoint=checkpoint,
                                           resume=resume, callback=callback, settings=settings,
-                                          progress=progress)
+                                          progress=progress, stop=stop)
         self.fit_seconds_ = time.time() - t0
         say(f"stopped: {self.stopped_reason_}")
         self.n_iter_ = len(self.history_)
@@ -363,8 +367,13 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         return backend, optimizer
 
     def _train(self, backend, optimizer, say, *, checkpoint, resume, callback, settings,
-               progress):
-        """Train from the configured start (subset start included) -> (params, interrupted)."""
+               progress, stop=None):
+        """Train from the configured start (subset start included) -> (params, interrupted).
+
+        The subset start is checkpointed beside ``checkpoint`` (its stages, then its metric) and
+        resumed from there when the full fit had not yet written ``checkpoint``.
+        """
+        from .checkpoint import start_path
         from .optimizers import as_optimizer
         from .start import full_fit, initial_params, subset_metric, subset_start
         from .stops import EarlyStopping
@@ -377,11 +386,24 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         self.random_state_ = seed = tc.random_state
         params0 = initial_params(tc.init, d, jnp.dtype(mc.dtype), seed)
         self.init_subset_ = None
-        if tc.init_subset and n > tc.init_subset and not resume and tc.epochs > 0:
+        # a checkpoint belongs to these settings (all but the epoch count and prediction's)
+        run = {k: v for k, v in cfg.to_dict().items() if k != "predict"}
+        run["train"] = {k: v for k, v in run["train"].items() if k != "epochs"}
+        start_ckpt = start_path(checkpoint)
+        resume_fit = resume and checkpoint is not None and Path(checkpoint).exists()
+        if tc.init_subset and n > tc.init_subset and not resume_fit and tc.epochs > 0:
             params0, self.init_subset_ = subset_start(
                 Xn, yn, params0, kernel=mc.kernel, size=tc.init_subset, seed=seed,
-                noise_floor=mc.noise_floor, max_size=tc.init_subset_max, metric=False)
+                noise_floor=mc.noise_floor, max_size=tc.init_subset_max, metric=False,
+                checkpoint=start_ckpt, resume=resume, stop=stop,
+                settings={"config": run, **(settings or {})})
             i = self.init_subset_
+            if i.get("interrupted"):
+                self.history_, self.fit_info_ = [], {}
+                self.stopped_reason_ = i["stopped_reason"]
+                self.full_fit_ = {"fit": True, "mode": tc.full_fit,
+                                  "reason": "not reached: stopped during the subset start"}
+                return params0, True
             sizes = " -> ".join(str(st["size"]) for st in i["stages"])
             say(f"start: exact fit on {sizes} random rows ({i['evaluations']} evaluations, "
                 f"{i['seconds']:.1f} s, loss {i['loss']:.4f}, noise {i['noise']:.2e}"
@@ -397,20 +419,18 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             # L-BFGS in the coordinates the subset's Hessian whitens (LBFGS.metric); a resumed
             # run takes them from its checkpoint. Only now: a kept start needs no metric
             self.init_subset_ = subset_metric(Xn, yn, params0, self.init_subset_,
-                                              kernel=mc.kernel, noise_floor=mc.noise_floor)
+                                              kernel=mc.kernel, noise_floor=mc.noise_floor,
+                                              checkpoint=start_ckpt)
             optimizer = optimizer.with_metric(self.init_subset_.pop("metric"))
         if tc.epochs == 0:
             self.history_, self.stopped_reason_ = [], "epochs=0: not trained"
             self.fit_info_ = {}
             return params0, False
-        # a checkpoint belongs to these settings (all but the epoch count and prediction's)
-        run = {k: v for k, v in cfg.to_dict().items() if k != "predict"}
-        run["train"] = {k: v for k, v in run["train"].items() if k != "epochs"}
-        stop = []
+        stopped = []
 
         def on_epoch(rec, state):
             if callback is not None and callback(rec, state) is True:
-                stop.append(True)
+                stopped.append(True)
                 return True
             return False
 
@@ -420,13 +440,16 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             early_stopping=(EarlyStopping(tc.patience, tc.min_delta)
                             if tc.early_stopping else None),
             checkpoint_path=checkpoint, checkpoint_every=tc.checkpoint_every,
-            resume=resume, progress=_progress(progress, self.verbose),
+            checkpoint_seconds=tc.checkpoint_seconds,
+            # resumed from the full fit's checkpoint, or the start's (then the fit starts anew)
+            resume=resume_fit or (resume and self.init_subset_ is None),
+            progress=_progress(progress, self.verbose),
             log_every=tc.log_every, callback=on_epoch, converge_tol=tc.converge_tol,
-            settings={"config": run, **(settings or {})},
+            settings={"config": run, **(settings or {})}, stop=stop,
         )
         self.history_, self.stopped_reason_ = result.history, result.stopped_reason
         self.fit_info_ = result.info
-        return result.params, bool(stop)
+        return result.params, bool(stopped) or result.info["stop_requested"]
 
     def _solve_alpha(self, backend) -> None:
         """Set ``alpha_`` and the prediction engine (``posterior_``, chosen in :meth:`_choose`).

@@ -61,7 +61,10 @@ class TrainState(NamedTuple):
 class Trainer(NamedTuple):
     """Pure training functions for one data set (see :func:`make_trainer`).
 
-    init(params, key) -> TrainState; step(state) -> (state, metrics);
+    init(params, key) -> TrainState; step(state, stop=None) -> (state, metrics), where
+    ``stop()`` is asked before each loss evaluation of a step: when it returns
+    True the step is abandoned, and the state comes back exactly as it went in with
+    ``metrics["interrupted"]`` True (the optax step makes one evaluation, so it never asks);
     compile(state) -> seconds spent compiling (~0 when already compiled);
     trace_count() -> how often this trainer's step has been traced (stays 1 over any number of
     steps).
@@ -259,8 +262,8 @@ def make_trainer(
         executable(state)
         return time.perf_counter() - t0
 
-    def step(state: TrainState):
-        return executable(state)(state, X, y)
+    def step(state: TrainState, stop: Callable[[], bool] | None = None):
+        return executable(state)(state, X, y)  # one evaluation: nothing to abandon
 
     return Trainer(init, step, compile, lambda: traces[0])
 
@@ -362,7 +365,10 @@ def make_lbfgs_trainer(
     evaluations this step, line search included), ``refreshed`` (the preconditioner was rebuilt
     at this step's start, so ``loss`` is a new evaluation), ``step_size``, ``new_loss`` and
     ``new_grad_norm`` (at the accepted point), ``linesearch_ok`` (False when no evaluation
-    decreased the loss: the state is returned unchanged and the run should stop).
+    decreased the loss: the state is returned unchanged and the run should stop),
+    ``interrupted`` (``stop()`` returned True before an evaluation: the step was abandoned and
+    the state is returned as it came in -- memory, value, gradient, anchor and CG warm start
+    of the last accepted step -- so a run resumed from it makes this step again, identically).
     """
     lbfgs = LBFGS() if lbfgs is None else lbfgs
     ev = _Evaluator(jnp.asarray(X), jnp.asarray(y), backend, mll_config)
@@ -399,8 +405,8 @@ def make_lbfgs_trainer(
                       state.opt_state.anchor)
         return time.perf_counter() - t0
 
-    def step(state: TrainState):
-        return _lbfgs_step(state, ev, lbfgs, anchored)
+    def step(state: TrainState, stop: Callable[[], bool] | None = None):
+        return _lbfgs_step(state, ev, lbfgs, anchored, stop)
 
     return Trainer(init, step, compile, lambda: ev.traces)
 
@@ -473,8 +479,14 @@ class _Evaluator:
         return float(v), g, finite, solved, x0
 
 
-def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool):
-    """One L-BFGS iteration of :func:`make_lbfgs_trainer` (host code around compiled calls)."""
+def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
+                stop: Callable[[], bool] | None = None):
+    """One L-BFGS iteration of :func:`make_lbfgs_trainer` (host code around compiled calls).
+
+    ``stop()`` is asked before every evaluation: a True answer abandons the
+    step and returns ``state`` itself (nothing of the step is kept, not even a point of the
+    line search with sufficient decrease, so the state is that of the last accepted step).
+    """
     key = jax.random.fold_in(state.key, 0)  # the same probes at every evaluation
     s, cfg, dtype = state.opt_state, ev.cfg, ev.X.dtype
     params, x0, anchor = state.params, state.last_alpha, s.anchor
@@ -494,6 +506,8 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool)
             value, deepened = math.nan, True
         if np.isfinite(value):
             break
+        if stop is not None and stop():
+            return state, _abandoned(state, ev, cfg)
         value, grad, finite, _, x0 = ev.run(params, key, x0, anchor)  # first step, or new P
         change = ev.last_change
         if not finite:
@@ -525,7 +539,9 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool)
         return host.Trial(True, v_t, coords.tree_vdot(gu_t, desc), (p_t, g_t, ev.last_change))
 
     search = host.weak_wolfe(phi, value, slope, t_max=host.step_cap(desc, caps), c1=lbfgs.c1,
-                             c2=lbfgs.c2, max_evals=lbfgs.max_linesearch_steps)
+                             c2=lbfgs.c2, max_evals=lbfgs.max_linesearch_steps, stop=stop)
+    if search.interrupted:  # the state of the last accepted step, as it came in
+        return state, _abandoned(state, ev, cfg)
     x0 = x0_box[0]
     if search.trial is None:
         metrics.update(ev.counts, **failed)
@@ -559,6 +575,16 @@ def _predicted_decrease(p: Params, g: Params, memory, M: np.ndarray) -> float:
     v, gv = np.linalg.solve(M, coords.flat(u)), M.T @ coords.flat(coords.opt_grad(g, p))
     hg, _ = host.direction(gv, memory, v)
     return 0.5 * float(gv @ hg)
+
+
+def _abandoned(state: TrainState, ev: _Evaluator, cfg: MLLConfig) -> dict:
+    """Metrics of a step abandoned on ``stop()``: those of its state, and ``interrupted``."""
+    value, grad = float(state.opt_state.value), state.opt_state.grad
+    gnorm = coords.tree_norm(grad)
+    metrics = _lbfgs_metrics(state.params, value, gnorm, cfg, True)
+    metrics.update(ev.counts, interrupted=True, linesearch_ok=True, step_size=0.0,
+                   new_loss=value, new_grad_norm=gnorm)
+    return metrics
 
 
 def _descent(u: Params, gu: Params, memory, M: np.ndarray):

@@ -12,13 +12,16 @@ Stage 6b (mll -> train -> **start** -> model).
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checkpoint import add_to_start, data_sha256, load_start, save_start
 from .coords import flat, from_opt, hessian_metric, opt_grad, to_opt, unflat
 from .kernels import Params, constrain, init_params
 from .mll import MLLConfig, neg_mll_exact
@@ -41,6 +44,10 @@ def subset_start(
     max_steps: int = 200,
     metric: bool = True,
     metric_floor: float = 1e-4,
+    checkpoint=None,
+    resume: bool = False,
+    stop: Callable[[], bool] | None = None,
+    settings: Mapping | None = None,
 ) -> tuple[Params, dict]:
     """Maximum-likelihood parameters of ``size`` random rows, as a start for the full fit.
 
@@ -61,6 +68,15 @@ def subset_start(
     its optimum, in the trainer's coordinates (:func:`to_opt`; k + 1 more exact evaluations),
     made eigenvalues positive and floored at ``metric_floor`` times the largest; with
     ``metric=False`` it is left out (:func:`subset_metric` computes it later, when needed).
+
+    Resumable: with a ``checkpoint`` file (:func:`gpadjoint.checkpoint.start_path` of the run's
+    checkpoint) each finished stage is written there atomically with a fingerprint of the data,
+    these arguments and ``settings`` (JSON); ``resume=True`` continues after the last finished
+    stage of a matching file (refusing another run's; none there: FileNotFoundError), so an
+    interrupted start loses at most the stage in progress and ends where an uninterrupted one
+    does. ``stop()`` is asked before each stage and each evaluation of a stage's fit: True
+    abandons the stage in progress and returns the last finished stage's parameters (params0
+    when none) with ``info["interrupted"]`` True.
     """
     n = X.shape[0]
     dtype = jnp.asarray(X).dtype
@@ -69,14 +85,31 @@ def subset_start(
     max_size = size if max_size is None else max_size
     t0 = time.perf_counter()
     params = Params(*(jnp.asarray(p, jnp.float64) for p in params0))
-    stages = []
+    fingerprint = _start_fingerprint(X, y, params, kernel=kernel, size=size, seed=seed,
+                                     noise_floor=noise_floor, max_size=max_size,
+                                     max_steps=max_steps, metric_floor=metric_floor,
+                                     settings=settings)
+    stages, extra = [], {}
+    if resume:
+        params, saved = load_start(checkpoint, params, fingerprint)
+        stages, extra = saved.pop("stages"), saved
     while True:
-        params, stage = subset_stage(X, y, params, kernel=kernel, size=size, seed=seed,
-                                     noise_floor=noise_floor, max_steps=max_steps)
+        if stages:  # the ladder goes on while the last rung interpolates
+            done = stages[-1]["size"]
+            if not (stages[-1]["interpolating"] and 2 * done <= max_size and 2 * done < n):
+                break
+            size = 2 * done
+        if stop is not None and stop():
+            return _interrupted(params0, params, stages, dtype, seed, t0)
+        fitted, stage = subset_stage(X, y, params, kernel=kernel, size=size, seed=seed,
+                                     noise_floor=noise_floor, max_steps=max_steps, stop=stop)
+        if stage.get("interrupted"):  # an unfinished stage is not kept
+            return _interrupted(params0, params, stages, dtype, seed, t0)
+        params = fitted
         stages.append(stage)
-        if not (stage["interpolating"] and 2 * size <= max_size and 2 * size < n):
-            break
-        size *= 2
+        if checkpoint is not None:
+            save_start(checkpoint, params, {"stages": stages}, fingerprint)
+    size = stages[-1]["size"]
     last = stages[-1]
     if last["interpolating"]:
         warnings.warn(SubsetStartWarning(
@@ -95,19 +128,45 @@ def subset_start(
         "stages": stages,
         "seconds": time.perf_counter() - t0,
     }
+    if "metric" in extra:  # computed before the interruption: the same numbers again
+        info |= {k: extra[k] for k in ("metric", "hessian_eigenvalues", "evaluations")}
+        info["metric"] = tuple(tuple(row) for row in info["metric"])
     out = Params(*(jnp.asarray(p, dtype) for p in params))
     if metric:
         info = subset_metric(X, y, out, info, kernel=kernel, noise_floor=noise_floor,
-                             metric_floor=metric_floor)
+                             metric_floor=metric_floor, checkpoint=checkpoint)
     return out, info
 
 
+def _start_fingerprint(X, y, params0: Params, **given) -> dict:
+    """Return what a resumed subset start must match: data, start point, arguments (JSON)."""
+    settings = given.pop("settings")
+    fp = {"n": int(X.shape[0]), "d": int(X.shape[1]), "dtype": str(jnp.asarray(X).dtype),
+          "data_sha256": data_sha256(X, y),
+          "params0": [np.asarray(p, np.float64).tolist() for p in params0],
+          **given, "settings": None if settings is None else dict(settings)}
+    return json.loads(json.dumps(fp))  # as it will be read back (tuples -> lists)
+
+
+def _interrupted(params0, params, stages, dtype, seed, t0) -> tuple[Params, dict]:
+    """Return the start after a stop request: the last finished stage's parameters (or params0)."""
+    info = {"size": stages[-1]["size"] if stages else None, "seed": seed,
+            "stages": stages, "interrupted": True,
+            "stopped_reason": (f"stop requested during the subset start after {len(stages)} "
+                               "finished stage(s)"),
+            "seconds": time.perf_counter() - t0}
+    out = params if stages else params0
+    return Params(*(jnp.asarray(p, dtype) for p in out)), info
+
+
 def subset_stage(X, y, params: Params, *, kernel: str, size: int, seed: int,
-                 noise_floor: float, max_steps: int = 200) -> tuple[Params, dict]:
+                 noise_floor: float, max_steps: int = 200,
+                 stop: Callable[[], bool] | None = None) -> tuple[Params, dict]:
     """One rung of the ladder: the exact L-BFGS fit of ``size`` rows from float64 ``params``.
 
     Returns the fitted float64 parameters and the stage's record (size, steps, evaluations,
-    final loss, stop reason, noise, output scale, whether it interpolates, seconds).
+    final loss, stop reason, noise, output scale, whether it interpolates, seconds), which has
+    ``interrupted`` True when ``stop()`` ended the fit before it finished.
     """
     from .train import fit  # here: train re-exports this module's names
 
@@ -117,8 +176,10 @@ def subset_stage(X, y, params: Params, *, kernel: str, size: int, seed: int,
         Xs, ys, kernel=kernel, backend="dense",
         mll_config=MLLConfig(estimator="exact", noise_floor=noise_floor),
         optimizer=LBFGS(rtol=1e-7, gtol=1e-5), epochs=max_steps, params0=params,
-        progress=False,
+        progress=False, stop=stop,
     )
+    if res.info["stop_requested"]:
+        return res.params, {"size": size, "interrupted": True}
     fitted = constrain(res.params, noise_floor)
     noise, outputscale = float(fitted.noise), float(fitted.outputscale)
     return res.params, {
@@ -141,22 +202,28 @@ def _subset_rows(X, y, seed: int, size: int):
 
 
 def subset_metric(X, y, params: Params, info: dict, *, kernel: str, noise_floor: float,
-                  metric_floor: float = 1e-4) -> dict:
+                  metric_floor: float = 1e-4, checkpoint=None) -> dict:
     """Return ``info`` of :func:`subset_start` with the L-BFGS ``metric`` at ``params`` added.
 
     The rows are the subset's (``info["size"]`` and ``info["seed"]``); the k + 1 exact
-    evaluations and their seconds are added to ``info``'s.
+    evaluations and their seconds are added to ``info``'s. An ``info`` that has a metric (a
+    resumed start's) is returned as it is; a new one is added to the start's ``checkpoint``
+    file, if given, so that a resumed start does not compute it again.
     """
+    if "metric" in info:
+        return info
     t0 = time.perf_counter()
     Xs, ys = _subset_rows(X, y, info["seed"], info["size"])
     p64 = Params(*(jnp.asarray(p, jnp.float64) for p in params))
     metric, lam = _exact_hessian_metric(Xs, ys, p64, kernel, noise_floor, metric_floor)
-    return info | {
+    added = {
         "evaluations": info["evaluations"] + len(lam) + 1,
         "hessian_eigenvalues": [float(lam.min()), float(lam.max())],
         "metric": tuple(tuple(float(a) for a in row) for row in metric),
-        "seconds": info["seconds"] + time.perf_counter() - t0,
     }
+    if checkpoint is not None:
+        add_to_start(checkpoint, added)
+    return info | added | {"seconds": info["seconds"] + time.perf_counter() - t0}
 
 
 def _exact_hessian_metric(X, y, params: Params, kernel: str, noise_floor: float,

@@ -113,6 +113,7 @@ def fit(
     early_stopping: EarlyStopping | None = None,
     checkpoint_path=None,
     checkpoint_every: int = 10,
+    checkpoint_seconds: float = 300.0,
     resume: bool = False,
     progress: bool | None = None,
     callback: Callable[[dict, TrainState], Any] | None = None,
@@ -120,6 +121,7 @@ def fit(
     settings: Mapping | None = None,
     log_every: int = 1,
     converge_tol: float = 1e-5,
+    stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Fit GP hyperparameters by minimising ``neg_mll`` for ``epochs`` full-batch steps.
 
@@ -139,8 +141,12 @@ def fit(
         seed: the run's PRNG seed (probes of epoch e from ``fold_in(PRNGKey(seed), e)``).
         early_stopping: :class:`EarlyStopping` or None (off); L-BFGS has its own rule.
         checkpoint_path: file to write checkpoints to (atomically), or None.
-        checkpoint_every: epochs between checkpoints (0: only when the loop ends, which always
-            writes one).
+        checkpoint_every: epochs between checkpoints (0: none by count; the end of the loop
+            always writes one).
+        checkpoint_seconds: also write one after any epoch that ends this many seconds (wall
+            time) or more after the last one was written (or the loop began), whatever
+            ``checkpoint_every`` says, so that a killed run loses at most that much work
+            (0: off).
         resume: continue from ``checkpoint_path`` (must exist and match this run's fingerprint).
         progress: None: an in-place progress line when stderr is a terminal, else INFO
             records of the "gpadjoint" logger every ``log_every`` epochs; True: the same, and
@@ -150,6 +156,10 @@ def fit(
         settings: extra JSON-serialisable settings (e.g. the run's config without its epoch
             count) stored in the checkpoint fingerprint; a resume must pass equal settings.
         log_every: epochs between progress records when stderr is not a terminal.
+        stop: a stop request, asked before every step and, by L-BFGS, before every evaluation
+            of its line search: True abandons the step in progress, keeps the state of the last
+            accepted step (checkpointed as the loop ends) and ``info["stop_requested"]`` is
+            True. A resumed run then ends where an uninterrupted one ends.
         converge_tol: with the exact (deterministic) estimator and no ``early_stopping``
             given, stop once the loss has not improved by ``converge_tol`` for 5 epochs
             (converged); 0 turns this off. Ignored with SLQ, whose loss is stochastic, and
@@ -161,6 +171,7 @@ def fit(
     A non-finite loss, gradient or update stops the loop before that update is applied: the
     result holds the last finite parameters and ``stopped_reason`` names the epoch and cause.
     """
+    _check_seconds(checkpoint_seconds)
     run = _prepare(X, y, kernel=kernel, backend=backend, mll_config=mll_config,
                    optimizer=optimizer, epochs=epochs, params0=params0, seed=seed,
                    early_stopping=early_stopping, checkpoint_path=checkpoint_path,
@@ -168,12 +179,15 @@ def fit(
                    settings=settings, converge_tol=converge_tol)
     bar = _Progress(epochs, progress, log_every)
     bar.note(run.summary)
-    ckpt = _Checkpoints(checkpoint_path, checkpoint_every, run.info["fingerprint"])
+    ckpt = _Checkpoints(checkpoint_path, checkpoint_every, run.info["fingerprint"],
+                        checkpoint_seconds)
+    asked = _Asked(stop)
     try:
         state, stopped_reason = _loop(run.trainer, run.state, run.history, epochs, run.rules,
-                                      bar, ckpt, callback, run.mll_config)
+                                      bar, ckpt, callback, run.mll_config, asked)
     finally:
         bar.close()
+    run.info["stop_requested"] = asked.yes
     ckpt.final(state, run.history, stopped_reason)
     return FitResult(state.params, run.history, stopped_reason, state, run.info)
 
@@ -232,13 +246,28 @@ def _prepare(X, y, *, kernel, backend, mll_config, optimizer, epochs, params0, s
                 info, summary)
 
 
-def _loop(trainer: Trainer, state: TrainState, history: list[dict], epochs: int, rules: list,
-          bar, ckpt, callback, cfg: MLLConfig) -> tuple[TrainState, str]:
-    """Step until ``epochs``, a halt, a stop rule or the callback; -> (state, reason).
+class _Asked:
+    """The loop's stop request: ``stop()`` of :func:`fit`, remembering whether it said True."""
 
-    ``history`` is appended to in place; the rules first replay it (a resumed run that had
-    already stopped does not continue).
+    def __init__(self, stop: Callable[[], bool] | None):
+        self.stop, self.yes = stop, False
+
+    def __call__(self) -> bool:
+        if self.stop is not None and not self.yes and self.stop():
+            self.yes = True
+        return self.yes
+
+
+def _loop(trainer: Trainer, state: TrainState, history: list[dict], epochs: int, rules: list,
+          bar, ckpt, callback, cfg: MLLConfig, asked: _Asked | None = None,
+          ) -> tuple[TrainState, str]:
+    """Step until ``epochs``, a halt, a stop rule, the callback or a stop request.
+
+    Returns (state, reason). ``history`` is appended to in place; the rules first replay it (a
+    resumed run that had already stopped does not continue). A stop request abandons the step
+    in progress (the trainer returns its state unchanged), so ``state`` is the last accepted.
     """
+    asked = _Asked(None) if asked is None else asked
     replayed = [r.replay(history) for r in rules]
     start = int(state.epoch)
     for reason in replayed:
@@ -248,10 +277,17 @@ def _loop(trainer: Trainer, state: TrainState, history: list[dict], epochs: int,
         return state, f"the checkpoint is already at epoch {start} (epochs={epochs})"
     cg_warned = False
     for e in range(start, epochs):
+        if asked():
+            return state, f"stop requested before step {e + 1}; kept the point after epoch {e}"
         t0 = time.perf_counter()
-        new_state, m = trainer.step(state)
+        new_state, m = (trainer.step(state) if asked.stop is None
+                        else trainer.step(state, stop=asked))
         m = jax.device_get(m)
         seconds = time.perf_counter() - t0
+        if m.get("interrupted"):
+            return state, (f"stop requested during step {e + 1}: abandoned after "
+                           f"{int(m.get('evaluations', 0))} evaluations; kept the last accepted "
+                           f"point (after epoch {e})")
         halt, keep_new = _halt(e + 1, m)
         if halt:
             return (new_state if keep_new else state), halt
@@ -275,15 +311,26 @@ def _loop(trainer: Trainer, state: TrainState, history: list[dict], epochs: int,
 
 
 class _Checkpoints:
-    """The loop's checkpoint decision, in one place: every ``every`` epochs, and at the end."""
+    """The loop's checkpoint decision, in one place.
 
-    def __init__(self, path, every: int, fingerprint: dict):
+    Every ``every`` epochs, after any epoch that ends ``seconds`` or more after the last write
+    (or the loop's start), and at the end.
+    """
+
+    def __init__(self, path, every: int, fingerprint: dict, seconds: float = 0.0):
         self.path, self.every, self.fingerprint = path, every, fingerprint
+        self.seconds = seconds
+        self.last = time.monotonic()
 
     def after_epoch(self, state: TrainState, history: list[dict]) -> None:
-        """Write one when the epoch just completed is a multiple of ``every``."""
-        if self.path is not None and self.every and int(state.epoch) % self.every == 0:
+        """Write one when the epoch is a multiple of ``every`` or ``seconds`` have passed."""
+        if self.path is None:
+            return
+        by_count = self.every and int(state.epoch) % self.every == 0
+        by_time = self.seconds and time.monotonic() - self.last >= self.seconds
+        if by_count or by_time:
             save_checkpoint(self.path, state, history, self.fingerprint)
+            self.last = time.monotonic()
 
     def final(self, state: TrainState, history: list[dict], reason: str) -> None:
         """Write one with the reason the loop ended (always, when a path is given)."""
@@ -319,6 +366,13 @@ def _check_args(X, y, epochs, checkpoint_every, resume, checkpoint_path):
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs checkpoint_path")
+
+
+def _check_seconds(seconds):
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+            seconds >= 0 and np.isfinite(seconds)):
+        raise ValueError(f"checkpoint_seconds must be a finite number >= 0 (0: off), got "
+                         f"{seconds!r}")
 
 
 def _check_data(X, y):

@@ -9,11 +9,15 @@ was printed, and that the checkpoint an earlier run left is unchanged, byte for 
 ``scripts/bad_input_table.py`` runs this table and writes what the user saw to
 ``results/bad_inputs.md`` (environment ``GPADJ_FAULT_TABLE``).
 
-Rows still to come, once the training loop is split out of gpadjoint/train.py: SIGKILL at
-several points (during the subset start, between checkpoints, during a checkpoint write), then
-``--resume`` ends where an uninterrupted run ends; a stop honoured within one evaluation;
-checkpoints by time. They fit this table as rows whose ``run`` starts a child, kills it and
-resumes, with ``check`` comparing the result to an uninterrupted run.
+A second table, :data:`KILLS`, has a row per interruption of a real ``gpadjoint fit`` child
+process on tiny data (float64, SLQ forced): SIGKILL during the subset start, between two
+checkpoints of the full fit and during a line search, and SIGTERM / SIGINT during a line
+search. The child's own prelude (test code, not the package's) wraps a hook to send the signal
+at a known point. Each row asserts the exit code, that a message names the checkpoint (the
+interrupted run's line for SIGTERM/SIGINT, the resumed run's "resuming from" line after a
+SIGKILL), no traceback, the checkpoint on disk (after a SIGKILL: byte for byte what was there
+when the signal was sent; after SIGTERM/SIGINT: the last accepted step, written within one
+evaluation of the signal), and that ``--resume`` ends where an uninterrupted run ends, to 1e-8.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
@@ -432,7 +437,8 @@ def _table_of_faults():
         "after this run's training wrote its own checkpoint (\"advanced\"), that this one is "
         "intact. Exit codes: 2 bad input or a damaged "
         f"file, {gcli.EXIT_UNWRITABLE} an output refused before any work, "
-        f"{gcli.EXIT_WRITE_FAILED} a write failed during the run. Paths shortened to `…/`.",
+        f"{gcli.EXIT_WRITE_FAILED} a write failed during the run, {gcli.EXIT_INTERRUPTED} "
+        "stopped by SIGINT/SIGTERM. Paths shortened to `…/`.",
         "",
         "| fault | entry point | how it is made | exit / exception | earlier checkpoint | "
         "message (the error line) |",
@@ -444,6 +450,28 @@ def _table_of_faults():
         msg = msg if len(msg) <= 400 else msg[:397] + "..."
         msg = msg.replace("|", "\\|")
         lines.append(f"| {fault} | {entry} | {how} | {code} | {kept} | {msg} |")
+    if KILL_SEEN:
+        lines += [
+            "",
+            "## Interrupted runs",
+            "",
+            "Rows of `KILLS` in `tests/test_faults.py`: a `gpadjoint fit` child on 270 rows "
+            "(float64, SLQ) gets the signal at a known point, then the same command with "
+            "`--resume` runs. Each row asserts the exit code (-9: killed; "
+            f"{gcli.EXIT_INTERRUPTED}: stopped by SIGINT/SIGTERM), that the message names the "
+            "checkpoint, that no traceback was printed, the checkpoint left (after SIGKILL: the "
+            "bytes it held when the signal was sent; after SIGTERM/SIGINT: the last accepted "
+            "step, no evaluation after the one in progress), and that the resumed run ends where "
+            "an uninterrupted run ends, to 1e-8.",
+            "",
+            "| interruption | how it is made | exit | checkpoint left | message |",
+            "|---|---|---|---|---|",
+        ]
+        for i in sorted(KILL_SEEN):
+            fault, how, code, kept, msg = KILL_SEEN[i]
+            msg = " ".join(msg.split()).replace("|", "\\|")
+            msg = msg if len(msg) <= 400 else msg[:397] + "..."
+            lines.append(f"| {fault} | {how} | {code} | {kept} | {msg} |")
     Path(out).write_text("\n".join(lines) + "\n")
 
 
@@ -466,3 +494,270 @@ def test_write_error_is_an_oserror_and_keeps_the_old_file(tmp_path):
     assert isinstance(info.value, gio.WriteError) and info.value.errno == errno.ENOSPC
     assert str(info.value).startswith(f"cannot write the checkpoint {path}: no space left")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+# ---- interrupted runs: a child is killed at a known point, then resumed
+
+KILL_DATA_ROWS = 300  # 270 train rows: each child run takes seconds
+
+KILL_CONFIG = """
+[model]
+dtype = "float64"
+backend = "dense"
+[mll]
+estimator = "slq"          # n = 270 would take the exact estimator: the rows want SLQ + CG
+num_probes = 4
+lanczos_depth = 10
+precond_rank = 30
+[train]
+epochs = {epochs}
+seed = 3
+checkpoint_every = 2
+init_subset = {init_subset}
+init_subset_max = 200
+full_fit = "always"
+"""
+
+
+@dataclass
+class Killed:
+    """What the rows compare: the interrupted child, the resumed one, their files."""
+
+    first: Outcome
+    resumed: Outcome
+    ckpt: Path
+    start: Path
+    unchanged: bool  # after the interrupted run, the checkpoint (or the start's) holds the
+    # bytes it held when the signal was sent
+    epoch: int | None  # the epoch the run's checkpoint held after the interrupted run
+    start_stages: int | None  # finished rungs in the start's checkpoint then
+    evaluations: int  # full-data evaluations the interrupted child made
+    record: dict  # the resumed run's record
+    partial: dict | None  # the interrupted run's record (SIGTERM / SIGINT)
+
+
+@dataclass(frozen=True)
+class Kill:
+    fault: str
+    how: str
+    config: str  # "start": a subset start then the full fit; "search": the full fit only
+    hook: str  # the prelude that sends the signal (formatted with the row's values)
+    code: int
+    path: Callable[[Killed], Path]  # the checkpoint the message must name
+    check: Callable[[Killed, dict], None]  # further assertions, given the uninterrupted record
+    watches_start: bool = False  # the snapshot is of the subset start's checkpoint
+
+
+_SNAP = """
+def _snap():
+    import shutil
+    p = {target!r}
+    if os.path.exists(p):
+        shutil.copy(p, {snap!r})
+"""
+
+# at the k-th evaluation on all n rows: the signal, then that evaluation (in progress) ends
+_AT_EVALUATION = """
+import os, signal
+import gpadjoint.optimizers as _O
+_run, _count = _O._Evaluator.run, [0]
+def _counted(self, *a, **k):
+    if self.X.shape[0] == {n}:
+        _count[0] += 1
+        with open({count!r}, "a") as fh:
+            fh.write("1\\n")
+        if _count[0] == {k}:
+            _snap()
+            os.kill(os.getpid(), signal.{sig})
+    return _run(self, *a, **k)
+_O._Evaluator.run = _counted
+"""
+
+_AFTER_EPOCH = """
+import os, signal
+import gpadjoint.train as _T
+_after = _T._Checkpoints.after_epoch
+def _then_kill(self, state, history):
+    _after(self, state, history)
+    if self.path is not None and int(state.epoch) == {k}:  # the full fit's, not a rung's
+        _snap()
+        os.kill(os.getpid(), signal.SIGKILL)
+_T._Checkpoints.after_epoch = _then_kill
+"""
+
+_AT_STAGE = """
+import os, signal
+import gpadjoint.start as _S
+_stage, _stages = _S.subset_stage, [0]
+def _kill_at(*a, **k):
+    _stages[0] += 1
+    if _stages[0] == {k}:
+        _snap()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _stage(*a, **k)
+_S.subset_stage = _kill_at
+"""
+
+
+def _search_point(full: dict) -> tuple[int, int]:
+    """(j, K): a step j + 1 whose line search makes >= 2 evaluations, and the number K of its
+    first line-search evaluation among the run's evaluations on all rows (1-based).
+
+    j is odd and >= 3, so that a checkpoint by count (every 2) exists before it and the last
+    accepted step (epoch j) is not one.
+    """
+    h = full["history"]
+    for j in range(3, len(h), 2):
+        base = 1 if h[j]["refreshed"] else 0  # a refreshed step first re-evaluates its start
+        if h[j]["evaluations"] - base >= 2:
+            return j, sum(r["evaluations"] for r in h[:j]) + base + 1
+    raise AssertionError("no step of the uninterrupted run searched twice: change the data")
+
+
+def _same_records(got: list[dict], want: list[dict]) -> None:
+    """Equal records (numbers to 1e-8), wall times aside."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert set(a) == set(b)
+        for key in set(a) - {"seconds"}:
+            if isinstance(b[key], float) or isinstance(b[key], list):
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-8, atol=0, err_msg=key)
+            else:
+                assert a[key] == b[key], key
+
+
+def _same_end(k: Killed, full: dict) -> None:
+    """The resumed run ends where the uninterrupted one ends, to 1e-8 (float64)."""
+    r = k.record
+    assert r["complete"] is True and len(r["history"]) == len(full["history"])
+    np.testing.assert_allclose([h["loss"] for h in r["history"]],
+                               [h["loss"] for h in full["history"]], rtol=1e-8, atol=0)
+    for key in ("outputscale", "noise", "mean", "lengthscale"):
+        np.testing.assert_allclose(r["hyperparameters"][key], full["hyperparameters"][key],
+                                   rtol=1e-8, atol=0)
+    assert r["final_train_loss"] == pytest.approx(full["final_train_loss"], rel=1e-8, abs=0)
+    assert r["test_rmse"] == pytest.approx(full["test_rmse"], rel=1e-8)
+
+
+def _killed_in_start(k: Killed, full: dict) -> None:
+    assert k.unchanged and k.start_stages == 1  # the first rung kept, bytes unchanged
+    assert k.epoch is None  # the full fit had not begun: the start's file is resumed
+    stages = full["init_subset"]["stages"]
+    assert len(stages) >= 2, "the ladder must have two rungs for this row"
+    _same_records(k.record["init_subset"]["stages"], stages)
+    _same_end(k, full)
+
+
+def _killed_between(k: Killed, full: dict) -> None:
+    assert k.unchanged and k.epoch == 4  # epoch 5 was lost, epoch 4 kept (bytes unchanged)
+    _same_end(k, full)
+
+
+def _killed_in_search(k: Killed, full: dict) -> None:
+    j, _ = _search_point(full)
+    assert k.unchanged and k.epoch == j - j % 2  # the last one by count, bytes unchanged
+    _same_end(k, full)
+
+
+def _stopped_in_search(k: Killed, full: dict) -> None:
+    j, K = _search_point(full)
+    # honoured within one evaluation: the one in progress ended, no further one began
+    assert k.evaluations == K
+    # the step in progress was abandoned; the last accepted point was checkpointed
+    assert len(k.partial["history"]) == j and k.partial["complete"] is False
+    assert k.epoch == j
+    _same_records(k.partial["history"], full["history"][:j])
+    _same_end(k, full)
+
+
+KILLS = [
+    Kill("SIGKILL during the subset start (its 2nd rung)", "a wrapped subset_stage", "start",
+         _AT_STAGE.replace("{k}", "2"), -signal.SIGKILL, lambda k: k.start, _killed_in_start,
+         watches_start=True),
+    Kill("SIGKILL between checkpoints of the full fit (after epoch 5, every 2)",
+         "a wrapped _Checkpoints.after_epoch", "start", _AFTER_EPOCH.replace("{k}", "5"),
+         -signal.SIGKILL, lambda k: k.ckpt, _killed_between),
+    Kill("SIGKILL during a line search", "a wrapped evaluator, at its K-th evaluation",
+         "search", _AT_EVALUATION.replace("{sig}", "SIGKILL"), -signal.SIGKILL,
+         lambda k: k.ckpt, _killed_in_search),
+    Kill("SIGTERM during a line search", "a wrapped evaluator, at its K-th evaluation",
+         "search", _AT_EVALUATION.replace("{sig}", "SIGTERM"), gcli.EXIT_INTERRUPTED,
+         lambda k: k.ckpt, _stopped_in_search),
+    Kill("SIGINT (Ctrl-C) during a line search", "a wrapped evaluator, at its K-th evaluation",
+         "search", _AT_EVALUATION.replace("{sig}", "SIGINT"), gcli.EXIT_INTERRUPTED,
+         lambda k: k.ckpt, _stopped_in_search),
+]
+KILL_SEEN: dict[int, tuple[str, ...]] = {}
+
+
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory):
+    """Tiny data, the two configs and each config's uninterrupted run (its record)."""
+    import pandas as pd
+
+    tmp = tmp_path_factory.mktemp("kills")
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-2, 2, (KILL_DATA_ROWS, 2))
+    df = pd.DataFrame(X, columns=["a", "b"])
+    # nearly noise-free: the 50-row subset fit interpolates, so the ladder has several rungs
+    df["y"] = np.sin(2 * X[:, 0]) + 0.3 * X[:, 1] + 0.02 * rng.standard_normal(len(X))
+    data = tmp / "data.csv"
+    df.to_csv(data, index=False)
+    configs = {"start": (12, 50), "search": (10, 0)}
+    out = {}
+    for name, (epochs, init_subset) in configs.items():
+        cfg = tmp / f"{name}.toml"
+        cfg.write_text(KILL_CONFIG.format(epochs=epochs, init_subset=init_subset))
+        o = child(*_kill_argv(data, cfg, tmp / f"{name}-full.json", tmp / f"{name}-full.ckpt"))
+        assert o.code == 0, o.stderr[-3000:]
+        out[name] = (cfg, json.loads((tmp / f"{name}-full.json").read_text()))
+    return data, out
+
+
+def _kill_argv(data, cfg, out, ckpt, *extra):
+    return ["fit", "--data", data, "--target", "y", "--config", cfg, "--out", out,
+            "--checkpoint", ckpt, *extra]
+
+
+def _kill_params():
+    for i, f in enumerate(KILLS):
+        yield pytest.param(i, f, id=f.fault, marks=[pytest.mark.slow])
+
+
+@pytest.mark.parametrize("i,f", list(_kill_params()))
+def test_killed_run_resumes_to_the_same_end(i, f, kill_setup, tmp_path):
+    data, configs = kill_setup
+    cfg, full = configs[f.config]
+    ckpt, out = tmp_path / "run.ckpt", tmp_path / "run.json"
+    start, count, snap = gckpt.start_path(ckpt), tmp_path / "count", tmp_path / "snapshot"
+    target = start if f.watches_start else ckpt
+    j, K = _search_point(full) if f.config == "search" else (0, 0)
+    prelude = _SNAP.format(target=str(target), snap=str(snap)) + f.hook.format(
+        n=full["n_train"], count=str(count), k=K)
+    first = child(*_kill_argv(data, cfg, out, ckpt, "--quiet"), prelude=prelude)
+    partial = json.loads(out.read_text()) if f.code == gcli.EXIT_INTERRUPTED else None
+    unchanged = snap.exists() and target.exists() and target.read_bytes() == snap.read_bytes()
+    epoch = gckpt.checkpoint_epoch(ckpt) if ckpt.exists() else None
+    stages = len(gckpt.read_start(start)[1]["stages"]) if start.exists() else None
+    no_temp = not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    resumed = child(*_kill_argv(data, cfg, out, ckpt, "--resume"))
+    assert resumed.code == 0, resumed.stderr[-3000:]
+    k = Killed(first, resumed, ckpt, start, unchanged, epoch, stages,
+               len(count.read_text().split()) if count.exists() else 0,
+               json.loads(out.read_text()), partial)
+    assert no_temp
+
+    assert first.code == f.code, first.stderr[-3000:]                 # 1. the exit code
+    if f.code == gcli.EXIT_INTERRUPTED:  # the interrupted run says where and how to go on
+        message = first.stderr.strip().splitlines()[-1]
+        assert message.startswith("interrupted by SIG") and "--resume" in message, message
+    else:  # a SIGKILL'd run says nothing: the resumed run names what it continues from
+        message = next(line for line in resumed.stdout.splitlines()
+                       if line.startswith("resuming from"))
+    assert str(f.path(k)) in message, message                         # 2. names the path
+    for o in (first, resumed):                                        # 3. no traceback
+        assert "Traceback" not in o.stderr, o.stderr[-3000:]
+    f.check(k, full)                          # 4. the checkpoint, 5. the same end as full
+    kept = "bytes unchanged" if f.code < 0 else "the last accepted step"
+    shown = message.replace(str(tmp_path), "…").replace(str(Path(data).parent), "…")
+    KILL_SEEN[i] = (f.fault, f.how, str(f.code), kept, shown)

@@ -328,3 +328,96 @@ def test_exact_estimator_with_auto_optimizer_reaches_the_optimum(data64):
     final = float(neg_mll_exact(res.params, X, y, kernel="matern32"))
     assert final <= best + 1e-4
     assert all(h["cg_iterations"] == 0 for h in res.history)
+
+
+# ---- checkpoints by time, a stop within one evaluation, a resumable subset start
+
+LB = LBFGS()  # one object: the tests below share its compiled evaluation
+
+
+def test_checkpoint_by_time_whatever_the_epoch_count(data64, tmp_path, monkeypatch):
+    import gpadjoint.train as gtrain
+
+    X, y = data64
+    written = []
+    real = gtrain.save_checkpoint
+    monkeypatch.setattr(gtrain, "save_checkpoint",
+                        lambda path, state, *a: (written.append(int(state.epoch)),
+                                                 real(path, state, *a)))
+    ck = tmp_path / "run.ckpt"
+    _fit(X, y, epochs=3, checkpoint_path=ck, checkpoint_every=0, checkpoint_seconds=1e-9)
+    assert written == [1, 2, 3, 3]  # after every epoch (each takes > 1e-9 s), then the end
+    written.clear()
+    _fit(X, y, epochs=3, checkpoint_path=ck, checkpoint_every=0, checkpoint_seconds=0)
+    assert written == [3]  # off: only the end
+    with pytest.raises(ValueError, match="checkpoint_seconds must be a finite number >= 0"):
+        _fit(X, y, epochs=3, checkpoint_path=ck, checkpoint_seconds=-1.0)
+
+
+def test_stop_abandons_the_line_search_and_resume_ends_where_a_full_run_ends(data64, tmp_path):
+    """A stop asked at the k-th evaluation ends the step in progress with the state of the
+    last accepted one (bit for bit), and a resumed run ends where an uninterrupted one does."""
+    import gpadjoint.optimizers as gopt
+
+    X, y = data64
+    full = _fit(X, y, epochs=10, seed=2, optimizer=LB)
+    evals = [r["evaluations"] for r in full.history]
+    j = next(i for i in range(1, len(evals)) if evals[i] - full.history[i]["refreshed"] >= 2)
+    k = sum(evals[:j]) + full.history[j]["refreshed"] + 1  # step j + 1's first trial
+    at_j = _fit(X, y, epochs=j, seed=2, optimizer=LB)  # the state after step j
+
+    calls = []
+    real = gopt._Evaluator.run
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    gopt._Evaluator.run = counted
+    try:
+        ck = tmp_path / "run.ckpt"
+        stopped = _fit(X, y, epochs=10, seed=2, optimizer=LB, checkpoint_path=ck,
+                       checkpoint_every=0, stop=lambda: len(calls) >= k)
+    finally:
+        gopt._Evaluator.run = real
+    assert len(calls) == k  # no evaluation after the one in progress when stop said True
+    assert stopped.info["stop_requested"] and "abandoned" in stopped.stopped_reason
+    assert len(stopped.history) == j
+    for a, b in zip(jax.tree.leaves(stopped.state), jax.tree.leaves(at_j.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # memory, value, anchor...
+    state, _ = load_checkpoint(ck, stopped.state)
+    assert int(state.epoch) == j
+    resumed = _fit(X, y, epochs=10, seed=2, optimizer=LB, checkpoint_path=ck, resume=True)
+    assert [r["new_loss"] for r in resumed.history] == [r["new_loss"] for r in full.history]
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=0)
+
+
+def test_subset_start_resumes_at_its_last_finished_stage(tmp_path):
+    from gpadjoint.checkpoint import read_start, start_path
+    from gpadjoint.start import subset_start
+
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.uniform(-2, 2, (240, 2)))
+    y = jnp.sin(2 * X[:, 0]) + 0.3 * X[:, 1] + 0.02 * jnp.asarray(rng.standard_normal(240))
+    y = (y - y.mean()) / y.std()
+    p0 = init_params(2, jnp.float64)
+    kw = dict(kernel="matern32", size=40, seed=1, noise_floor=1e-4, max_size=160,
+              metric=True, settings={"run": "a"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the last rung interpolates: not what is tested
+        full_p, full = subset_start(X, y, p0, **kw)
+    assert len(full["stages"]) >= 2, "the ladder must have two rungs"
+    ck = start_path(tmp_path / "run.ckpt")
+    _, stopped = subset_start(X, y, p0, **kw, checkpoint=ck, stop=ck.exists)  # after rung 1
+    assert stopped["interrupted"] and len(read_start(ck)[1]["stages"]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p, info = subset_start(X, y, p0, **kw, checkpoint=ck, resume=True)
+    assert [s["size"] for s in info["stages"]] == [s["size"] for s in full["stages"]]
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(full_p), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(info["metric"], full["metric"], rtol=1e-10, atol=0)
+    assert "metric" in read_start(ck)[1]
+    with pytest.raises(ValueError, match="written for a different run.*settings"):
+        subset_start(X, y, p0, **(kw | {"settings": {"run": "b"}}), checkpoint=ck, resume=True)
