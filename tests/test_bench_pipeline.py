@@ -272,7 +272,7 @@ def test_record_settings_are_the_resolved_config_of_the_run(records):
     _, recs = records
     r = recs["yacht-split0-gpadjoint-paper-dense-2ep.json"]
     cfg = bench_uci.method_config("gpadjoint-paper").with_overrides(
-        train__epochs=2, train__seed=1, model__backend="dense")
+        train__epochs=2, train__random_state=1, model__backend="dense")
     s = r["settings"]
     assert s["config"] == cfg.to_dict()
     assert s["config_source"] == "configs/paper.toml"

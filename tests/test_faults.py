@@ -511,7 +511,7 @@ lanczos_depth = 10
 precond_rank = 30
 [train]
 epochs = {epochs}
-seed = 3
+random_state = 3
 checkpoint_every = 2
 init_subset = {init_subset}
 init_subset_max = 200

@@ -14,8 +14,9 @@ from gpadjoint.mll import neg_mll_exact
 def test_slq_bias_record(load_script, tmp_path):
     mod = load_script("slq_bias")
     Xn, yn, y_std = mod.scaled_data("yacht", 0)
-    rec = {"final_hyperparameters": {"lengthscale": [1.5] * Xn.shape[1], "outputscale": 2.0 * y_std**2,
-                                      "noise": 0.05 * y_std**2, "mean": 0.0}}
+    h = {"lengthscale": [1.5] * Xn.shape[1], "outputscale": 2.0 * y_std**2,
+         "noise": 0.05 * y_std**2, "mean": 0.0}
+    rec = {"final_hyperparameters": h}
     (tmp_path / "rec.json").write_text(json.dumps(rec))
     assert mod.main(["yacht", "--record", str(tmp_path / "rec.json"), "--grid", "4,5", "40,100",
                      "--out-dir", str(tmp_path)]) == 0
