@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", nargs="+", help="DEPTH,RANK pairs (default: %(default)s)",
                     default=[f"{d},{r}" for d, r in GRID])
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    ap.add_argument("--note", default="", help="what the point is, for the record")
     args = ap.parse_args(argv)
     rc = default_config()
     cfg = dataclasses.replace(rc.mll, noise_floor=rc.model.noise_floor, estimator="slq")
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
                                      noise_floor=cfg.noise_floor)(flatten(p))
     g_exact = opt_gradient(p, unflatten(grad))
     out = {"dataset": args.dataset, "split": args.split, "n": int(Xn.shape[0]), "point": source,
+           "note": args.note, "raw_params": [np.asarray(a).tolist() for a in p],
            "units": "z-scored inputs, targets scaled to unit variance (the default's)",
            "exact": {"loss": float(loss), "grad_opt": g_exact,
                      "seconds": round(time.perf_counter() - t, 2)},
