@@ -275,3 +275,21 @@ def test_init_file_goes_straight_to_the_full_stage(eo, tmp_path):
     assert again["loss"] <= rec["loss"] + 1e-12
     assert not [r for r in eo.read_progress(tmp_path / "synthetic-split0.progress.jsonl")[
         len(prog):] if r.get("eval") == 0]
+
+
+def test_init_theta_takes_each_record_in_its_units(eo, tmp_path):
+    sp = _data(d=3)
+    sp = Split(sp.name, 0, sp.X_train, sp.y_train, sp.X_test, sp.y_test, sp.x_mean,
+               np.array([2.0, 0.5, 4.0]), 3.0, 1.0)
+    paper = {"lengthscale": [1.0, 2.0, 3.0], "outputscale": 0.8, "noise": 0.05, "mean": 0.1}
+    data_units = {"lengthscale": [2.0, 1.0, 12.0], "outputscale": 0.8, "noise": 0.05,
+                  "mean": 3.1}  # a gpadjoint fit record: x_std times, y_mean added
+    for i, rec in enumerate([{"final_hyperparameters": paper}, paper,
+                             {"hyperparameters": data_units}]):
+        path = tmp_path / f"init{i}.json"
+        path.write_text(json.dumps(rec))
+        theta, origin = eo.init_theta(3, str(path), 1e-4, sp)
+        h = eo.hypers_of(theta)
+        np.testing.assert_allclose(h["lengthscale"], paper["lengthscale"], rtol=1e-10)
+        assert h["noise"] == pytest.approx(0.05, rel=1e-10) and origin == f"--init {path}"
+        assert h["mean"] == pytest.approx(0.1, rel=1e-10)
