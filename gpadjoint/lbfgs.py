@@ -16,6 +16,9 @@ and on Rosenbrock's function.
   quadratic interpolation, grows by doubling, and stops at the first point that satisfies the
   sufficient-decrease (Armijo) and weak curvature conditions. It asks ``stop()`` before each
   evaluation, so a caller can abandon the search between evaluations.
+* :func:`minimize`: the host loop over those three for a plain ``fun(x) -> (value, grad)``
+  (the reference fit in ``scripts/exact_optimum.py``; the GP trainer runs its own loop, since
+  its evaluations carry CG state and preconditioner refreshes).
 """
 
 from __future__ import annotations
@@ -178,3 +181,88 @@ def weak_wolfe(phi: Callable[[float], Trial], value: float, slope: float, *, t_m
         lo = t
         t = min(2.0 * t, t_max) if math.isinf(hi) else 0.5 * (lo + hi)
     return Search(best_t, best, wolfe, evals, False)
+
+
+class Result(NamedTuple):
+    """Outcome of :func:`minimize`.
+
+    x, value, grad: the last accepted point (the start if no step was taken), its objective and
+    gradient; converged: ``done`` held there; iterations: accepted steps; evaluations: calls
+    of ``fun`` (the start's included when it was evaluated here); message: why it stopped;
+    interrupted: ``stop()`` ended it.
+    """
+
+    x: np.ndarray
+    value: float
+    grad: np.ndarray
+    converged: bool
+    iterations: int
+    evaluations: int
+    message: str
+    interrupted: bool = False
+
+
+def minimize(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], x0, *,
+             value0: float | None = None, grad0=None, gtol: float = 1e-6,
+             done: Callable[[np.ndarray, float, np.ndarray], bool] | None = None,
+             memory_size: int = 10, max_iter: int = 1000, max_evals: int = 20,
+             c1: float = 1e-4, c2: float = 0.9,
+             max_step: Callable[[np.ndarray, np.ndarray], float] | None = None,
+             stop: Callable[[], bool] | None = None) -> Result:
+    """Minimise ``fun`` from ``x0`` by L-BFGS: :func:`direction` and :func:`weak_wolfe`.
+
+    ``fun(x) -> (value, grad)`` on flat float64 vectors; a non-finite value or gradient marks a
+    point the search must step back from. ``value0``/``grad0``: the objective at ``x0`` when
+    already known (not evaluated again). It stops when ``done(x, value, grad)`` holds at the
+    start or an accepted point (default: |grad|_2 <= ``gtol``), when a line search finds no
+    point of sufficient decrease within ``max_evals`` evaluations (or only one no lower than
+    the start: the decrease is below round-off), after ``max_iter`` steps, or
+    when ``stop()`` is true before an evaluation. ``max_step(x, d)``: the longest step allowed
+    along d (:func:`step_cap`; default unbounded). A direction that is not downhill (round-off
+    in the memory) restarts from the gradient scaled to length <= 1; a step without a positive
+    curvature pair clears the memory.
+    """
+    x = np.array(x0, np.float64)
+    evals = 0
+    if value0 is None or grad0 is None:
+        value0, grad0 = fun(x)
+        evals = 1
+    value, g = float(value0), np.asarray(grad0, np.float64)
+    if not (math.isfinite(value) and np.all(np.isfinite(g))):
+        raise ValueError(f"minimize: the objective at x0 is not finite (value {value}); "
+                         "start from a point where it is")
+    done = done or (lambda _x, _v, gr: float(np.linalg.norm(gr)) <= gtol)
+    memory = init_memory(x.size, memory_size)
+    for it in range(max_iter):
+        if done(x, value, g):
+            return Result(x, value, g, True, it, evals, "converged")
+        hg, new_memory = direction(g, memory, x)
+        d, slope = -hg, -float(g @ hg)
+        if not (math.isfinite(slope) and slope < 0):  # lost descent: restart from the gradient
+            new_memory = init_memory(x.size, memory_size)
+            d = -min(1.0, 1.0 / max(float(np.linalg.norm(g)), 1e-300)) * g
+            slope = float(g @ d)
+
+        def phi(t, x=x, d=d):
+            xt = x + t * d
+            vt, gt = fun(xt)
+            gt = np.asarray(gt, np.float64)
+            ok = math.isfinite(vt) and bool(np.all(np.isfinite(gt)))
+            return Trial(ok, float(vt), float(gt @ d) if ok else math.nan, (xt, gt))
+
+        t_max = math.inf if max_step is None else max_step(x, d)
+        search = weak_wolfe(phi, value, slope, t_max=t_max, c1=c1, c2=c2, max_evals=max_evals,
+                            stop=stop)
+        evals += search.evaluations
+        if search.trial is None or not search.trial.value < value:  # none, or round-off
+            why = "interrupted" if search.interrupted else (
+                f"the line search found no lower point in {search.evaluations} evaluations")
+            return Result(x, value, g, False, it, evals, why, search.interrupted)
+        if not (search.wolfe or search.t * (search.trial.slope - slope) > 0):
+            new_memory = init_memory(x.size, memory_size)  # no positive curvature pair
+        memory, (x, g), value = new_memory, search.trial.payload, search.trial.value
+        if search.interrupted:
+            return Result(x, value, g, done(x, value, g), it + 1, evals, "interrupted", True)
+    converged = done(x, value, g)
+    return Result(x, value, g, converged, max_iter, evals,
+                  "converged" if converged else f"max_iter = {max_iter} steps")

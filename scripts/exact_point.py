@@ -17,10 +17,10 @@ final losses) as its labelled stand-in, so every gap it reports there is a lower
 The points:
 
 * ``--subset-start SIZE``: the exact maximum-likelihood fit of SIZE random training rows, as
-  ``gpadjoint fit`` computes its start (:func:`gpadjoint.train.subset_start` with the packaged
+  ``gpadjoint fit`` computes its start (:func:`gpadjoint.start.subset_start` with the packaged
   defaults: kernel, noise floor, seed; targets scaled to unit variance), converted to the
-  paper's units. How far the loss at full n moves as SIZE grows says how far a subset fit is
-  from the full one.
+  paper's units by the package's one unit conversion. How far the loss at full n moves as SIZE
+  grows says how far a subset fit is from the full one.
 * ``--params FILE``: ``final_hyperparameters`` of a record in ``results/uci/`` (already in the
   paper's units), or a JSON with lengthscale / outputscale / noise / mean in those units.
 """
@@ -47,17 +47,20 @@ import _benchutil as bu  # noqa: E402
 OUT_DIR = bu.ROOT / "results" / "optimum"
 
 
-def subset_point(sp, size: int) -> tuple[dict, dict]:
+def subset_point(sp, size: int, paper) -> tuple[dict, dict]:
     """Return the default's subset start for ``size`` rows in the paper's units, and its info.
 
     ``sp``: the split with targets scaled to unit variance (``scale_y=True``), as the default
-    fits it.
+    fits it; ``paper``: the same split in the paper's units (``scale_y=False``). The fit goes
+    to the data's units and from there to the paper's by the package's one conversion
+    (:func:`gpadjoint.data.hyperparameters_in_data_units`, ``_benchutil.split_units``).
     """
     import jax.numpy as jnp
 
     from gpadjoint.config import default_config
+    from gpadjoint.data import hyperparameters_in_data_units
     from gpadjoint.kernels import constrain, init_params
-    from gpadjoint.train import SubsetStartWarning, subset_start
+    from gpadjoint.start import SubsetStartWarning, subset_start
 
     cfg = default_config()
     floor = cfg.model.noise_floor
@@ -69,14 +72,14 @@ def subset_point(sp, size: int) -> tuple[dict, dict]:
                                kernel=cfg.model.kernel, size=size, seed=cfg.train.random_state,
                                noise_floor=floor, metric=False)
     h = constrain(p, floor)
-    s = float(sp.y_std)  # scaled targets -> centred, unscaled ones
-    hyp = {"lengthscale": [float(v) for v in np.asarray(h.lengthscale)],
-           "outputscale": float(h.outputscale) * s**2, "noise": float(h.noise) * s**2,
-           "mean": float(p.mean) * s}
+    fitted = {"lengthscale": np.asarray(h.lengthscale), "outputscale": float(h.outputscale),
+              "noise": float(h.noise), "mean": float(p.mean)}
+    hyp = bu.split_units(hyperparameters_in_data_units(fitted, sp.x_std, sp.y_mean, sp.y_std),
+                         paper)
     keep = ("size", "seed", "steps", "evaluations", "loss", "stopped_reason", "noise",
             "interpolating", "seconds")
     return hyp, {k: info.get(k) for k in keep} | {"units": "scaled targets (y / y_std)",
-                                                   "y_std": s}
+                                                   "y_std": float(sp.y_std)}
 
 
 def params_point(path: str) -> tuple[dict, dict]:
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("split", type=int)
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--subset-start", type=int, metavar="SIZE",
-                   help="the default's exact fit of SIZE random rows (gpadjoint.train."
+                   help="the default's exact fit of SIZE random rows (gpadjoint.start."
                         "subset_start)")
     g.add_argument("--params", metavar="FILE", help="record or JSON with hyperparameters in "
                                                      "the paper's units")
@@ -135,18 +138,19 @@ def main(argv=None) -> int:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = bu.load_avg()
     t0 = time.perf_counter()
+    paper = bu.load_split(args.dataset, args.split)
     if args.subset_start is not None:
         from gpadjoint.datasets import load_dataset
 
         hyp, source = subset_point(load_dataset(args.dataset, args.split, scale_y=True),
-                                   args.subset_start)
+                                   args.subset_start, paper)
         label = f"subset start, {args.subset_start} rows"
     else:
         hyp, source = params_point(args.params)
         label = f"final hyperparameters of {Path(args.params).name}"
     label = args.label or label
     print(f"{label}: {hyp}", flush=True)
-    scores = evaluate_point(bu.load_split(args.dataset, args.split), hyp)
+    scores = evaluate_point(paper, hyp)
     rec = {"dataset": args.dataset, "split": args.split, "label": label, "source": source,
            "hyperparameters": hyp,
            "units": "inputs z-scored, targets centred, not scaled (the paper's)",

@@ -49,7 +49,8 @@ def test_evaluate_point_matches_the_dense_loss_and_a_direct_posterior(xp):
 def test_subset_point_is_the_default_start_in_the_papers_units(xp):
     X, y = _data(seed=1)
     scaled = from_arrays(X, y, scale_y=True)
-    hyp, info = xp.subset_point(scaled, 120)
+    paper = from_arrays(X, y, scale_y=False)
+    hyp, info = xp.subset_point(scaled, 120, paper)
     p, ref_info = subset_start(jnp.asarray(scaled.X_train), jnp.asarray(scaled.y_train),
                                init_params(3, jnp.float64), kernel="matern32", size=120,
                                seed=0, noise_floor=NOISE_FLOOR)
@@ -62,7 +63,6 @@ def test_subset_point_is_the_default_start_in_the_papers_units(xp):
     assert hyp["mean"] == pytest.approx(float(p.mean) * s, rel=1e-10, abs=1e-12)
     assert info["size"] == 120 and info["loss"] == pytest.approx(ref_info["loss"])
     # the same fit in the paper's units: its loss is the scaled one plus log(y_std)
-    paper = from_arrays(X, y, scale_y=False)
     pp = unconstrain(np.array(hyp["lengthscale"]), hyp["outputscale"], hyp["noise"],
                      hyp["mean"], noise_floor=NOISE_FLOOR, dtype=jnp.float64)
     scaled_loss = float(neg_mll_exact(p, jnp.asarray(scaled.X_train),

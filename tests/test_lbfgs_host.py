@@ -187,3 +187,80 @@ def test_stop_rules_stop_where_they_say_and_replay():
     done = Converged(rtol=0.0, gtol=1e-3, patience=2).update(steps[0] | {"new_grad_norm": 1e-4})
     assert "gtol" in done
     assert Converged(1e-6, 1e-3, 2).update({"epoch": 1, "loss": 1.0}) is None  # not L-BFGS's
+
+
+def _rosenbrock(x):
+    a, b = x[:-1], x[1:]
+    value = float(np.sum(100.0 * (b - a * a) ** 2 + (1.0 - a) ** 2))
+    g = np.zeros_like(x)
+    g[:-1] = -400.0 * a * (b - a * a) - 2.0 * (1.0 - a)
+    g[1:] += 200.0 * (b - a * a)
+    return value, g
+
+
+def test_minimize_reaches_a_quadratics_minimiser_and_rosenbrocks():
+    rng = np.random.default_rng(4)
+    k = 6
+    A = rng.normal(size=(k, k))
+    A = A @ A.T + 0.1 * np.eye(k)  # condition number in the hundreds
+    b = rng.normal(size=k)
+    res = lbfgs.minimize(lambda x: (0.5 * x @ A @ x - b @ x, A @ x - b), np.zeros(k),
+                         gtol=1e-7)
+    assert res.converged and np.linalg.norm(res.grad) <= 1e-7
+    # |x - x*| <= |g| / lambda_min(A) = 1e-6
+    np.testing.assert_allclose(res.x, np.linalg.solve(A, b), atol=1e-6)
+    # asked for more than round-off allows, it says so instead of stepping on
+    tight = lbfgs.minimize(lambda x: (0.5 * x @ A @ x - b @ x, A @ x - b), np.zeros(k),
+                           gtol=1e-15)
+    assert not tight.converged and "no lower point" in tight.message
+    assert tight.iterations < 1000
+    rb = lbfgs.minimize(_rosenbrock, np.array([-1.2, 1.0, -0.5, 0.8]), gtol=1e-9)
+    assert rb.converged and rb.message == "converged"
+    np.testing.assert_allclose(rb.x, np.ones(4), atol=1e-8)
+    assert rb.evaluations >= rb.iterations > 10
+
+
+def test_minimize_steps_back_from_non_finite_points_and_honours_the_cap():
+    # log barrier at x > 0: a unit step from x = 1 along -grad lands outside the domain
+    def f(x):
+        if x[0] <= 0:
+            return np.nan, np.full(1, np.nan)
+        return float(4.0 * x[0] - np.log(x[0])), np.array([4.0 - 1.0 / x[0]])
+
+    res = lbfgs.minimize(f, np.array([1.0]), gtol=1e-12)
+    assert res.converged and res.x[0] == pytest.approx(0.25, rel=1e-10)
+    moves = []
+
+    def quad(x):
+        moves.append(x.copy())
+        return float(x @ x), 2.0 * x
+
+    capped = lbfgs.minimize(quad, np.array([10.0, 0.0]), gtol=1e-10,
+                            max_step=lambda x, d: lbfgs.step_cap([d], [0.5]))
+    steps = np.abs(np.diff(np.asarray(moves), axis=0))
+    assert capped.converged and np.max(steps) <= 0.5 + 1e-12
+
+
+def test_minimize_start_value_done_rule_and_stop():
+    calls = []
+
+    def quad(x):
+        calls.append(x.copy())
+        return float(x @ x), 2.0 * x
+
+    x0 = np.array([3.0, -4.0])
+    known = lbfgs.minimize(quad, x0, value0=25.0, grad0=2.0 * x0, gtol=1e-10)
+    assert known.converged and not any(np.array_equal(c, x0) for c in calls)
+    assert known.evaluations == len(calls)
+    # a caller's own rule (here the value, not the gradient) decides convergence
+    calls.clear()
+    by_value = lbfgs.minimize(quad, x0, done=lambda x, v, g: v < 1e-3)
+    assert by_value.converged and by_value.value < 1e-3
+    # done at the start: nothing is stepped
+    assert lbfgs.minimize(quad, x0, done=lambda x, v, g: True).iterations == 0
+    calls.clear()
+    stopped = lbfgs.minimize(quad, x0, gtol=1e-12, stop=lambda: len(calls) >= 2)
+    assert stopped.interrupted and not stopped.converged and len(calls) == 2
+    assert stopped.value <= 25.0
+    with pytest.raises(ValueError, match="not finite"):
+        lbfgs.minimize(lambda x: (np.nan, x), x0)
