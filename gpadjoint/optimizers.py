@@ -529,13 +529,17 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
     x0_box = [x0]
 
     def phi(t):
-        p_t = Params(*(np.asarray(a, dtype) for a in coords.from_opt(
-            Params(*(a + t * b for a, b in zip(u, desc))))))  # in the working dtype
+        u_t = Params(*(a + t * b for a, b in zip(u, desc)))
+        p_t = Params(*(np.asarray(a, dtype) for a in coords.from_opt(u_t)))  # working dtype
         v_t, g_t, fin_t, solved_t, x0_box[0] = ev.run(p_t, key, x0_box[0], anchor)
         # an unconverged CG solve gives an inexact value: such a point is not taken
         if not (fin_t and solved_t):
             return host.Trial(False, v_t, math.nan)
         gu_t = coords.opt_grad(g_t, p_t)
+        # from_opt reads an inverse lengthscale as |u| (the loss is even in it): past 0, along
+        # the line, its derivative changes sign (a weak input's 1/l steps through 0 often)
+        sign = np.where(np.asarray(u_t.raw_lengthscale) < 0, -1.0, 1.0)
+        gu_t = gu_t._replace(raw_lengthscale=np.asarray(gu_t.raw_lengthscale) * sign)
         return host.Trial(True, v_t, coords.tree_vdot(gu_t, desc), (p_t, g_t, ev.last_change))
 
     search = host.weak_wolfe(phi, value, slope, t_max=host.step_cap(desc, caps), c1=lbfgs.c1,

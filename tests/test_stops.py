@@ -9,6 +9,7 @@ replays a resumed history the same way.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from _util import problem
 from jax.flatten_util import ravel_pytree
 from scipy.optimize import minimize
@@ -60,3 +61,20 @@ def test_rule_counts_consecutive_small_predictions_and_replays():
     assert reasons[:4] == [None] * 4 and reasons[4] is not None and "step 5" in reasons[4]
     assert PredictedDecrease(1e-4, 2).replay(recs[:5]) == reasons[4]
     assert PredictedDecrease(1e-4, 2).update({"epoch": 1}) is None  # not an L-BFGS record
+
+
+@pytest.mark.slow
+def test_irrelevant_input_lengthscale_runs_off_and_the_fit_still_converges():
+    """A pure-noise input's 1/l heads to 0 and line searches step past it (from_opt reads |u|):
+    the slope along such a line must take the sign flip, or L-BFGS stalls short of the minimum."""
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((150, 2))
+    y = np.sin(1.5 * X[:, 0]) + 0.05 * rng.standard_normal(150)  # input 1 is irrelevant
+    X, y = jnp.asarray(X), jnp.asarray(y)
+    best = _minimum(X, y)
+    res = fit(X, y, backend=DENSE, mll_config=EXACT, epochs=400, seed=0, progress=False,
+              optimizer=LBFGS(gtol=1e-7, rtol=0.0))
+    assert res.history[-1]["new_loss"] - best <= 1e-7, (res.stopped_reason,
+                                                         res.history[-1]["new_loss"] - best)
+    ls = np.logaddexp(np.asarray(res.params.raw_lengthscale), 0.0)
+    assert ls[1] > 10 * ls[0]  # the irrelevant input's lengthscale ran off
