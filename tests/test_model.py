@@ -200,16 +200,22 @@ def test_backend_choice_is_reported(capsys):
     X, y = data(n=20)
     m = GPRegressor(**FAST, verbose=True).fit(X, y)
     assert m.backend_ == "dense" and m.backend_reason_.startswith("auto: ")
-    assert m.variance_ == "exact" and m.variance_reason_.startswith("auto: ")
+    # the exact posterior (its n x n factor fits) brings its own variance
+    assert m.posterior_ == "exact" and m.posterior_reason_.startswith("auto: ")
+    assert (m.variance_, m.variance_reason_) == ("exact", "the exact posterior's")
     out = capsys.readouterr().out
     assert "backend: dense (auto: " in out
+    m = GPRegressor(**FAST, posterior="cg").fit(X, y)
+    assert m.variance_ == "exact" and m.variance_reason_.startswith("auto: ")
     m = GPRegressor(**FAST, backend="blocked").fit(X, y)
     assert (m.backend_, m.backend_reason_) == ("blocked", "requested")
 
 
 def test_float32_and_epochs_zero():
     X, y = data()
-    m = GPRegressor(dtype="float32", epochs=5, random_state=0, estimator="slq").fit(X, y)
+    # the CG posterior keeps the working dtype (the exact one is float64 Cholesky whatever it is)
+    m = GPRegressor(dtype="float32", epochs=5, random_state=0, estimator="slq",
+                    posterior="cg").fit(X, y)
     assert m.params_.raw_lengthscale.dtype == np.float32 and m.alpha_.dtype == np.float32
     assert m.predict_dtype_ == "float32"
     mu, sd = m.predict(X, return_std=True)
