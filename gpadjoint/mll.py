@@ -1,6 +1,6 @@
 r"""The negative log-marginal likelihood per datum, by SLQ + preconditioned CG.
 
-Stage 5 (logdet / solve -> **mll** -> trainer).
+Data flow: logdet / solve -> **mll** -> optimizers -> train.
 
     neg_mll(theta) = -log p(y | theta) / n
                    = [ (y - mu)^T K^{-1} (y - mu) + log det K + n log(2 pi) ] / (2 n)

@@ -1,6 +1,6 @@
 """GPRegressor: a scikit-learn estimator around the trainer and the posterior.
 
-Stage 8 (train -> predict -> **model** -> cli). :class:`GPRegressor` follows scikit-learn's
+Data flow: train / predict -> plan -> **model** -> cli. :class:`GPRegressor` follows scikit-learn's
 conventions: ``__init__`` only stores its keyword arguments, ``fit`` validates, standardises,
 trains (:func:`gpadjoint.train.fit`) and returns ``self``; fitted state ends in ``_``;
 ``predict(X, return_std=False)``; ``score`` is R^2 (``RegressorMixin``).

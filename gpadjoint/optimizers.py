@@ -1,6 +1,6 @@
 """Optimisers: one small protocol, two implementations, and the [optim] factory.
 
-Stage 7 (mll -> **optimizers** -> train -> model). An optimiser is a value with
+Data flow: mll -> **optimizers** -> train -> model. An optimiser is a value with
 
 * ``trainer(X, y, *, backend, mll_config, warm_start) -> Trainer``: the pure pair
   ``init(params, key) -> TrainState`` and ``step(state) -> (state, metrics)`` for one data set;

@@ -1,6 +1,6 @@
 """The training loop: :func:`fit` steps an optimiser's trainer and decides when to stop.
 
-Stage 6 of the pipeline (mll -> optimizers -> **train** -> start -> model).
+Data flow: mll -> optimizers -> **train** -> start -> model.
 
 The parts live by job: :mod:`gpadjoint.optimizers` builds the pure ``init``/``step`` pair of
 an optimiser (:class:`~gpadjoint.optimizers.Optax` for any optax transformation,
