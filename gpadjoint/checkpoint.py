@@ -1,6 +1,6 @@
 """Checkpoints of a training run: atomic, resumable, refused when the run differs.
 
-Stage 6a (mll -> **checkpoint** -> train). A checkpoint is one ``.npz`` (no pickle) holding a
+Data flow: mll -> **checkpoint** -> train. A checkpoint is one ``.npz`` (no pickle) holding a
 :class:`gpadjoint.train.TrainState` (any NamedTuple of that layout), the history so far and a
 fingerprint of the run (:func:`run_fingerprint`: data hash, kernel, backend, estimator
 settings, seed, optimiser-state layout and the caller's settings). :func:`load_checkpoint`

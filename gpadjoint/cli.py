@@ -1,6 +1,6 @@
 """The ``gpadjoint`` command line: ``fit``, ``predict`` and ``datasets``.
 
-Stage 8 (model -> **cli** -> results). ``gpadjoint fit --dataset elevators`` loads a shipped UCI
+Data flow: model -> **cli** -> results. ``gpadjoint fit --dataset elevators`` loads a shipped UCI
 split, fits the hyperparameters with the configured estimator, reports test RMSE and NLL in the
 target's units, and writes a JSON run record with full provenance under ``results/runs/`` of the
 current working folder (checkpoints under ``results/checkpoints/``), wherever gpadjoint is
@@ -239,6 +239,8 @@ def _run_record(model, cfg, cfg_source, t_start, *, name, split, n_test, checkpo
         "backend": model.backend_,
         "backend_reason": model.backend_reason_,
         "mesh": model.mesh_record_,
+        # every "auto" of the config as resolved for this fit, with its reason (gpadjoint.plan)
+        "plan": model.plan_.to_dict(),
         "estimator": model.estimator_,
         "estimator_reason": model.estimator_reason_,
         "optimizer": model.optimizer_,
@@ -360,8 +362,7 @@ def cmd_fit(args) -> int:
     record = _run_record(model, cfg, cfg_source, t_start, name=name, split=args.split,
                          n_test=int(X_test.shape[0]), checkpoint=ckpt,
                          interrupted=stop.signal is not None)
-    hist, interrupted = model.history_, stop.signal is not None
-    resume = _command(argv, "--resume")
+    interrupted = stop.signal is not None
 
     if interrupted:
         record["test_rmse"] = record["test_nll"] = None
@@ -374,6 +375,14 @@ def cmd_fit(args) -> int:
         return EXIT_INTERRUPTED
 
     # ---- prediction on the test split, in the target's units
+    return _predict_and_report(args, model, record, X_test, y_test, out=out, ckpt=ckpt,
+                               argv=argv)
+
+
+def _predict_and_report(args, model, record, X_test, y_test, *, out, ckpt, argv) -> int:
+    """Score the fitted model on the test split, write the record (and model); -> exit code."""
+    q, cfg, hist = args.quiet, model.config_, model.history_
+    resume = _command(argv, "--resume")
     if model.predict_dtype_ != cfg.model.dtype:
         _say(f"prediction in {model.predict_dtype_} (the exact estimator's precision)", q)
     record.update(_test_scores(model, X_test, y_test))

@@ -1,6 +1,6 @@
 """Data stage: standardised train/test splits, and the user's own data as one.
 
-Stage 0 of the pipeline (**data** -> kernels -> matvec -> lanczos -> logdet/solve -> mll).
+Data flow: **data** -> kernels -> matvec -> lanczos -> logdet/solve -> mll.
 
 Every loader returns a :class:`Split`: inputs standardised with the *training* mean and std
 (constant columns get std 1), targets centred on the training mean (and divided by the training

@@ -1,6 +1,6 @@
 """The benchmark data sets: registry, shipped files, checksums and downloads.
 
-Stage 0a (data -> **datasets**). :func:`load_dataset` returns a fixed split of a UCI set as a
+Data flow: data -> **datasets**. :func:`load_dataset` returns a fixed split of a UCI set as a
 :class:`gpadjoint.data.Split`.
 
 The shipped targets are those of the treforevans files, already transformed where the paper

@@ -1,6 +1,6 @@
 r"""The exact float64 path: loss, gradient and posterior from one blocked Cholesky factor.
 
-Stage 5b (kernels -> **exact** -> mll / evaluate / predict / model). With
+Data flow: kernels -> **exact** -> mll / evaluate / predict / model. With
 K = s2 k(X/l, X/l) + sigma2 I (n x n), r = y - mu and alpha = K^-1 r:
 
     loss      = [r^T K^-1 r + log det K + n log 2 pi] / (2 n)        (-log p(y | theta) / n)

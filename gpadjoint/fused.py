@@ -1,6 +1,6 @@
 r"""SLQ log det and the CG solve sharing one kernel pass per step, with one fused gradient.
 
-Stage 4 (lanczos + solve -> **fused** -> mll). The log-marginal likelihood needs p Lanczos
+Data flow: lanczos + solve -> **fused** -> mll. The log-marginal likelihood needs p Lanczos
 processes (one per probe, for SLQ) and one CG solve K x = y - mu. Run separately they cost
 ``depth`` passes over the n^2 kernel pairs plus one per CG iteration; here every pass
 evaluates K on the block ``[q_j^(1) .. q_j^(p) | CG direction]`` at once, so the solve rides on

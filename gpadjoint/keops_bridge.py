@@ -1,6 +1,6 @@
 """KeOps kernel matvecs callable from JAX (``jit``, ``scan``, ``fori_loop``, ``vmap``, ``vjp``).
 
-Stage 3 backend (data -> kernels -> **matvec** -> lanczos -> logdet/solve -> mll).
+Data flow: kernels -> matvec (**keops_bridge**: its KeOps backend) -> lanczos -> mll.
 
 :func:`keops_matvec` returns ``K(theta) @ V`` with ``K = s2 * k(r2(X/l, X/l)) + sigma2 * I``
 (see :mod:`gpadjoint.kernels`) without ever forming the ``n x n`` matrix: the pairwise sum runs
@@ -26,11 +26,10 @@ Compilation policy (each distinct formula costs ~10 s of g++ once, then lives in
 
 Accumulation: pykeops accumulates in the input dtype (float32 for float32 data) but, by default,
 with ``sum_scheme="block_sum"`` (partial sums over blocks of ~sqrt(n) terms), which we pin
-explicitly. Measured at n = 2000 against float64 dense autodiff on the same float32 inputs, the
-value and every cotangent were within ~1e-6 relative (as close as a float32 dense computation);
-``kahan_scheme`` or ``dtype_acc="float64"`` were no more accurate there and took ~1.4x and
-~2x longer per matvec on CPU. See ``_ACC_OPTIONS``. The (d + 1) gradient sums over i are
-finished on the host in float64.
+explicitly: against float64 dense autodiff on the same float32 inputs it is as close as a
+float32 dense computation (tests/test_keops_bridge.py), and ``kahan_scheme`` or
+``dtype_acc="float64"`` were no more accurate but slower. See ``_ACC_OPTIONS``. The (d + 1)
+gradient sums over i are finished on the host in float64.
 
 Not differentiable with respect to X (it is data: its cotangent is zero), and
 :func:`keops_cross_matvec` has no gradient at all.
@@ -120,10 +119,8 @@ def grad_bucket(m: int) -> int:
     Above 256 the steps are 256 wide. Its (compressed) width changes along a trajectory
     (:func:`compress_weight`), so it is bucketed: a new width costs a compile (~10 s, once).
     Steps of 16 rather than powers of two because this reduction is the most expensive pass of
-    an epoch and its cost follows the width: at n = 14 940, d = 18, float32, width 48 took
-    0.77x the time of width 64 (25.2 s against 32.5 s, measured alternately on a loaded
-    machine), and elevators' compressed rank (~44) used to be padded to 64; its training epoch
-    went from 73.0 s to 66.3 s.
+    an epoch and its cost follows the width: a power of two would pad a compressed rank just
+    above 32 (elevators': ~44) to 64, paying for columns that carry nothing.
     """
     if m <= 16:
         return 1 << max(0, (m - 1).bit_length())

@@ -1,6 +1,6 @@
 """Kernels and hyperparameters.
 
-Stage 1 of the pipeline (data -> **kernels** -> matvec -> lanczos -> logdet/solve -> mll).
+Data flow: data -> **kernels** -> matvec -> lanczos -> logdet/solve -> mll.
 
 Every stationary kernel here is a function of the squared *scaled* distance
 ``r2 = |x/l - x'/l|^2`` (ARD lengthscales ``l``, shape ``(d,)``).  The full covariance is

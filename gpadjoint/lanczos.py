@@ -1,6 +1,6 @@
 r"""Block Lanczos tridiagonalisation with full reorthogonalisation, and its adjoint.
 
-Stage 3 of the pipeline (matvec -> **lanczos** -> logdet/solve -> mll). This module knows nothing
+Data flow: matvec -> **lanczos** -> logdet/solve -> mll. This module knows nothing
 about kernels: it takes an operator ``mv(V, *args) = A(args) V`` with A symmetric, and runs m
 independent Lanczos processes at once (one per column of the start block), so every step costs
 *one* call of ``mv`` on an (n, m) block.

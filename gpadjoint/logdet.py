@@ -1,6 +1,6 @@
 r"""Stochastic Lanczos quadrature (SLQ) for log det A.
 
-Stage 4a (lanczos -> **logdet** / solve -> mll).
+Data flow: lanczos -> **logdet** / solve -> mll.
 
     log det A = tr log A ~= (1/p) sum_i |z_i|^2  e_1^T log(T_i) e_1
 

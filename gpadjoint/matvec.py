@@ -1,12 +1,13 @@
 """Kernel matvec backends: V -> K(theta) V.
 
-Stage 2 of the pipeline (kernels -> **matvec** -> lanczos -> logdet/solve -> mll).
+Data flow: kernels -> **matvec** -> lanczos -> logdet/solve -> mll.
 
 Three interchangeable engines behind one interface (:class:`Backend`):
 
 ``dense``
-    Materialise K once per evaluation, then matmul. Fastest on a CPU while n^2 fits in memory
-    (REFERENCE.md: a matmul with a prebuilt K is ~10x cheaper than any on-the-fly matvec).
+    Materialise K once per evaluation, then matmul. Fastest on a CPU while n^2 fits in memory:
+    every matvec of the evaluation reuses K instead of recomputing its entries
+    (results/bench_matvec.csv compares the backends).
 ``blocked``
     Pure JAX over row tiles (``lax.map``), O(n * tile) memory, with a custom VJP that
     recomputes tiles in the backward pass instead of storing them.
@@ -60,9 +61,9 @@ class Backend:
     Attributes:
         name: "dense", "blocked" or "keops".
         kernel: kernel name (see :data:`gpadjoint.kernels.PROFILES`).
-        tile: rows per tile for ``blocked``. 128 measured fastest from n = 8192 to 36 000 on
-            the 2-core CPU (a (tile, n) float32 block then fits the 32 MiB L3): at n = 36 000,
-            d = 8, an 11-column matvec took 1.05 s against 1.61 s with 1024 rows.
+        tile: rows per tile for ``blocked`` (memory ~ tile * n). Speed only: a smaller tile
+            keeps each (tile, n) block in cache, a larger one makes fewer, bigger products
+            (``[model] tile``; results/bench_matvec.csv records the tile of each run).
         mesh: a 1-D ``jax.sharding.Mesh`` (:func:`gpadjoint.sharding.make_mesh`) to split the
             rows over, or None for the single-device path (:mod:`gpadjoint.sharding`).
         symmetric: ``blocked`` evaluates each off-diagonal kernel tile once and applies it to
@@ -164,10 +165,12 @@ def available_memory_bytes() -> int:
 def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, str]:
     """Pick a backend by problem size and memory; returns ``(name, reason)``.
 
-    Rule (measured on the 2-core CPU, REFERENCE.md): dense when an n x n matrix fits in
-    ``DENSE_MEMORY_FRACTION`` of available memory (a matmul with a prebuilt K is 10-100x faster
-    than on-the-fly matvecs); otherwise KeOps on a GPU, and on a CPU the blocked JAX matvec,
-    which measured 7x faster than KeOps there. KeOps on a CPU is only chosen when asked for.
+    Rule: dense when an n x n matrix fits in ``DENSE_MEMORY_FRACTION`` of available memory (a
+    matmul with a prebuilt K beats recomputing its entries at every matvec); otherwise KeOps
+    on a GPU, and on a CPU the blocked JAX matvec, which was faster than KeOps's CPU
+    reductions (both in results/bench_matvec.csv). KeOps on a CPU is only chosen when asked
+    for. Called once per fit, by :func:`gpadjoint.plan.make_plan`: the answer depends on the
+    memory available at the time.
     """
     if on_gpu is None:
         on_gpu = jax.default_backend() == "gpu"

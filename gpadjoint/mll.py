@@ -1,6 +1,6 @@
 r"""The negative log-marginal likelihood per datum, by SLQ + preconditioned CG.
 
-Stage 5 (logdet / solve -> **mll** -> trainer).
+Data flow: logdet / solve -> **mll** -> optimizers -> train.
 
     neg_mll(theta) = -log p(y | theta) / n
                    = [ (y - mu)^T K^{-1} (y - mu) + log det K + n log(2 pi) ] / (2 n)
@@ -86,43 +86,41 @@ def neg_mll(
         exact estimator).
 
     """
-    n = X.shape[0]
-    if choose_estimator(n, config)[0] == "exact":
+    if config.estimator == "auto":
+        raise ValueError(
+            "neg_mll needs a resolved estimator, got MLLConfig(estimator='auto'); resolve it "
+            "once per fit with gpadjoint.plan.resolve_estimator(n, config) (GPRegressor and "
+            "gpadjoint.train.fit do) and pass the result"
+        )
+    if config.estimator == "exact":
         return _neg_mll_exact_aux(
             params, X, y, kernel=backend.kernel, noise_floor=config.noise_floor
         )
     hypers = constrain(params, config.noise_floor)
-    r = y - params.mean
-    mv, args = backend.operator(X, hypers)
-
     if probes is None:
-        probes = rademacher(key, n, config.num_probes, X.dtype)
-    depth = min(config.lanczos_depth, n)
+        probes = rademacher(key, X.shape[0], config.num_probes, X.dtype)
+    h0 = hypers if precond_params is None else constrain(precond_params, config.noise_floor)
+    return _neg_mll_slq(hypers, params.mean, X, y, probes, x0, h0, backend=backend,
+                        config=config)
 
+
+def _neg_mll_slq(hypers, mean, X, y, probes, x0, h0, *, backend: Backend, config: MLLConfig):
+    """Estimate :func:`neg_mll` by SLQ + PCG at constrained ``hypers``; -> (value, aux).
+
+    ``h0``: the constrained parameters the preconditioner is built at (no gradient flows
+    through it).
+    """
+    n = X.shape[0]
+    mv, args = backend.operator(X, hypers)
+    depth = min(config.lanczos_depth, n)
     h_cur = jax.tree.map(lax.stop_gradient, hypers)
-    h0 = h_cur if precond_params is None else jax.tree.map(
-        lax.stop_gradient, constrain(precond_params, config.noise_floor))
-    precond = L = None
-    if config.precond_rank > 0:
-        rank = min(config.precond_rank, n)
-        L = pivoted_cholesky(
-            lambda i: cross_cov(backend.kernel, lax.dynamic_slice_in_dim(X, i, 1), X, h0)[0],
-            jnp.full((n,), h0.outputscale, X.dtype),
-            rank,
-        )
-        precond = make_preconditioner(L, h0.noise)
-    if config.precond_logdet and L is not None:
-        half, logdet_P, lower = half_inverse_factors(L, h0.noise, X.dtype)
-        # the bound assumes K >= (P's shift) I; with P from other parameters K >= noise I
-        lower = lower * jnp.minimum(1.0, h_cur.noise / h0.noise)
-    else:
-        # Ritz values of K can never be below sigma2; round-off (float32) can push them there.
-        half, logdet_P, lower = None, 0.0, 0.5 * h_cur.noise
+    precond, half, logdet_P, lower = _preconditioner(
+        X, backend.kernel, h_cur, jax.tree.map(lax.stop_gradient, h0), config)
     # One pass per step serves every probe's Lanczos process and the CG solve (gpadjoint.fused).
     tri, quad, alpha, info, passes = slq_and_solve(
         mv,
         probes,
-        r,
+        y - mean,
         *args,
         depth=depth,
         precond=precond,
@@ -147,6 +145,32 @@ def neg_mll(
         "passes": passes + depth + 1 + (1 if backend.name == "dense" else 0),
     }
     return value, aux
+
+
+def _preconditioner(X, kernel: str, h_cur, h0, config: MLLConfig):
+    """Return (precond, half, logdet_P, lower): the CG preconditioner built at ``h0``.
+
+    ``half`` and ``logdet_P`` split the log det when ``config.precond_logdet`` (else None and
+    0); ``lower`` is the lower bound on K's Ritz values the quadrature clamps at.
+    """
+    n = X.shape[0]
+    precond = L = None
+    if config.precond_rank > 0:
+        rank = min(config.precond_rank, n)
+        L = pivoted_cholesky(
+            lambda i: cross_cov(kernel, lax.dynamic_slice_in_dim(X, i, 1), X, h0)[0],
+            jnp.full((n,), h0.outputscale, X.dtype),
+            rank,
+        )
+        precond = make_preconditioner(L, h0.noise)
+    if config.precond_logdet and L is not None:
+        half, logdet_P, lower = half_inverse_factors(L, h0.noise, X.dtype)
+        # the bound assumes K >= (P's shift) I; with P from other parameters K >= noise I
+        lower = lower * jnp.minimum(1.0, h_cur.noise / h0.noise)
+    else:
+        # Ritz values of K can never be below sigma2; round-off (float32) can push them there.
+        half, logdet_P, lower = None, 0.0, 0.5 * h_cur.noise
+    return precond, half, logdet_P, lower
 
 
 def _depth_change(tri, lower, slq, n: int) -> jax.Array:

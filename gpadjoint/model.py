@@ -1,6 +1,6 @@
 """GPRegressor: a scikit-learn estimator around the trainer and the posterior.
 
-Stage 8 (train -> predict -> **model** -> cli). :class:`GPRegressor` follows scikit-learn's
+Data flow: train / predict -> plan -> **model** -> cli. :class:`GPRegressor` follows scikit-learn's
 conventions: ``__init__`` only stores its keyword arguments, ``fit`` validates, standardises,
 trains (:func:`gpadjoint.train.fit`) and returns ``self``; fitted state ends in ``_``;
 ``predict(X, return_std=False)``; ``score`` is R^2 (``RegressorMixin``).
@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
-import warnings
-import zipfile
 from pathlib import Path
 
 import jax
@@ -34,16 +31,16 @@ import optax
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from . import __version__
 from . import predict as gpred
-from ._io import ReadError, atomic_write, check_writable, read_npz
+from ._io import check_writable
 from .config import RunConfig, default_config, keywords, load_config
 from .data import hyperparameters_in_data_units
 from .kernels import Params, constrain
-from .matvec import choose_backend, make_backend
-from .mll import MLLConfig, choose_estimator
-from .settings import RENAMED
-from .sharding import describe_mesh, make_mesh, mesh_record, shard_rows
+from .matvec import make_backend
+from .mll import MLLConfig
+from .persist import MODEL_FORMAT, load_model, save_model  # noqa: F401 (MODEL_FORMAT public)
+from .plan import Choice, make_plan
+from .sharding import make_mesh, shard_rows
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
@@ -53,14 +50,6 @@ except ImportError:  # pragma: no cover - older scikit-learn
         return est._validate_data(*args, **kwargs)
 
 
-MODEL_FORMAT = "gpadjoint-model-v2"
-_PARAM_FIELDS = Params._fields
-# what GPRegressor.load needs from a model file: arrays, and keys of its JSON metadata
-_MODEL_ARRAYS = ("X_train", "y_train", "x_mean", "x_std", "alpha",
-                 *(f"params_{f}" for f in _PARAM_FIELDS))
-_MODEL_META = ("settings", "unsaved_settings", "y_mean", "y_std", "backend", "backend_reason",
-               "variance", "variance_reason", "estimator", "predict_dtype", "solver", "seed",
-               "stopped_reason", "history", "feature_names_in")
 # GPRegressor's run settings: one keyword per key of a run configuration (config.keywords)
 SETTINGS = tuple(keywords())
 
@@ -108,6 +97,29 @@ def _check_finite(A: np.ndarray, what: str) -> None:
         f"{what} contains {int(bad.sum())} NaN/inf value(s) in {where} (0-based); "
         "drop or impute them"
     )
+
+
+def _view(choice: str) -> tuple[property, property]:
+    """Return (name, reason) properties reading the plan's ``choice`` (fitted attributes).
+
+    Setting one replaces that choice in ``plan_`` (e.g. ``model.variance_ = "love"`` after a fit
+    switches prediction's variance engine); its reason then says so.
+    """
+
+    def name(self):
+        return getattr(self.plan_, choice).name
+
+    def set_name(self, value):
+        self.plan_ = dataclasses.replace(self.plan_, **{choice: Choice(value, "set after the fit")})
+
+    def reason(self):
+        return getattr(self.plan_, choice).reason
+
+    def set_reason(self, value):
+        old = getattr(self.plan_, choice)
+        self.plan_ = dataclasses.replace(self.plan_, **{choice: old._replace(reason=value)})
+
+    return property(name, set_name), property(reason, set_reason)
 
 
 class GPRegressor(RegressorMixin, BaseEstimator):
@@ -307,7 +319,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         x_mean, x_std, y_mean, y_std = normalisation(X, y, cfg.model.normalize_y)
         self.X_train_, self.y_train_ = X, y
         self.x_mean_, self.x_std_, self.y_mean_, self.y_std_ = x_mean, x_std, y_mean, y_std
-        backend, optimizer = self._choose(X.shape[0], say)
+        backend, optimizer = self._plan(*X.shape, say)
 
         t0 = time.time()
         params, interrupted = self._train(backend, optimizer, say, checkpoint=checkpoint,
@@ -325,46 +337,31 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             self._solve_alpha(backend)
         return self
 
-    def _choose(self, n: int, say):
-        """Resolve and report backend, mesh, variance, estimator and optimiser for n points."""
-        from .optimizers import make_optimizer, resolve_optimizer
+    def _plan(self, n: int, d: int, say):
+        """Make, keep (``plan_``) and report the plan; -> (backend, optimiser) it names."""
+        from .optimizers import make_optimizer
 
         cfg = self.config_
-        mc = cfg.model
-        dtype = jnp.dtype(mc.dtype)
-        mesh = make_mesh(self.devices)
-        if mc.backend == "auto":
-            name, reason = choose_backend(n, dtype)
-            reason = f"auto: {reason}"
-        else:
-            name, reason = mc.backend, "requested"
-        backend = make_backend(name, mc.kernel, tile=mc.tile, mesh=mesh)
-        self.backend_, self.backend_reason_ = name, reason
-        self.mesh_, self.mesh_record_ = describe_mesh(mesh), mesh_record(mesh)
-        say(f"backend: {name} ({reason}); kernel {mc.kernel}, {mc.dtype}")
-        say(f"mesh: {self.mesh_}")
-        self.posterior_, self.posterior_reason_ = gpred.choose_posterior(
-            n, cfg.predict.posterior)
-        if self.posterior_ == "exact":
-            self.variance_, self.variance_reason_ = "exact", "the exact posterior's"
-        elif cfg.predict.variance == "auto":
-            self.variance_, why = gpred.choose_variance(n)
-            self.variance_reason_ = f"auto: {why}"
-        else:
-            self.variance_, self.variance_reason_ = cfg.predict.variance, "requested"
-        say(f"posterior: {self.posterior_} ({self.posterior_reason_}); variance "
-            f"{self.variance_}")
-        self.estimator_, self.estimator_reason_ = choose_estimator(n, self._mll_config(n))
-        if isinstance(self.optimizer, optax.GradientTransformation):
-            optimizer = self.optimizer
-            self.optimizer_, self.optimizer_reason_ = "given", "an optax transformation"
-        else:
-            optimizer = make_optimizer(cfg.optim, cfg.train.epochs, self.estimator_)
-            self.optimizer_, self.optimizer_reason_ = resolve_optimizer(
-                cfg.optim.optimizer, self.estimator_)
-        say(f"estimator: {self.estimator_} ({self.estimator_reason_}); optimiser: "
-            f"{self.optimizer_} ({self.optimizer_reason_})")
-        return backend, optimizer
+        given = self.optimizer if isinstance(self.optimizer, optax.GradientTransformation) else None
+        self.plan_ = plan = make_plan(cfg, n, d, devices=self.devices, optimizer=given)
+        for line in plan.lines():
+            say(line)
+        backend = make_backend(plan.backend.name, cfg.model.kernel, tile=cfg.model.tile,
+                               mesh=make_mesh(self.devices))
+        if given is not None:
+            return backend, given
+        optim = dataclasses.replace(cfg.optim, optimizer=plan.optimizer.name)
+        return backend, make_optimizer(optim, cfg.train.epochs, plan.estimator.name)
+
+    # --- the plan's choices, as fitted attributes (views of ``plan_``) -------------------------
+
+    backend_, backend_reason_ = _view("backend")
+    estimator_, estimator_reason_ = _view("estimator")
+    optimizer_, optimizer_reason_ = _view("optimizer")
+    posterior_, posterior_reason_ = _view("posterior")
+    variance_, variance_reason_ = _view("variance")
+    mesh_ = property(lambda self: self.plan_.mesh.name)
+    mesh_record_ = property(lambda self: self.plan_.mesh_record)
 
     def _train(self, backend, optimizer, say, *, checkpoint, resume, callback, settings,
                progress, stop=None):
@@ -482,9 +479,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         }
 
     def _posterior(self) -> str:
-        # a model saved before posterior_ existed: its "cholesky" solver was the exact posterior
-        post = getattr(self, "posterior_", None)
-        return post or ("exact" if getattr(self, "solver_", "cg") == "cholesky" else "cg")
+        return self.plan_.posterior.name
 
     def _exact_factor(self):
         """Return the blocked float64 factor at the fitted parameters, built on first use."""
@@ -498,8 +493,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         return cache["factor"]
 
     def _mll_config(self, n: int) -> MLLConfig:
-        """Return the [mll] settings with depth, rank and cg_min_iter clamped to n."""
-        mll = self.config_.mll
+        """Return the [mll] settings with the plan's estimator; depth, rank, cg_min_iter <= n."""
+        mll = self.plan_.mll_config(self.config_.mll)
         return dataclasses.replace(
             mll, lanczos_depth=min(mll.lanczos_depth, n), precond_rank=min(mll.precond_rank, n),
             cg_min_iter=min(mll.cg_min_iter, n),
@@ -607,50 +602,13 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         The settings are stored resolved (every key, as fitted), so a loaded model refits as
         this one did whatever the packaged defaults are then; an optax optimiser object is not
         stored (a loaded model has ``optimizer = "auto"``, which only matters for a refit).
+        The format is :mod:`gpadjoint.persist`'s.
         """
         check_is_fitted(self)
         if self.alpha_ is None:
             raise ValueError("this model's fit was interrupted before the posterior was "
                              "solved; there is nothing to save yet")
-        path = Path(path)
-        settings = self.config_.to_keywords()
-        unsaved = ["optimizer"] if isinstance(self.optimizer, optax.GradientTransformation) else []
-        settings["devices"] = self.devices if isinstance(self.devices, (int, str)) else None
-        meta = {
-            "format": MODEL_FORMAT,
-            "gpadjoint_version": __version__,
-            "settings": settings,
-            "unsaved_settings": unsaved,
-            "y_mean": self.y_mean_,
-            "y_std": self.y_std_,
-            "backend": self.backend_,
-            "backend_reason": self.backend_reason_,
-            "variance": self.variance_,
-            "variance_reason": self.variance_reason_,
-            "estimator": self.estimator_,
-            "predict_dtype": self._predict_dtype(),
-            "solver": self.solver_,
-            "seed": self.random_state_,
-            "stopped_reason": self.stopped_reason_,
-            "history": self.history_,
-            "feature_names_in": (
-                [str(c) for c in self.feature_names_in_]
-                if hasattr(self, "feature_names_in_") else None
-            ),
-        }
-        arrays = {
-            "meta": np.asarray(json.dumps(meta)),
-            "X_train": self.X_train_,
-            "y_train": self.y_train_,
-            "x_mean": self.x_mean_,
-            "x_std": self.x_std_,
-            "alpha": self.alpha_,
-            **{f"params_{f}": np.asarray(v) for f, v in zip(_PARAM_FIELDS, self.params_)},
-        }
-        cache = getattr(self, "_love_cache", {})
-        if "R" in cache:
-            arrays["love_R"] = cache["R"]
-        return atomic_write(path, lambda fh: np.savez(fh, **arrays), what="model file")
+        return save_model(self, path)
 
     @classmethod
     @_x64
@@ -660,60 +618,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         Raises FileNotFoundError if absent and :class:`~gpadjoint._io.ReadError` (a ValueError
         naming the file and what to do) if it is damaged or not a gpadjoint model file.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no model file at {path}")
-        fix = ("fit and save the model again (gpadjoint fit ... --save-model PATH, or "
-               "GPRegressor.save)")
-        try:
-            data = read_npz(path)
-            meta = json.loads(str(data["meta"])) if "meta" in data else None
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-            raise ReadError(f"{path} is not a readable gpadjoint model file (damaged, or "
-                            f"another kind of file: {e}); {fix}") from None
-        if not isinstance(meta, dict):
-            raise ReadError(f"{path} is not a {MODEL_FORMAT} file (no metadata); {fix}")
-        if meta.get("format") != MODEL_FORMAT:
-            raise ReadError(
-                f"{path} is a {meta.get('format')!r} file, expected {MODEL_FORMAT}; files of "
-                "gpadjoint-model-v1 (before the settings took their config names) cannot be "
-                "read: refit and save again")
-        missing = [k for k in _MODEL_ARRAYS if k not in data] + [
-            k for k in _MODEL_META if k not in meta]
-        if missing:
-            raise ReadError(f"{path} lacks the model entries {', '.join(missing)}; {fix}")
-        if meta["unsaved_settings"]:
-            warnings.warn(
-                f"{path}: settings {meta['unsaved_settings']} were not JSON values and were "
-                "not saved; they take their defaults (this affects refitting only)",
-                stacklevel=2,
-            )
-        # files saved before the scikit-learn names: the same settings under their new names
-        est = cls(**{RENAMED.get(k, k): v for k, v in meta["settings"].items()})
-        est.config_ = est.run_config()
-        est.X_train_ = data["X_train"]
-        est.y_train_ = data["y_train"]
-        est.x_mean_, est.x_std_ = data["x_mean"], data["x_std"]
-        est.y_mean_, est.y_std_ = float(meta["y_mean"]), float(meta["y_std"])
-        est.params_ = Params(*(data[f"params_{f}"] for f in _PARAM_FIELDS))
-        est.alpha_ = data["alpha"]
-        est.backend_, est.backend_reason_ = meta["backend"], meta["backend_reason"]
-        est.variance_, est.variance_reason_ = meta["variance"], meta["variance_reason"]
-        est.estimator_ = meta["estimator"]
-        est.predict_dtype_ = meta["predict_dtype"]
-        est.solver_ = meta["solver"]
-        est.random_state_ = meta["seed"]
-        est.stopped_reason_ = meta["stopped_reason"]
-        est.history_ = meta["history"]
-        est.n_iter_ = len(est.history_)
-        est.n_features_in_ = int(est.X_train_.shape[1])
-        if meta["feature_names_in"] is not None:
-            est.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
-        est.hyperparameters_ = est._hyperparameters()
-        est._love_cache = {}
-        if "love_R" in data:
-            est._love_cache.update(rank=int(data["love_R"].shape[1]), R=data["love_R"])
-        return est
+        return load_model(cls, path)
 
 
 def _plain(v):

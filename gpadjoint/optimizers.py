@@ -1,6 +1,6 @@
 """Optimisers: one small protocol, two implementations, and the [optim] factory.
 
-Stage 7 (mll -> **optimizers** -> train -> model). An optimiser is a value with
+Data flow: mll -> **optimizers** -> train -> model. An optimiser is a value with
 
 * ``trainer(X, y, *, backend, mll_config, warm_start) -> Trainer``: the pure pair
   ``init(params, key) -> TrainState`` and ``step(state) -> (state, metrics)`` for one data set;
@@ -34,7 +34,7 @@ from . import lbfgs as host
 from .config import OptimConfig
 from .kernels import Params, constrain
 from .matvec import Backend
-from .mll import MLLConfig, choose_estimator, neg_mll
+from .mll import MLLConfig, neg_mll
 from .stops import Converged, EarlyStopping, Plateau, PredictedDecrease
 
 _DEFAULT_MLL = MLLConfig()
@@ -375,7 +375,7 @@ def make_lbfgs_trainer(
     X = ev.X
     dtype = X.dtype
     # only a preconditioner built at an anchor needs rebuilding (not the exact estimator's)
-    anchored = choose_estimator(X.shape[0], mll_config)[0] == "slq" and mll_config.precond_rank > 0
+    anchored = mll_config.estimator == "slq" and mll_config.precond_rank > 0
 
     def init(params: Params, key) -> TrainState:
         params = _check_params(params, X)
@@ -427,7 +427,7 @@ class _Evaluator:
         n = X.shape[0]
         self.depth = min(cfg.lanczos_depth, n)
         # deepening applies to SLQ only, up to max_lanczos_depth (and n)
-        slq = choose_estimator(n, cfg)[0] == "slq"
+        slq = cfg.estimator == "slq"  # resolved by the plan (gpadjoint.plan)
         self.max_depth = min(max(cfg.max_lanczos_depth, self.depth), n) if slq else self.depth
 
     def set_depth(self, depth: int) -> None:

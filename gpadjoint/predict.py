@@ -1,6 +1,6 @@
 r"""Posterior prediction of a fitted GP: exact by blocked Cholesky, or CG (exact or LOVE variance).
 
-Stage 7 (mll -> trainer -> **predict** -> model). Everything here works in the *internal*
+Data flow: exact / solve -> **predict** -> model. Everything here works in the *internal*
 (normalised) units the trainer used; :mod:`gpadjoint.model` maps to and from the user's units.
 
 With K = s2 k(X/l, X/l) + sigma2 I (n x n), k_* = s2 k(X/l, x_*/l) (n,) and mean mu:

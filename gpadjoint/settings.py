@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 from .kernels import NOISE_FLOOR
 
 ESTIMATORS = ("auto", "slq", "exact")
-# Up to this n the float64 Cholesky estimator costs about what a depth-10 SLQ step costs on a
-# 2-core CPU (n = 2000: ~0.1 s for the factorisation), and it is exact and deterministic.
+# Up to this n the float64 Cholesky estimator (O(n^3), exact and deterministic) costs about what
+# an SLQ step does, so "auto" prefers it there.
 EXACT_MAX_N = 2000
 
 # Names users reach for from other libraries, mapped to ours (for "did you mean").

@@ -1,6 +1,6 @@
 r"""Row sharding of the kernel matvec over a 1-D mesh of devices (JAX ``shard_map``).
 
-Stage 2 helper (kernels -> **matvec** -> lanczos -> logdet/solve -> mll): a
+Data flow: kernels -> tiles -> **sharding** / matvec -> lanczos. A
 :class:`~gpadjoint.matvec.Backend` built with ``mesh=`` computes ``K(theta) V`` with the rows of X,
 of V and of the result split over the mesh axis :data:`AXIS` ("rows"). Device p holds rows ``[p
 n/D, (p+1) n/D)`` and computes its row block of K V against all columns: for ``blocked`` the column

@@ -1,6 +1,6 @@
 r"""Linear solves with A = K(theta): pivoted-Cholesky-preconditioned CG and its implicit VJP.
 
-Stage 4b (lanczos -> logdet / **solve** -> mll). Like :mod:`gpadjoint.lanczos` this module only
+Data flow: lanczos -> logdet / **solve** -> mll. Like :mod:`gpadjoint.lanczos` this module only
 sees an operator ``mv(V, *args) = A V``; kernel specifics come in as plain functions.
 
 * :func:`pivoted_cholesky` builds a rank-r factor L of the noise-free kernel matrix from r rows

@@ -1,6 +1,6 @@
 """Where a fit starts: initial parameters, the subset ladder, its metric, the full-fit policy.
 
-Stage 6b (mll -> train -> **start** -> model).
+Data flow: mll -> train -> **start** -> model.
 
 * :func:`initial_params`: named starting parameters (``softplus0``, ``normal``);
 * :func:`subset_start`: the exact (float64 Cholesky) L-BFGS fit of random rows, the rows
@@ -27,9 +27,8 @@ from .kernels import Params, constrain, init_params
 from .mll import MLLConfig, neg_mll_exact
 from .optimizers import LBFGS
 
-# A subset fit whose noise is within this factor of the floor interpolates its rows (kin40k:
-# 2000 rows gave noise 1e-4 and output scale 26, where rank-300 CG on all 36 000 rows stood at
-# residual 0.2 after 213 iterations; near the best known fit, noise 0.0067, it took 102:
+# A subset fit whose noise is within this factor of the floor interpolates its rows: CG on all
+# rows from such a start converges far more slowly than near the best known fit (kin40k:
 # results/cg_cost/kin40k-split0.json)
 INTERPOLATING_NOISE = 10.0
 

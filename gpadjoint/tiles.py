@@ -1,6 +1,6 @@
 r"""Kernel tiles: the pieces every on-the-fly matvec (blocked, sharded) is built from.
 
-Stage 2's floor (kernels -> **tiles** -> matvec / sharding -> lanczos ...): both
+Data flow: kernels -> **tiles** -> matvec / sharding -> lanczos. Both
 :mod:`gpadjoint.matvec` and :mod:`gpadjoint.sharding` import from here, and neither from the
 other.
 

@@ -1,6 +1,6 @@
 """The training loop: :func:`fit` steps an optimiser's trainer and decides when to stop.
 
-Stage 6 of the pipeline (mll -> optimizers -> **train** -> start -> model).
+Data flow: mll -> optimizers -> **train** -> start -> model.
 
 The parts live by job: :mod:`gpadjoint.optimizers` builds the pure ``init``/``step`` pair of
 an optimiser (:class:`~gpadjoint.optimizers.Optax` for any optax transformation,
@@ -43,8 +43,8 @@ from .coords import (  # noqa: F401 (re-exported)
 from .coords import flat as _flat  # noqa: F401 (re-exported)
 from .coords import unflat as _unflat  # noqa: F401 (re-exported)
 from .kernels import Params, init_params
-from .matvec import Backend, choose_backend, make_backend
-from .mll import MLLConfig, choose_estimator
+from .matvec import Backend
+from .mll import MLLConfig
 from .optimizers import (  # noqa: F401 (re-exported)
     LBFGS,
     LBFGSState,
@@ -55,6 +55,7 @@ from .optimizers import (  # noqa: F401 (re-exported)
     make_lbfgs_trainer,
     make_trainer,
 )
+from .plan import resolve_backend, resolve_estimator
 from .solve import CGConvergenceWarning
 from .stops import EarlyStopping
 
@@ -215,8 +216,10 @@ def _prepare(X, y, *, kernel, backend, mll_config, optimizer, epochs, params0, s
     dtype = X.dtype
     mll_config = MLLConfig() if mll_config is None else mll_config
     optimizer = as_optimizer(optimizer)
-    backend, backend_reason = _resolve_backend(backend, kernel, n, dtype)
-    estimator, estimator_reason = choose_estimator(n, mll_config)
+    # "auto" is resolved here, once, for callers that bypass the plan (gpadjoint.plan)
+    backend, backend_reason = resolve_backend(backend, kernel, n, dtype)
+    mll_config, estimator_reason = resolve_estimator(n, mll_config)
+    estimator = mll_config.estimator
     if estimator == "exact" and early_stopping is None and converge_tol > 0:
         early_stopping = EarlyStopping(patience=5, min_delta=float(converge_tol))
     trainer = optimizer.trainer(X, y, backend=backend, mll_config=mll_config,
@@ -385,19 +388,6 @@ def _check_data(X, y):
             f"X and y must share a float32 or float64 dtype (the working dtype), "
             f"got {X.dtype} and {y.dtype}"
         )
-
-
-def _resolve_backend(backend, kernel, n, dtype) -> tuple[Backend, str]:
-    if isinstance(backend, Backend):
-        if backend.kernel != kernel:
-            raise ValueError(
-                f"backend was built for kernel {backend.kernel!r} but fit got kernel={kernel!r}"
-            )
-        return backend, "given"
-    if backend == "auto":
-        name, reason = choose_backend(n, dtype)
-        return make_backend(name, kernel), f"auto: {reason}"
-    return make_backend(backend, kernel), "requested"
 
 
 _LBFGS_KEYS = ("evaluations", "step_size", "new_loss", "new_grad_norm", "refreshed",

@@ -32,11 +32,15 @@ def test_fit_writes_a_complete_run_record(yacht_run, capsys):
     assert KEYS <= set(rec)
     assert rec["dataset"] == "yacht" and rec["backend"] == "dense"
     assert "auto" in rec["backend_reason"]
+    # the plan (every "auto" resolved once) is recorded, and the flat keys agree with it
+    assert rec["plan"]["backend"] == {"name": "dense", "reason": rec["backend_reason"]}
+    assert rec["plan"]["estimator"]["name"] == rec["estimator"] == "exact"
     assert len(rec["history"]) == 4
     # prediction's automatic choice, with its reason: yacht's K fits, so the exact posterior
     assert rec["posterior"] == "exact" and rec["posterior_reason"].startswith("auto: K needs")
     assert all(math.isfinite(h["loss"]) for h in rec["history"])
-    assert rec["final_train_loss"] == rec["history"][-1]["loss"]
+    last = rec["history"][-1]  # L-BFGS records the loss at the point it accepted
+    assert rec["final_train_loss"] == last.get("new_loss", last["loss"])
     hp = rec["hyperparameters"]
     assert len(hp["lengthscale"]) == 6 and hp["noise"] > 0 and hp["outputscale"] > 0
     # the RMSE and NLL are those of the recorded hyperparameters' posterior, in the target's

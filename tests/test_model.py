@@ -1,5 +1,6 @@
 """GPRegressor: scikit-learn conformance, units of hyperparameters_, persistence, validation."""
 
+import json
 import warnings
 
 import jax.numpy as jnp
@@ -200,16 +201,22 @@ def test_backend_choice_is_reported(capsys):
     X, y = data(n=20)
     m = GPRegressor(**FAST, verbose=True).fit(X, y)
     assert m.backend_ == "dense" and m.backend_reason_.startswith("auto: ")
-    assert m.variance_ == "exact" and m.variance_reason_.startswith("auto: ")
+    # the exact posterior (its n x n factor fits) brings its own variance
+    assert m.posterior_ == "exact" and m.posterior_reason_.startswith("auto: ")
+    assert (m.variance_, m.variance_reason_) == ("exact", "the exact posterior's")
     out = capsys.readouterr().out
     assert "backend: dense (auto: " in out
+    m = GPRegressor(**FAST, posterior="cg").fit(X, y)
+    assert m.variance_ == "exact" and m.variance_reason_.startswith("auto: ")
     m = GPRegressor(**FAST, backend="blocked").fit(X, y)
     assert (m.backend_, m.backend_reason_) == ("blocked", "requested")
 
 
 def test_float32_and_epochs_zero():
     X, y = data()
-    m = GPRegressor(dtype="float32", epochs=5, random_state=0, estimator="slq").fit(X, y)
+    # the CG posterior keeps the working dtype (the exact one is float64 Cholesky whatever it is)
+    m = GPRegressor(dtype="float32", epochs=5, random_state=0, estimator="slq",
+                    posterior="cg").fit(X, y)
     assert m.params_.raw_lengthscale.dtype == np.float32 and m.alpha_.dtype == np.float32
     assert m.predict_dtype_ == "float32"
     mu, sd = m.predict(X, return_std=True)
@@ -281,3 +288,69 @@ def test_float32_exact_estimator_predicts_in_float64_like_sklearn(tmp_path, vari
     m2 = GPRegressor.load(path)
     assert m2.predict_dtype_ == "float64"
     np.testing.assert_allclose(m2.predict(Xt), mu, rtol=1e-12)
+
+
+def test_plan_made_once_and_recorded(tmp_path, monkeypatch):
+    """Every "auto" is resolved once per fit, kept in plan_, and the trainer sees no "auto"."""
+    import gpadjoint.mll as gmll
+    import gpadjoint.plan as gplan
+    from gpadjoint.plan import CHOICES, Plan, make_plan
+
+    X, y = data(n=30)
+    asked = []
+    real = gmll.choose_estimator
+    def count(n, c):
+        asked.append(c.estimator)
+        return real(n, c)
+
+    monkeypatch.setattr(gmll, "choose_estimator", count)
+    monkeypatch.setattr(gplan, "choose_estimator", count)
+    seen = []
+    real_neg_mll = gmll.neg_mll
+
+    def spy(*args, config, **kw):
+        seen.append(config.estimator)
+        return real_neg_mll(*args, config=config, **kw)
+
+    monkeypatch.setattr("gpadjoint.optimizers.neg_mll", spy)
+    m = GPRegressor(**FAST, estimator="auto", exact_max_n=10, posterior="cg").fit(X, y)
+    assert asked.count("auto") == 1  # by the plan, not per evaluation
+    assert seen and set(seen) == {"slq"}
+    p = m.plan_
+    assert isinstance(p, Plan) and (p.n, p.d, p.dtype) == (30, 2, "float64")
+    assert m.estimator_ == p.estimator.name == "slq" and "exact_max_n = 10" in p.estimator.reason
+    assert (m.backend_, m.backend_reason_) == p.backend and m.mesh_ == "single device"
+    assert (m.posterior_, m.variance_, m.optimizer_) == ("cg", "exact", "lbfgs")
+    # the choices depend on the config and the data's shape only (here: memory is ample); the
+    # reasons quote the memory available at the time
+    again = make_plan(m.config_, 30, 2)
+    assert [again.to_dict()[k]["name"] for k in CHOICES] == [p.to_dict()[k]["name"]
+                                                             for k in CHOICES]
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    # it survives a save/load round trip, and a file without it loads with one rebuilt
+    path = m.save(tmp_path / "m.npz")
+    assert GPRegressor.load(path).plan_ == p
+    with np.load(path) as z:
+        arrays = dict(z)
+    meta = json.loads(str(arrays["meta"]))
+    del meta["plan"]
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    np.savez(tmp_path / "old.npz", **arrays)
+    old = GPRegressor.load(tmp_path / "old.npz")
+    assert (old.backend_, old.estimator_, old.posterior_, old.variance_) == (
+        "dense", "slq", "cg", "exact")
+    np.testing.assert_array_equal(old.predict(X[:5]), m.predict(X[:5]))
+
+
+def test_neg_mll_refuses_an_unresolved_estimator():
+    import jax
+
+    from gpadjoint.kernels import init_params
+    from gpadjoint.matvec import make_backend
+    from gpadjoint.mll import MLLConfig, neg_mll
+
+    X, y = data(n=10)
+    with pytest.raises(ValueError, match="resolve_estimator"):
+        neg_mll(init_params(2, np.float64), np.asarray(X), np.asarray(y),
+                jax.random.PRNGKey(0), backend=make_backend("dense", "matern32"),
+                config=MLLConfig(estimator="auto"))

@@ -209,7 +209,7 @@ def _fitted(n=120, posterior="auto", **kw):
     rng = np.random.default_rng(11)
     X = rng.uniform(-2, 2, (n + 40, 3)) * np.array([1.0, 10.0, 0.1])
     y = 5 + 3 * np.sin(X[:, 0]) + 0.02 * X[:, 1] ** 2 + 0.1 * rng.standard_normal(n + 40)
-    m = GPRegressor(epochs=3, seed=0, posterior=posterior, **kw).fit(X[:n], y[:n])
+    m = GPRegressor(epochs=3, random_state=0, posterior=posterior, **kw).fit(X[:n], y[:n])
     return m, X[:n], y[:n], X[n:], y[n:]
 
 
