@@ -26,6 +26,7 @@ from .coords import flat, from_opt, hessian_metric, opt_grad, to_opt, unflat
 from .kernels import Params, constrain, init_params
 from .mll import MLLConfig, neg_mll_exact
 from .optimizers import LBFGS
+from .train import fit
 
 # A subset fit whose noise is within this factor of the floor interpolates its rows: CG on all
 # rows from such a start converges far more slowly than near the best known fit (kin40k:
@@ -167,8 +168,6 @@ def subset_stage(X, y, params: Params, *, kernel: str, size: int, seed: int,
     final loss, stop reason, noise, output scale, whether it interpolates, seconds), which has
     ``interrupted`` True when ``stop()`` ended the fit before it finished.
     """
-    from .train import fit  # here: train re-exports this module's names
-
     Xs, ys = _subset_rows(X, y, seed, size)
     t = time.perf_counter()
     res = fit(

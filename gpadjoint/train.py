@@ -15,8 +15,10 @@ Units: X, y are already normalised (:mod:`gpadjoint.data`) and in the working dt
 ``-log p(y | theta) / n`` per datum in those units; hyperparameters in the history are
 constrained (lengthscales in standardised input units, output scale and noise as variances).
 
-The names that used to live here (``make_trainer``, ``LBFGS``, ``to_opt``, ``subset_start``,
-``initial_params``, ...) are re-exported, so ``from gpadjoint.train import ...`` keeps working.
+The optimiser names that used to live here (``make_trainer``, ``LBFGS``, ``to_opt``, ...) are
+re-exported, so ``from gpadjoint.train import ...`` keeps working for them. The start's names
+(``subset_start``, ``initial_params``, ...) are imported from :mod:`gpadjoint.start` only: start
+imports :func:`fit` from here, so the graph runs one way (start -> train).
 """
 
 from __future__ import annotations
@@ -60,19 +62,6 @@ from .solve import CGConvergenceWarning
 from .stops import EarlyStopping
 
 logger = logging.getLogger("gpadjoint")
-
-# start.py imports fit from here, so its names are re-exported lazily (no import cycle)
-_FROM_START = ("INTERPOLATING_NOISE", "SubsetStartWarning", "initial_params", "subset_metric",
-               "subset_start")
-
-
-def __getattr__(name):
-    if name in _FROM_START:
-        from . import start
-
-        return getattr(start, name)
-    raise AttributeError(f"module 'gpadjoint.train' has no attribute {name!r}")
-
 
 class FitResult(NamedTuple):
     """Outcome of :func:`fit`.
