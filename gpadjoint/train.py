@@ -167,6 +167,23 @@ def fit(
                    early_stopping=early_stopping, checkpoint_path=checkpoint_path,
                    checkpoint_every=checkpoint_every, resume=resume, warm_start=warm_start,
                    settings=settings, converge_tol=converge_tol)
+    return _execute(run, epochs, progress, log_every, checkpoint_path, checkpoint_every,
+                    checkpoint_seconds, callback, stop)
+
+
+class _Run(NamedTuple):
+    trainer: Trainer
+    state: TrainState
+    history: list
+    rules: list
+    mll_config: MLLConfig
+    info: dict
+    summary: str
+
+
+def _execute(run: _Run, epochs, progress, log_every, checkpoint_path, checkpoint_every,
+             checkpoint_seconds, callback, stop) -> FitResult:
+    """Run the loop of :func:`fit` on a prepared run: progress, checkpoints, stop request."""
     bar = _Progress(epochs, progress, log_every)
     bar.note(run.summary)
     ckpt = _Checkpoints(checkpoint_path, checkpoint_every, run.info["fingerprint"],
@@ -180,16 +197,6 @@ def fit(
     run.info["stop_requested"] = asked.yes
     ckpt.final(state, run.history, stopped_reason)
     return FitResult(state.params, run.history, stopped_reason, state, run.info)
-
-
-class _Run(NamedTuple):
-    trainer: Trainer
-    state: TrainState
-    history: list
-    rules: list
-    mll_config: MLLConfig
-    info: dict
-    summary: str
 
 
 def _prepare(X, y, *, kernel, backend, mll_config, optimizer, epochs, params0, seed,
