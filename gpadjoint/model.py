@@ -373,8 +373,6 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         from .checkpoint import start_path
         from .optimizers import as_optimizer
         from .start import full_fit, initial_params, subset_metric, subset_start
-        from .stops import EarlyStopping
-        from .train import fit as train_fit
 
         cfg = self.config_
         mc, tc = cfg.model, cfg.train
@@ -423,6 +421,24 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             self.history_, self.stopped_reason_ = [], "epochs=0: not trained"
             self.fit_info_ = {}
             return params0, False
+        # resumed from the full fit's checkpoint, or the start's (then the fit starts anew)
+        return self._fit_all(Xn, yn, params0, backend, optimizer, checkpoint=checkpoint,
+                             resume=resume_fit or (resume and self.init_subset_ is None),
+                             callback=callback, progress=progress,
+                             settings={"config": run, **(settings or {})}, stop=stop)
+
+    def _fit_all(self, Xn, yn, params0, backend, optimizer, *, checkpoint, resume, callback,
+                 progress, settings, stop):
+        """Fit all rows from ``params0`` -> (params, interrupted), keeping the fit's records.
+
+        ``settings`` are the checkpoint's (the run's config and the caller's); ``interrupted``
+        is True when ``callback`` or ``stop`` ended the fit.
+        """
+        from .stops import EarlyStopping
+        from .train import fit as train_fit
+
+        mc, tc = self.config_.model, self.config_.train
+        n = Xn.shape[0]
         stopped = []
 
         def on_epoch(rec, state):
@@ -433,16 +449,15 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
         result = train_fit(
             Xn, yn, kernel=mc.kernel, backend=backend, mll_config=self._mll_config(n),
-            optimizer=optimizer, epochs=tc.epochs, params0=params0, seed=seed,
+            optimizer=optimizer, epochs=tc.epochs, params0=params0, seed=tc.random_state,
             early_stopping=(EarlyStopping(tc.patience, tc.min_delta)
                             if tc.early_stopping else None),
             checkpoint_path=checkpoint, checkpoint_every=tc.checkpoint_every,
             checkpoint_seconds=tc.checkpoint_seconds,
-            # resumed from the full fit's checkpoint, or the start's (then the fit starts anew)
-            resume=resume_fit or (resume and self.init_subset_ is None),
+            resume=resume,
             progress=_progress(progress, self.verbose),
             log_every=tc.log_every, callback=on_epoch, converge_tol=tc.converge_tol,
-            settings={"config": run, **(settings or {})}, stop=stop,
+            settings=settings, stop=stop,
         )
         self.history_, self.stopped_reason_ = result.history, result.stopped_reason
         self.fit_info_ = result.info

@@ -526,22 +526,7 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
     gu = coords.opt_grad(grad, params)
     desc, slope, inner = _descent(u, gu, s.inner, M)
     caps = Params(coords.INV_LS_STEP, lbfgs.max_step, lbfgs.max_step, lbfgs.max_step)
-    x0_box = [x0]
-
-    def phi(t):
-        u_t = Params(*(a + t * b for a, b in zip(u, desc)))
-        p_t = Params(*(np.asarray(a, dtype) for a in coords.from_opt(u_t)))  # working dtype
-        v_t, g_t, fin_t, solved_t, x0_box[0] = ev.run(p_t, key, x0_box[0], anchor)
-        # an unconverged CG solve gives an inexact value: such a point is not taken
-        if not (fin_t and solved_t):
-            return host.Trial(False, v_t, math.nan)
-        gu_t = coords.opt_grad(g_t, p_t)
-        # from_opt reads an inverse lengthscale as |u| (the loss is even in it): past 0, along
-        # the line, its derivative changes sign (a weak input's 1/l steps through 0 often)
-        sign = np.where(np.asarray(u_t.raw_lengthscale) < 0, -1.0, 1.0)
-        gu_t = gu_t._replace(raw_lengthscale=np.asarray(gu_t.raw_lengthscale) * sign)
-        return host.Trial(True, v_t, coords.tree_vdot(gu_t, desc), (p_t, g_t, ev.last_change))
-
+    phi, x0_box = _line(ev, u, desc, key, x0, anchor, dtype)
     search = host.weak_wolfe(phi, value, slope, t_max=host.step_cap(desc, caps), c1=lbfgs.c1,
                              c2=lbfgs.c2, max_evals=lbfgs.max_linesearch_steps, stop=stop)
     if search.interrupted:  # the state of the last accepted step, as it came in
@@ -567,6 +552,32 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
                    new_grad_norm=coords.tree_norm(g_new),
                    predicted_decrease=_predicted_decrease(p_new, g_new, inner, M))
     return new_state, metrics
+
+
+def _line(ev: _Evaluator, u: Params, desc: Params, key, x0, anchor, dtype):
+    """``(phi, x0_box)``: the line search's function of the step t along ``desc`` from ``u``.
+
+    ``phi(t)`` evaluates the loss at ``u + t desc`` (trainer coordinates, :func:`coords.to_opt`)
+    in the working ``dtype`` and returns a :class:`gpadjoint.lbfgs.Trial` whose payload is (params,
+    gradient, depth change); ``x0_box[0]`` holds the CG warm start, updated by each evaluation.
+    """
+    x0_box = [x0]
+
+    def phi(t):
+        u_t = Params(*(a + t * b for a, b in zip(u, desc)))
+        p_t = Params(*(np.asarray(a, dtype) for a in coords.from_opt(u_t)))  # working dtype
+        v_t, g_t, fin_t, solved_t, x0_box[0] = ev.run(p_t, key, x0_box[0], anchor)
+        # an unconverged CG solve gives an inexact value: such a point is not taken
+        if not (fin_t and solved_t):
+            return host.Trial(False, v_t, math.nan)
+        gu_t = coords.opt_grad(g_t, p_t)
+        # from_opt reads an inverse lengthscale as |u| (the loss is even in it): past 0, along
+        # the line, its derivative changes sign (a weak input's 1/l steps through 0 often)
+        sign = np.where(np.asarray(u_t.raw_lengthscale) < 0, -1.0, 1.0)
+        gu_t = gu_t._replace(raw_lengthscale=np.asarray(gu_t.raw_lengthscale) * sign)
+        return host.Trial(True, v_t, coords.tree_vdot(gu_t, desc), (p_t, g_t, ev.last_change))
+
+    return phi, x0_box
 
 
 def _predicted_decrease(p: Params, g: Params, memory, M: np.ndarray) -> float:

@@ -26,6 +26,7 @@ from .coords import flat, from_opt, hessian_metric, opt_grad, to_opt, unflat
 from .kernels import Params, constrain, init_params
 from .mll import MLLConfig, neg_mll_exact
 from .optimizers import LBFGS
+from .train import fit
 
 # A subset fit whose noise is within this factor of the floor interpolates its rows: CG on all
 # rows from such a start converges far more slowly than near the best known fit (kin40k:
@@ -92,6 +93,33 @@ def subset_start(
     if resume:
         params, saved = load_start(checkpoint, params, fingerprint)
         stages, extra = saved.pop("stages"), saved
+    params, interrupted = _climb(X, y, params, stages, kernel=kernel, size=size, seed=seed,
+                                 noise_floor=noise_floor, max_size=max_size,
+                                 max_steps=max_steps, checkpoint=checkpoint,
+                                 fingerprint=fingerprint, stop=stop)
+    if interrupted:
+        return _interrupted(params0, params, stages, dtype, seed, t0)
+    if stages[-1]["interpolating"]:
+        _warn_interpolating(stages[-1], n, noise_floor)
+    info = _finished(stages, extra, seed, t0)
+    out = Params(*(jnp.asarray(p, dtype) for p in params))
+    if metric:
+        info = subset_metric(X, y, out, info, kernel=kernel, noise_floor=noise_floor,
+                             metric_floor=metric_floor, checkpoint=checkpoint)
+    return out, info
+
+
+def _climb(X, y, params: Params, stages: list, *, kernel: str, size: int, seed: int,
+           noise_floor: float, max_size: int, max_steps: int, checkpoint, fingerprint: dict,
+           stop: Callable[[], bool] | None) -> tuple[Params, bool]:
+    """Fit the ladder's rungs after ``stages`` (appended to in place) -> (params, interrupted).
+
+    The first rung has ``size`` rows when ``stages`` is empty; each later one doubles the last
+    while that interpolates, ``2 * size <= max_size`` and ``2 * size < n``. Each finished stage
+    is written to ``checkpoint`` (if given). ``stop()`` is asked before each stage and inside
+    its fit: True returns the last finished stage's parameters with ``interrupted`` True.
+    """
+    n = X.shape[0]
     while True:
         if stages:  # the ladder goes on while the last rung interpolates
             done = stages[-1]["size"]
@@ -99,27 +127,27 @@ def subset_start(
                 break
             size = 2 * done
         if stop is not None and stop():
-            return _interrupted(params0, params, stages, dtype, seed, t0)
+            return params, True
         fitted, stage = subset_stage(X, y, params, kernel=kernel, size=size, seed=seed,
                                      noise_floor=noise_floor, max_steps=max_steps, stop=stop)
         if stage.get("interrupted"):  # an unfinished stage is not kept
-            return _interrupted(params0, params, stages, dtype, seed, t0)
+            return params, True
         params = fitted
         stages.append(stage)
         if checkpoint is not None:
             save_start(checkpoint, params, {"stages": stages}, fingerprint)
-    size = stages[-1]["size"]
+    return params, False
+
+
+def _finished(stages: list, extra: dict, seed: int, t0: float) -> dict:
+    """Return the info of a finished ladder: the last stage's fit, totals, and ``stages``.
+
+    ``extra`` is what a resumed start's checkpoint held besides its stages (a metric computed
+    before the interruption: the same numbers again).
+    """
     last = stages[-1]
-    if last["interpolating"]:
-        warnings.warn(SubsetStartWarning(
-            f"the exact fit of {size} random rows puts the noise at {last['noise']:.2e}, within "
-            f"{INTERPOLATING_NOISE:g}x its floor ({noise_floor:g}): those rows are interpolated, "
-            f"and K of all {n} rows has a condition number ~ n * outputscale / noise = "
-            f"{n * last['outputscale'] / last['noise']:.0e}, so each CG solve of the full fit "
-            "may run to cg_max_iter. Raise init_subset_max, or set init_subset = 0 to start "
-            "from `init`."), stacklevel=2)
     info = {
-        "size": size, "seed": seed,
+        "size": last["size"], "seed": seed,
         "steps": sum(st["steps"] for st in stages),
         "evaluations": sum(st["evaluations"] for st in stages),
         **{k: last[k] for k in ("loss", "stopped_reason", "noise", "outputscale",
@@ -130,11 +158,19 @@ def subset_start(
     if "metric" in extra:  # computed before the interruption: the same numbers again
         info |= {k: extra[k] for k in ("metric", "hessian_eigenvalues", "evaluations")}
         info["metric"] = tuple(tuple(row) for row in info["metric"])
-    out = Params(*(jnp.asarray(p, dtype) for p in params))
-    if metric:
-        info = subset_metric(X, y, out, info, kernel=kernel, noise_floor=noise_floor,
-                             metric_floor=metric_floor, checkpoint=checkpoint)
-    return out, info
+    return info
+
+
+def _warn_interpolating(last: dict, n: int, noise_floor: float) -> None:
+    """Warn that the last stage interpolates its rows (at the caller of :func:`subset_start`)."""
+    size = last["size"]
+    warnings.warn(SubsetStartWarning(
+        f"the exact fit of {size} random rows puts the noise at {last['noise']:.2e}, within "
+        f"{INTERPOLATING_NOISE:g}x its floor ({noise_floor:g}): those rows are interpolated, "
+        f"and K of all {n} rows has a condition number ~ n * outputscale / noise = "
+        f"{n * last['outputscale'] / last['noise']:.0e}, so each CG solve of the full fit "
+        "may run to cg_max_iter. Raise init_subset_max, or set init_subset = 0 to start "
+        "from `init`."), stacklevel=3)
 
 
 def _start_fingerprint(X, y, params0: Params, **given) -> dict:
@@ -167,8 +203,6 @@ def subset_stage(X, y, params: Params, *, kernel: str, size: int, seed: int,
     final loss, stop reason, noise, output scale, whether it interpolates, seconds), which has
     ``interrupted`` True when ``stop()`` ended the fit before it finished.
     """
-    from .train import fit  # here: train re-exports this module's names
-
     Xs, ys = _subset_rows(X, y, seed, size)
     t = time.perf_counter()
     res = fit(

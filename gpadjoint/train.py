@@ -15,8 +15,10 @@ Units: X, y are already normalised (:mod:`gpadjoint.data`) and in the working dt
 ``-log p(y | theta) / n`` per datum in those units; hyperparameters in the history are
 constrained (lengthscales in standardised input units, output scale and noise as variances).
 
-The names that used to live here (``make_trainer``, ``LBFGS``, ``to_opt``, ``subset_start``,
-``initial_params``, ...) are re-exported, so ``from gpadjoint.train import ...`` keeps working.
+The optimiser names that used to live here (``make_trainer``, ``LBFGS``, ``to_opt``, ...) are
+re-exported, so ``from gpadjoint.train import ...`` keeps working for them. The start's names
+(``subset_start``, ``initial_params``, ...) are imported from :mod:`gpadjoint.start` only: start
+imports :func:`fit` from here, so the graph runs one way (start -> train).
 """
 
 from __future__ import annotations
@@ -60,19 +62,6 @@ from .solve import CGConvergenceWarning
 from .stops import EarlyStopping
 
 logger = logging.getLogger("gpadjoint")
-
-# start.py imports fit from here, so its names are re-exported lazily (no import cycle)
-_FROM_START = ("INTERPOLATING_NOISE", "SubsetStartWarning", "initial_params", "subset_metric",
-               "subset_start")
-
-
-def __getattr__(name):
-    if name in _FROM_START:
-        from . import start
-
-        return getattr(start, name)
-    raise AttributeError(f"module 'gpadjoint.train' has no attribute {name!r}")
-
 
 class FitResult(NamedTuple):
     """Outcome of :func:`fit`.
@@ -178,6 +167,23 @@ def fit(
                    early_stopping=early_stopping, checkpoint_path=checkpoint_path,
                    checkpoint_every=checkpoint_every, resume=resume, warm_start=warm_start,
                    settings=settings, converge_tol=converge_tol)
+    return _execute(run, epochs, progress, log_every, checkpoint_path, checkpoint_every,
+                    checkpoint_seconds, callback, stop)
+
+
+class _Run(NamedTuple):
+    trainer: Trainer
+    state: TrainState
+    history: list
+    rules: list
+    mll_config: MLLConfig
+    info: dict
+    summary: str
+
+
+def _execute(run: _Run, epochs, progress, log_every, checkpoint_path, checkpoint_every,
+             checkpoint_seconds, callback, stop) -> FitResult:
+    """Run the loop of :func:`fit` on a prepared run: progress, checkpoints, stop request."""
     bar = _Progress(epochs, progress, log_every)
     bar.note(run.summary)
     ckpt = _Checkpoints(checkpoint_path, checkpoint_every, run.info["fingerprint"],
@@ -191,16 +197,6 @@ def fit(
     run.info["stop_requested"] = asked.yes
     ckpt.final(state, run.history, stopped_reason)
     return FitResult(state.params, run.history, stopped_reason, state, run.info)
-
-
-class _Run(NamedTuple):
-    trainer: Trainer
-    state: TrainState
-    history: list
-    rules: list
-    mll_config: MLLConfig
-    info: dict
-    summary: str
 
 
 def _prepare(X, y, *, kernel, backend, mll_config, optimizer, epochs, params0, seed,

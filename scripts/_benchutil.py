@@ -173,7 +173,7 @@ def initial_raw(d: int, seed: int) -> dict:
     """Return the paper's raw N(0, 1) start for ``seed`` as plain floats (for any framework)."""
     import jax.numpy as jnp
 
-    from gpadjoint.train import initial_params
+    from gpadjoint.start import initial_params
 
     p = initial_params("normal", d, jnp.float32, seed)
     return {

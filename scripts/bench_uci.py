@@ -21,7 +21,7 @@ evaluations, passes and CG iterations per evaluation).
 Both methods see the same official split and preprocessing (inputs z-scored with training
 statistics, targets centred, not scaled), the same model (constant mean, output scale x
 Matern-3/2 ARD, noise > 1e-4, softplus), the same initial raw values (N(0, 1) drawn by
-``gpadjoint.train.initial_params("normal", d, float32, seed)``), Adam at lr 0.05 and the same
+``gpadjoint.start.initial_params("normal", d, float32, seed)``), Adam at lr 0.05 and the same
 number of epochs, in float32.
 
 * gpadjoint-paper: ``gpadjoint fit --config configs/paper.toml --backend B`` (SLQ depth 10, 10

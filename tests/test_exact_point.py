@@ -7,7 +7,7 @@ import pytest
 from gpadjoint.data import from_arrays
 from gpadjoint.kernels import NOISE_FLOOR, constrain, init_params, unconstrain
 from gpadjoint.mll import neg_mll_exact
-from gpadjoint.train import subset_start
+from gpadjoint.start import subset_start
 
 
 @pytest.fixture(scope="module")

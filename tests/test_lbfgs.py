@@ -146,7 +146,8 @@ def _exact_loss_in_log_coords(X, y, like):
 
 
 def test_subset_metric_whitens_the_subset_hessian(data64):
-    from gpadjoint.train import _flat, subset_start, to_opt
+    from gpadjoint.start import subset_start
+    from gpadjoint.train import _flat, to_opt
 
     X, y = data64
     p0 = init_params(D, jnp.float64)
@@ -160,7 +161,7 @@ def test_subset_metric_whitens_the_subset_hessian(data64):
     # M^T H M = I: L-BFGS's first step in the metric's coordinates is the Newton step
     np.testing.assert_allclose(M.T @ H @ M, np.eye(D + 3), atol=2e-3)
     # computed later from the fit's info alone (the model does so only when it fits all n)
-    from gpadjoint.train import subset_metric
+    from gpadjoint.start import subset_metric
 
     p2, bare = subset_start(X, y, p0, kernel="matern32", size=150, seed=0, noise_floor=1e-4,
                             metric=False)
@@ -208,7 +209,7 @@ def test_metric_of_the_wrong_size_is_refused(data64):
 def test_subset_start_flags_an_interpolating_fit():
     import warnings
 
-    from gpadjoint.train import SubsetStartWarning, subset_start
+    from gpadjoint.start import SubsetStartWarning, subset_start
 
     rng = np.random.default_rng(5)
     X = rng.uniform(-1, 1, (400, 2))
@@ -235,7 +236,7 @@ def _interpolating_data(noise_sd=0.0, n=400):
     return X, y
 
 
-@pytest.mark.filterwarnings("ignore::gpadjoint.train.SubsetStartWarning")
+@pytest.mark.filterwarnings("ignore::gpadjoint.start.SubsetStartWarning")
 def test_full_fit_auto_keeps_an_interpolating_subset_start_and_says_why():
     from gpadjoint import GPRegressor
     from gpadjoint.kernels import constrain
@@ -281,7 +282,7 @@ def test_full_fit_never_keeps_the_subset_and_needs_one():
 def test_subset_start_doubles_nested_rows_while_the_fit_interpolates():
     import warnings
 
-    from gpadjoint.train import SubsetStartWarning, subset_start
+    from gpadjoint.start import SubsetStartWarning, subset_start
 
     X, y = _interpolating_data()
     p0 = init_params(2, jnp.float64)

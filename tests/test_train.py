@@ -17,13 +17,13 @@ from _util import problem
 from gpadjoint.kernels import Params, constrain, init_params
 from gpadjoint.matvec import make_backend
 from gpadjoint.mll import MLLConfig, neg_mll_exact
+from gpadjoint.start import initial_params
 from gpadjoint.train import (
     LBFGS,
     CGConvergenceWarning,
     EarlyStopping,
     FitResult,
     fit,
-    initial_params,
     load_checkpoint,
     make_trainer,
 )
