@@ -44,7 +44,7 @@ import gpadjoint._io as gio
 import gpadjoint.checkpoint as gckpt
 import gpadjoint.cli as gcli
 import gpadjoint.datasets as DS
-import gpadjoint.model as gmodel
+import gpadjoint.persist as gpersist
 from gpadjoint.cli import main as cli_main
 from gpadjoint.model import GPRegressor
 
@@ -321,7 +321,7 @@ FAULTS = [
           _record_json_on_stderr, checkpoint="advanced"),
     Fault("a file-size limit while saving the model", "gpadjoint fit --save-model",
           "EFBIG in the writer",
-          lambda c: (fail_writes(c, gmodel, errno.EFBIG),
+          lambda c: (fail_writes(c, gpersist, errno.EFBIG),
                      cli(*c.fit("--resume", "--save-model", c.tmp / "m.gp")))[1],
           FAILED, lambda c: c.tmp / "m.gp", "file too large.*run record .*--resume",
           _record_kept, checkpoint="advanced"),
