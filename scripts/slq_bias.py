@@ -105,23 +105,32 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(rc.mll, noise_floor=rc.model.noise_floor, estimator="slq")
     Xn, yn, y_std = scaled_data(args.dataset, args.split)
     p, source = point(args, y_std, cfg.noise_floor)
-    t = time.perf_counter()
-    loss, grad = make_value_and_grad(Xn, yn, kernel=rc.model.kernel,
-                                     noise_floor=cfg.noise_floor)(flatten(p))
-    g_exact = opt_gradient(p, unflatten(grad))
-    out = {"dataset": args.dataset, "split": args.split, "n": int(Xn.shape[0]), "point": source,
-           "note": args.note, "raw_params": [np.asarray(a).tolist() for a in p],
-           "units": "z-scored inputs, targets scaled to unit variance (the default's)",
-           "exact": {"loss": float(loss), "grad_opt": g_exact,
-                     "seconds": round(time.perf_counter() - t, 2)},
-           "rows": [], "commit": bu.git_commit(), "machine": bu.machine(),
-           "versions": bu.versions(), "load_before": bu.load_avg()}
     path = args.out_dir / f"{args.dataset}-split{args.split}.json"
+    raw = [np.asarray(a).tolist() for a in p]
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old is not None and old.get("raw_params") == raw:  # the same point: add to its rows
+        out, g_exact = old, old["exact"]["grad_opt"]
+    else:
+        t = time.perf_counter()
+        loss, grad = make_value_and_grad(Xn, yn, kernel=rc.model.kernel,
+                                         noise_floor=cfg.noise_floor)(flatten(p))
+        g_exact = opt_gradient(p, unflatten(grad))
+        out = {"dataset": args.dataset, "split": args.split, "n": int(Xn.shape[0]),
+               "point": source, "note": args.note, "raw_params": raw,
+               "units": "z-scored inputs, targets scaled to unit variance (the default's)",
+               "exact": {"loss": float(loss), "grad_opt": g_exact,
+                         "seconds": round(time.perf_counter() - t, 2)},
+               "rows": [], "commit": bu.git_commit(), "machine": bu.machine(),
+               "versions": bu.versions(), "load_before": bu.load_avg()}
+    done = {(r["depth"], r["rank"]) for r in out["rows"]}
     Xj, yj = jnp.asarray(Xn), jnp.asarray(yn)
     for item in args.grid:
         depth, rank = (int(v) for v in item.split(","))
+        if (depth, rank) in done:
+            continue
         row = slq_row(p, Xj, yj, cfg, depth, rank, rc.train.random_state)
         row["bias"] = row["loss"] - out["exact"]["loss"]
+        row["commit"] = bu.git_commit()
         row["grad_error"] = float(np.linalg.norm(np.subtract(row["grad_opt"], g_exact)))
         out["rows"].append(row)
         print(f"depth {depth:4d} rank {rank:5d}: bias {row['bias']:+.2e} depth_change "
