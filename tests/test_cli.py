@@ -104,6 +104,7 @@ def test_out_may_name_a_directory(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::gpadjoint.start.SubsetStartWarning")
+@pytest.mark.slow
 def test_fit_that_keeps_the_subset_start_completes_its_record(tmp_path, capsys):
     # noise-free targets: the subset fit interpolates and full_fit = "auto" keeps it
     rng = np.random.default_rng(5)

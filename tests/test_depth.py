@@ -83,6 +83,7 @@ def test_zero_tolerance_keeps_the_depth(data64):
     assert not any(r["deepened"] for r in res.history)
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_at_the_reached_depth(data64, tmp_path):
     X, y = data64
     kw = dict(backend=DENSE, mll_config=CFG, optimizer=LBFGS(gtol=1e-9, rtol=0.0),

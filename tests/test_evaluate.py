@@ -58,6 +58,7 @@ def test_slq_agrees_with_cholesky_within_its_standard_error(precond_rank):
     assert slq["loss_depth_change"] < slq["loss_se"]
 
 
+@pytest.mark.slow
 def test_slq_preconditioner_converges_sooner_and_probe_blocks_do_not_matter():
     X, y, hp = _problem(n=500, seed=2)
     chol = evaluate.exact_loss(X, y, kernel="matern32", method="cholesky", **hp)["loss"]

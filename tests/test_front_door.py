@@ -84,6 +84,7 @@ def test_cli_config_file_and_keywords_agree_on_yacht(tmp_path):
     _same(rec0["hyperparameters"], GPRegressor(epochs=4).fit(X, y).hyperparameters_)
 
 
+@pytest.mark.slow
 def test_cli_config_file_and_keywords_agree_on_an_elevators_subset(tmp_path):
     s = gdatasets.load_dataset("elevators", 0)
     Xa, ya = s.unscale_X(s.X_train[:300]), s.unscale_y(s.y_train[:300])

@@ -118,6 +118,7 @@ def test_fused_gradient_matches_finite_differences():
         assert abs(float(getattr(g, leaf_name)) - float(fd)) <= 1e-5 * max(1.0, abs(float(fd)))
 
 
+@pytest.mark.keops
 def test_passes_reported_by_neg_mll_count_real_keops_calls():
     # the pass count in aux is what the KeOps host callbacks actually executed
     from gpadjoint import keops_bridge as kb

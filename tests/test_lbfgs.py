@@ -237,6 +237,7 @@ def _interpolating_data(noise_sd=0.0, n=400):
 
 
 @pytest.mark.filterwarnings("ignore::gpadjoint.start.SubsetStartWarning")
+@pytest.mark.slow
 def test_full_fit_auto_keeps_an_interpolating_subset_start_and_says_why():
     from gpadjoint import GPRegressor
     from gpadjoint.kernels import constrain
