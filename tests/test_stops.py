@@ -42,8 +42,10 @@ def test_predicted_decrease_stop_ends_near_the_known_minimum():
     X, y, _ = problem(n=N, d=D, seed=4, dtype=jnp.float64)
     best = _minimum(X, y)
     ptol = 1e-4
+    # the rule reads the model only in a metric (here a plain rescaling of the coordinates)
+    metric = tuple(map(tuple, 0.5 * np.eye(D + 3)))
     res = fit(X, y, backend=DENSE, mll_config=EXACT, epochs=300, seed=0, progress=False,
-              optimizer=LBFGS(ptol=ptol, gtol=0.0, rtol=0.0))
+              optimizer=LBFGS(ptol=ptol, gtol=0.0, rtol=0.0, metric=metric))
     assert "predicts a decrease" in res.stopped_reason, res.stopped_reason
     gap = res.history[-1]["new_loss"] - best
     assert -1e-9 <= gap <= 3 * ptol, gap
@@ -51,6 +53,14 @@ def test_predicted_decrease_stop_ends_near_the_known_minimum():
                 optimizer=LBFGS(gtol=1e-8, rtol=0.0))
     assert len(res.history) < len(tight.history)
     assert tight.history[-1]["new_loss"] - best <= gap + 1e-9
+
+
+def test_no_prediction_without_a_metric():
+    """Without a Hessian metric the records carry no prediction, so the rule never fires."""
+    X, y, _ = problem(n=N, d=D, seed=4, dtype=jnp.float64)
+    res = fit(X, y, backend=DENSE, mll_config=EXACT, epochs=5, seed=0, progress=False,
+              optimizer=LBFGS(ptol=1.0, gtol=0.0, rtol=0.0))
+    assert len(res.history) == 5 and "predicted_decrease" not in res.history[-1]
 
 
 def test_rule_counts_consecutive_small_predictions_and_replays():
