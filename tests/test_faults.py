@@ -509,6 +509,8 @@ estimator = "slq"          # n = 270 would take the exact estimator: the rows wa
 num_probes = 4
 lanczos_depth = 10
 precond_rank = 30
+[optim]
+lbfgs_ptol = 0.0           # the rows need several steps: no stop on the predicted decrease
 [train]
 epochs = {epochs}
 random_state = 3
