@@ -78,7 +78,7 @@ def test_rerun_skips_finished_records_and_table_is_built(records, tmp_path):
     assert "| yacht | gpadjoint-paper | dense | 2 | 0 |" in table
     assert "| yacht | gpytorch | dense | 2 | 0 |" in table
     assert "Like-for-like" in table
-    assert (tmp_path / "figures" / "loss_yacht.png").stat().st_size > 1000
+    assert (tmp_path / "figures" / "race_yacht.png").stat().st_size > 1000
     rows = (tmp_path / "table.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("dataset,method,backend")
 
@@ -132,7 +132,7 @@ def test_blocked_backend_is_paired_with_gpytorch_keops(records, tmp_path):
     assert int(rows["blocked"]["passes_min_design"]) == 21  # no build of K on the fly
     _run("scripts/make_table.py", "--records", out, "--out", tmp_path)
     table = (tmp_path / "table.md").read_text()
-    assert "yacht, blocked, 2 epochs, gpadjoint vs GPyTorch keops" in table
+    assert "yacht, blocked, 2 epochs, gpadjoint-paper vs GPyTorch keops" in table
 
 
 def test_a_crash_in_prediction_keeps_the_fit_and_scores_it(records, tmp_path):
