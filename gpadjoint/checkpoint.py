@@ -83,18 +83,23 @@ def save_checkpoint(path, state: NamedTuple, history: list[dict], fingerprint: d
 _FIX = ("delete it (or pass another checkpoint path) and start afresh without resuming")
 
 
-def _read(path: Path) -> dict:
-    """All arrays of a checkpoint file, after checking it is one (else ReadError)."""
+def _open(path: Path, fmt: str, kind: str, fix: str) -> dict:
+    """Return the arrays of a file we wrote as ``kind``, its format tag checked (else ReadError)."""
     if not path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {path}")
+        raise FileNotFoundError(f"resume: no {kind} at {path}")
     try:
         data = read_npz(path)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ReadError(f"{path} is not a readable gpadjoint checkpoint (damaged, or another "
-                        f"kind of file: {e}); {_FIX}") from None
-    if "format" not in data or str(data["format"]) != CHECKPOINT_FORMAT:
-        raise ReadError(f"{path} is not a {CHECKPOINT_FORMAT} file (no such format tag); "
-                        f"{_FIX}")
+        raise ReadError(f"{path} is not a readable gpadjoint {kind} (damaged, or another "
+                        f"kind of file: {e}); {fix}") from None
+    if "format" not in data or str(data["format"]) != fmt:
+        raise ReadError(f"{path} is not a {fmt} file (no such format tag); {fix}")
+    return data
+
+
+def _read(path: Path) -> dict:
+    """All arrays of a checkpoint file, after checking it is one (else ReadError)."""
+    data = _open(path, CHECKPOINT_FORMAT, "checkpoint", _FIX)
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ReadError(f"{path} lacks the checkpoint entries {', '.join(missing)}; {_FIX}")
@@ -224,16 +229,7 @@ _START_FIX = ("delete it (and the run's checkpoint beside it) and start afresh w
 def read_start(path) -> tuple[list[np.ndarray], dict, dict]:
     """Return ``(params leaves, info, fingerprint)`` of a start file (ReadError if damaged)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume: no subset start checkpoint at {path}")
-    try:
-        data = read_npz(path)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ReadError(f"{path} is not a readable gpadjoint subset start checkpoint (damaged, "
-                        f"or another kind of file: {e}); {_START_FIX}") from None
-    if "format" not in data or str(data["format"]) != START_FORMAT:
-        raise ReadError(f"{path} is not a {START_FORMAT} file (no such format tag); "
-                        f"{_START_FIX}")
+    data = _open(path, START_FORMAT, "subset start checkpoint", _START_FIX)
     try:
         info, fp = json.loads(str(data["info"])), json.loads(str(data["fingerprint"]))
         leaves = [data[f"params_{i}"]
