@@ -18,8 +18,6 @@ KEY = jax.random.PRNGKey(0)
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="hangs (0% CPU, futex wait) since this session's merges at "
-                  "depth = n = 200 with 200 unit probes; to be found before it runs again")
 @pytest.mark.parametrize("kernel", ["rbf", "matern32"])
 def test_unit_probes_at_full_depth_are_exact(kernel):
     # n unit probes at depth n store n^3 Lanczos numbers (and cost n^4 flops): n = 200 keeps that
