@@ -102,11 +102,16 @@ def slq_logdet(mv: Callable, probes: jax.Array, *args, depth: int, lower: float 
 
 def slq_from_tridiag(tri, lower) -> jax.Array:
     """(1/p) sum_i |z_i|^2 e_1^T log(T_i) e_1 from the :class:`~gpadjoint.lanczos.Tridiag`."""
+    return jnp.mean(slq_terms(tri, lower))
+
+
+def slq_terms(tri, lower) -> jax.Array:
+    """(p,) the probes' terms |z_i|^2 e_1^T log(T_i) e_1 of :func:`slq_from_tridiag`."""
     lower = jnp.asarray(lower, tri.alpha.dtype)
     per_probe = jax.vmap(lambda a, b: masked_quadform(a, b, lower, logdet_quadform))(
         tri.alpha, tri.beta
     )
-    return jnp.mean(tri.norm**2 * per_probe)
+    return tri.norm**2 * per_probe
 
 
 def preconditioned_slq_logdet(

@@ -20,18 +20,19 @@ size outside the trainer (evaluation, prediction, the reference fit).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from .exact import neg_mll_from_terms
 from .fused import slq_and_solve
 from .kernels import NOISE_FLOOR, Params, constrain, cross_cov, dense_cov
-from .logdet import half_inverse_factors, rademacher, slq_from_tridiag
+from .logdet import half_inverse_factors, rademacher, slq_from_tridiag, slq_terms
 from .matvec import Backend
 from .settings import ESTIMATORS, EXACT_MAX_N, MLLConfig  # noqa: F401 (re-exported)
-from .solve import make_preconditioner, pivoted_cholesky
+from .solve import Preconditioner, make_preconditioner, pivoted_cholesky
 
 DEFAULT_MLL_CONFIG = MLLConfig()
 
@@ -59,6 +60,7 @@ def neg_mll(
     probes: jax.Array | None = None,
     x0: jax.Array | None = None,
     precond_params: Params | None = None,
+    precond: PrecondFactors | None = None,
 ):
     """-log p(y | theta) / n (per datum, 2 pi constant included), estimated by SLQ + PCG.
 
@@ -78,7 +80,11 @@ def neg_mll(
             receives a gradient; held fixed over several evaluations it makes the estimate a
             smooth function of ``params`` whose gradient is exactly the one computed (rebuilt
             at every ``params``, its pivots and values move with ``params`` but no gradient
-            says so). The L-BFGS trainer uses this.
+            says so).
+        precond: the factors :func:`precond_factors` built (at ``precond_params``), used as
+            they are instead of being rebuilt here: the L-BFGS trainer builds them once per
+            anchor, not once per evaluation (at rank 1000 they cost more than the rest of an
+            evaluation).
 
     Returns:
         (value, aux) with aux a dict of diagnostics: ``logdet``, ``quad`` (y^T K^-1 y),
@@ -101,22 +107,56 @@ def neg_mll(
     if probes is None:
         probes = rademacher(key, X.shape[0], config.num_probes, X.dtype)
     h0 = hypers if precond_params is None else constrain(precond_params, config.noise_floor)
-    return _neg_mll_slq(hypers, params.mean, X, y, probes, x0, h0, backend=backend,
+    if precond is None:
+        precond = precond_factors(X, backend.kernel, h0, config)
+    return _neg_mll_slq(hypers, params.mean, X, y, probes, x0, precond, backend=backend,
                         config=config)
 
 
-def _neg_mll_slq(hypers, mean, X, y, probes, x0, h0, *, backend: Backend, config: MLLConfig):
+class PrecondFactors(NamedTuple):
+    """The preconditioner P = L L^T + noise0 I built at one set of parameters, with no gradient.
+
+    ``precond``: the CG preconditioner (None at rank 0); ``half``, ``logdet_P``, ``lower``: the
+    log-det split's factors of P^{-1/2}, log det P and the Ritz-value clamp for K >= noise0 I
+    (None, 0 and None without ``precond_logdet``); ``noise``: noise0.
+    """
+
+    precond: Preconditioner | None
+    half: tuple | None
+    logdet_P: jax.Array
+    lower: jax.Array | None
+    noise: jax.Array
+
+
+def precond_factors(X, kernel: str, h0, config: MLLConfig) -> PrecondFactors:
+    """Build :class:`PrecondFactors` at constrained parameters ``h0`` (rank ``precond_rank``)."""
+    h0 = jax.tree.map(lax.stop_gradient, h0)
+    n = X.shape[0]
+    precond = half = lower = None
+    logdet_P = jnp.zeros((), X.dtype)
+    if config.precond_rank > 0:
+        L = pivoted_cholesky(
+            lambda i: cross_cov(kernel, lax.dynamic_slice_in_dim(X, i, 1), X, h0)[0],
+            jnp.full((n,), h0.outputscale, X.dtype),
+            min(config.precond_rank, n),
+        )
+        precond = make_preconditioner(L, h0.noise)
+        if config.precond_logdet:
+            half, logdet_P, lower = half_inverse_factors(L, h0.noise, X.dtype)
+    return PrecondFactors(precond, half, logdet_P, lower, h0.noise)
+
+
+def _neg_mll_slq(hypers, mean, X, y, probes, x0, factors: PrecondFactors, *, backend: Backend,
+                 config: MLLConfig):
     """Estimate :func:`neg_mll` by SLQ + PCG at constrained ``hypers``; -> (value, aux).
 
-    ``h0``: the constrained parameters the preconditioner is built at (no gradient flows
-    through it).
+    ``factors``: the preconditioner, built elsewhere (no gradient flows through it).
     """
     n = X.shape[0]
     mv, args = backend.operator(X, hypers)
     depth = min(config.lanczos_depth, n)
     h_cur = jax.tree.map(lax.stop_gradient, hypers)
-    precond, half, logdet_P, lower = _preconditioner(
-        X, backend.kernel, h_cur, jax.tree.map(lax.stop_gradient, h0), config)
+    precond, half, logdet_P, lower = _preconditioner(h_cur, factors)
     # One pass per step serves every probe's Lanczos process and the CG solve (gpadjoint.fused).
     tri, quad, alpha, info, passes = slq_and_solve(
         mv,
@@ -131,11 +171,11 @@ def _neg_mll_slq(hypers, mean, X, y, probes, x0, h0, *, backend: Backend, config
         x0=x0,
         half=half,
     )
-    slq = slq_from_tridiag(tri, lower)
+    slq, change = _slq_and_depth_change(tri, lower, n)
     logdet = logdet_P + slq
     value = neg_mll_from_terms(quad, logdet, n)
     aux = {
-        "depth_change": _depth_change(tri, lower, slq, n),
+        "depth_change": change,
         "logdet": lax.stop_gradient(logdet),
         "quad": lax.stop_gradient(quad),
         "cg_iterations": info.iterations,
@@ -148,72 +188,47 @@ def _neg_mll_slq(hypers, mean, X, y, probes, x0, h0, *, backend: Backend, config
     return value, aux
 
 
-def _preconditioner(X, kernel: str, h_cur, h0, config: MLLConfig):
-    """Return (precond, half, logdet_P, lower): the CG preconditioner built at ``h0``.
+def _preconditioner(h_cur, f: PrecondFactors):
+    """Return (precond, half, logdet_P, lower) of ``f`` for the current parameters ``h_cur``.
 
-    ``half`` and ``logdet_P`` split the log det when ``config.precond_logdet`` (else None and
-    0); ``lower`` is the lower bound on K's Ritz values the quadrature clamps at.
+    ``lower`` is the lower bound on K's Ritz values the quadrature clamps at: with the log-det
+    split the bound of P's factors, scaled when the noise is now below P's (K >= noise I);
+    without it half the noise (round-off, in float32, can push Ritz values below it).
     """
-    n = X.shape[0]
-    precond = L = None
-    if config.precond_rank > 0:
-        rank = min(config.precond_rank, n)
-        L = pivoted_cholesky(
-            lambda i: cross_cov(kernel, lax.dynamic_slice_in_dim(X, i, 1), X, h0)[0],
-            jnp.full((n,), h0.outputscale, X.dtype),
-            rank,
-        )
-        precond = make_preconditioner(L, h0.noise)
-    if config.precond_logdet and L is not None:
-        half, logdet_P, lower = half_inverse_factors(L, h0.noise, X.dtype)
-        # the bound assumes K >= (P's shift) I; with P from other parameters K >= noise I
-        lower = lower * jnp.minimum(1.0, h_cur.noise / h0.noise)
-    else:
-        # Ritz values of K can never be below sigma2; round-off (float32) can push them there.
-        half, logdet_P, lower = None, 0.0, 0.5 * h_cur.noise
-    return precond, half, logdet_P, lower
+    if f.half is None:
+        return f.precond, None, f.logdet_P, 0.5 * h_cur.noise
+    return f.precond, f.half, f.logdet_P, f.lower * jnp.minimum(1.0, h_cur.noise / f.noise)
 
 
-def _depth_change(tri, lower, slq, n: int) -> jax.Array:
-    """How far the SLQ log det still moved over the second half of the Lanczos steps, per datum.
+def _slq_and_depth_change(tri, lower, n: int):
+    """(SLQ log det, ``depth_change``) from the tridiagonals of depth k.
 
-    0.5 |Q_k - Q_{k/2}| / n (the loss's units) between the quadratures of the full depth k and of
-    the leading k/2 steps of the same tridiagonals. Gauss quadrature of log converges
-    geometrically in the depth, so the error left at depth k is far below this change, while
-    an unconverged quadrature overestimates log det by an amount that grows as the noise (the
-    spectrum's lower end) falls: a fit at too small a depth drifts to too much noise. The
-    L-BFGS trainer deepens the Lanczos iteration while this exceeds ``MLLConfig.depth_tol``.
+    ``depth_change``: how far the quadrature still moved over the second half of the Lanczos
+    steps, per datum: 0.5 |Q_k - Q_{k/2}| / n (the loss's units) between the quadratures of the
+    full depth k and of the leading k/2 steps of the same tridiagonals. Gauss quadrature of log
+    converges geometrically in the depth, so the error left at depth k is far below this
+    change, while an unconverged quadrature overestimates log det by an amount that grows as
+    the noise (the spectrum's lower end) falls: a fit at too small a depth drifts to too much
+    noise. The L-BFGS trainer deepens the Lanczos iteration while this exceeds
+    ``MLLConfig.depth_tol``.
+
+    Both quadratures come from one batched eigendecomposition: the leading k/2 steps are the
+    same tridiagonals with a breakdown declared after step k/2 (the rest decouples as the
+    identity, log 1 = 0). A second eigendecomposition in the value-and-gradient program made
+    the full-depth backward pass of unit probes run without end (n = 70 every time).
     """
     k = tri.alpha.shape[1]
     if k < 2:
-        return jnp.asarray(jnp.inf, tri.alpha.dtype)
-    h = k // 2
-    # a diagnostic: no gradient flows through it (none is wanted, and differentiating the
-    # half-depth quadrature made the full-depth backward pass of unit probes run without end)
-    tri, lower, slq = jax.tree.map(lax.stop_gradient, (tri, lower, slq))
-    half = tri._replace(alpha=tri.alpha[:, :h], beta=tri.beta[:, :h])
-    short = jax.pure_callback(_host_slq, jax.ShapeDtypeStruct((), slq.dtype), half, lower,
-                              vmap_method="sequential")
-    return 0.5 * jnp.abs(slq - short) / n
-
-
-def _host_slq(tri, lower):
-    """:func:`slq_from_tridiag` in NumPy (for the diagnostic, outside the compiled program)."""
-    alpha, beta, norm = (np.asarray(a, np.float64) for a in (tri.alpha, tri.beta, tri.norm))
-    k = alpha.shape[1]
-    alive = np.cumsum(beta == 0, axis=1)
-    alive = np.concatenate([np.zeros_like(alive[:, :1]), alive[:, :-1]], axis=1) == 0
-    a = np.where(alive, alpha, 1.0)
-    b = np.where(alive[:, 1:], beta[:, :-1], 0.0)
-    T = np.zeros((alpha.shape[0], k, k))
-    idx = np.arange(k)
-    T[:, idx, idx] = a
-    T[:, idx[:-1], idx[1:]] = b
-    T[:, idx[1:], idx[:-1]] = b
-    lam, V = np.linalg.eigh(T)
-    lam = np.maximum(lam, float(lower))
-    per_probe = np.sum(V[:, 0, :] ** 2 * np.log(lam), axis=1)
-    return np.asarray(np.mean(norm ** 2 * per_probe), tri.alpha.dtype)
+        return slq_from_tridiag(tri, lower), jnp.asarray(jnp.inf, tri.alpha.dtype)
+    p = tri.alpha.shape[0]
+    h = jax.tree.map(lax.stop_gradient, tri)
+    cut = jnp.where(jnp.arange(k) >= k // 2 - 1, 0.0, h.beta)  # "breakdown" after k/2 steps
+    both = tri._replace(alpha=jnp.concatenate([tri.alpha, h.alpha]),
+                        beta=jnp.concatenate([tri.beta, cut]),
+                        norm=jnp.concatenate([tri.norm, h.norm]))
+    terms = slq_terms(both, lower)
+    slq, short = jnp.mean(terms[:p]), jnp.mean(terms[p:])
+    return slq, lax.stop_gradient(0.5 * jnp.abs(slq - short) / n)
 
 
 @jax.custom_vjp

@@ -34,7 +34,7 @@ from . import lbfgs as host
 from .config import OptimConfig
 from .kernels import Params, constrain
 from .matvec import Backend
-from .mll import MLLConfig, neg_mll
+from .mll import MLLConfig, neg_mll, precond_factors
 from .stops import Converged, EarlyStopping, Plateau, PredictedDecrease
 
 _DEFAULT_MLL = MLLConfig()
@@ -430,6 +430,10 @@ class _Evaluator:
         # deepening applies to SLQ only, up to max_lanczos_depth (and n)
         slq = cfg.estimator == "slq"  # resolved by the plan (gpadjoint.plan)
         self.max_depth = min(max(cfg.max_lanczos_depth, self.depth), n) if slq else self.depth
+        # the preconditioner of an anchor, built once and reused by every evaluation there
+        self.anchored = slq and cfg.precond_rank > 0
+        self._factors: tuple | None = None  # (anchor's bytes, its PrecondFactors)
+        self._build = jax.jit(lambda X, h0: precond_factors(X, backend.kernel, h0, cfg))
 
     def set_depth(self, depth: int) -> None:
         """Evaluate with this Lanczos depth from now on (compiled once per depth)."""
@@ -441,18 +445,31 @@ class _Evaluator:
         tol = self.cfg.depth_tol
         return tol > 0 and self.depth < self.max_depth and not change <= tol
 
+    def factors(self, anchor: Params):
+        """The :class:`~gpadjoint.mll.PrecondFactors` built at ``anchor`` (cached for the last)."""
+        tag = b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(anchor))
+        if self._factors is None or self._factors[0] != tag:
+            self._factors = None  # free the old factors before the new ones are built
+            h0 = constrain(anchor, self.cfg.noise_floor)
+            self._factors = (tag, jax.block_until_ready(self._build(self.X, h0)))
+            self.counts["precond_builds"] = self.counts.get("precond_builds", 0) + 1
+        return self._factors[1]
+
     def _evaluate(self, params, key, x0, anchor, X, y):
         self.traces += 1  # runs only while tracing
+        # anchored: ``anchor`` is the PrecondFactors built there (see ``executable``)
+        pre = dict(precond=anchor) if self.anchored else dict(precond_params=anchor)
 
         def loss(p):
-            return neg_mll(p, X, y, key, backend=self.backend, config=self.cfg, x0=x0,
-                           precond_params=anchor)
+            return neg_mll(p, X, y, key, backend=self.backend, config=self.cfg, x0=x0, **pre)
 
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
         keep = ("cg_iterations", "cg_residual", "passes", "alpha", "depth_change")
         return value, grads, {k: aux[k] for k in keep}
 
     def executable(self, params, key, x0, anchor):
+        if self.anchored:
+            anchor = self.factors(anchor)
         args = (params, key, x0, anchor, self.X, self.y)
         sig = (_signature(args), self.depth)
         if sig not in self.compiled:
@@ -460,7 +477,8 @@ class _Evaluator:
         return self.compiled[sig], args
 
     def start(self):
-        self.counts = {"evaluations": 0, "cg_iterations": 0, "passes": 0, "cg_residual": 0.0}
+        self.counts = {"evaluations": 0, "cg_iterations": 0, "passes": 0, "cg_residual": 0.0,
+                       "precond_builds": 0}
 
     def run(self, p, key, x0, anchor):
         """-> (value, grad, finite, solved, x0 for the next evaluation), all on the host."""

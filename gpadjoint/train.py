@@ -387,12 +387,14 @@ def _check_data(X, y):
 
 
 _LBFGS_KEYS = ("evaluations", "step_size", "new_loss", "new_grad_norm", "refreshed",
-               "deepened", "lanczos_depth", "depth_change", "predicted_decrease")
+               "deepened", "lanczos_depth", "depth_change", "predicted_decrease",
+               "precond_builds")
 
 
 def _record(epoch: int, m: dict, seconds: float, cfg: MLLConfig) -> dict:
     res = float(m["cg_residual"])
-    kinds = {"evaluations": int, "refreshed": bool, "deepened": bool, "lanczos_depth": int}
+    kinds = {"evaluations": int, "refreshed": bool, "deepened": bool, "lanczos_depth": int,
+             "precond_builds": int}
     extra = {k: kinds.get(k, float)(m[k]) for k in _LBFGS_KEYS if k in m}
     return {
         "epoch": epoch,

@@ -15,9 +15,9 @@ from jax.flatten_util import ravel_pytree
 from scipy.optimize import minimize
 
 from gpadjoint.config import OptimConfig
-from gpadjoint.kernels import init_params
+from gpadjoint.kernels import constrain, init_params
 from gpadjoint.matvec import make_backend
-from gpadjoint.mll import MLLConfig, neg_mll
+from gpadjoint.mll import MLLConfig, neg_mll, precond_factors
 from gpadjoint.optimizers import make_optimizer, resolve_optimizer
 from gpadjoint.train import LBFGS, fit, load_checkpoint
 
@@ -84,6 +84,28 @@ def test_every_evaluation_is_reused_and_counted(data64):
     assert all(r["evaluations"] >= 1 and r["cg_iterations"] >= r["evaluations"] for r in h)
     assert all(r["passes"] >= r["evaluations"] * CFG.lanczos_depth for r in h)
     assert all(r["step_size"] > 0 and r["cg_converged"] for r in h)
+    # the preconditioner is built once per anchor: at each refresh, and at the first step
+    # (or before it, when the trainer compiled its evaluation)
+    assert [r["precond_builds"] for r in h[1:]] == [int(r["refreshed"]) for r in h[1:]]
+    assert h[0]["precond_builds"] <= 1
+    assert any(r["refreshed"] for r in h[1:])  # so the refresh branch was exercised
+
+
+def test_factors_built_once_give_the_objective_rebuilt_at_every_call(data64):
+    # neg_mll(precond=precond_factors(anchor)) is neg_mll(precond_params=anchor): same value
+    # and gradient, not just close (the trainer's objective must not depend on the cache)
+    X, y = data64
+    p = init_params(D, jnp.float64)
+    anchor = jax.tree.map(lambda a: a + 0.3, p)
+    key = jax.random.PRNGKey(4)
+    f = precond_factors(X, DENSE.kernel, constrain(anchor, CFG.noise_floor), CFG)
+    (v1, _), g1 = jax.value_and_grad(lambda q: neg_mll(
+        q, X, y, key, backend=DENSE, config=CFG, precond_params=anchor), has_aux=True)(p)
+    (v2, _), g2 = jax.value_and_grad(lambda q: neg_mll(
+        q, X, y, key, backend=DENSE, config=CFG, precond=f), has_aux=True)(p)
+    assert float(v1) == pytest.approx(float(v2), rel=1e-12, abs=1e-12)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(data64, tmp_path):
