@@ -499,6 +499,8 @@ def main(argv=None) -> int:
                         ckpt.unlink(missing_ok=True)
                         bu.segments_path(ckpt).unlink(missing_ok=True)
                         bu.sessions_path(ckpt).unlink(missing_ok=True)
+                        # the subset start's own checkpoint (gpadjoint.start)
+                        ckpt.with_name(ckpt.name + ".start").unlink(missing_ok=True)
                     print(
                         f"  -> {rec['status']}: rmse {rec.get('test_rmse')}, "
                         f"s/epoch {rec.get('seconds_per_epoch')}, "
