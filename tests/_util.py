@@ -1,12 +1,33 @@
 """Shared helpers for the tests: dtype-aware tolerances and small random problems."""
 
+import itertools
+
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gpadjoint.kernels import unconstrain
 
 # relative-error tolerances keyed on dtype (float32 accumulates round-off over n-term sums)
 RTOL = {jnp.float64: 1e-8, jnp.float32: 1e-4}
+
+
+def slow(*values, id=None):
+    """One ``pytest.param`` row marked slow: run by ``-m slow`` (CI's second step) only."""
+    return pytest.param(*values, marks=pytest.mark.slow, id=id)
+
+
+def grid(*axes):
+    """``pytest.param`` rows for the product of ``axes``, all but a covering few marked slow.
+
+    The fast suite keeps rows 0..m-1 of the "diagonal" (row i takes value i mod len of each
+    axis; m the longest axis), so every value of every axis is tested by default and the whole
+    product by ``-m slow`` (CI runs both).
+    """
+    m = max(len(a) for a in axes)
+    core = {tuple(a[i % len(a)] for a in axes) for i in range(m)}
+    return [pytest.param(*row, marks=() if row in core else pytest.mark.slow)
+            for row in itertools.product(*axes)]
 
 
 def rel_err(a, b):

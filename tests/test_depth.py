@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import problem
+from _util import problem, slow
 
 from gpadjoint.kernels import init_params
 from gpadjoint.matvec import make_backend
@@ -38,7 +38,7 @@ def _params(noise_raw=-4.0):
     return p._replace(raw_noise=jnp.asarray(noise_raw, jnp.float64))
 
 
-@pytest.mark.parametrize("depth", [4, 9, 16])
+@pytest.mark.parametrize("depth", [slow(4), 9, slow(16)])
 def test_depth_change_is_the_change_from_half_depth(data64, depth):
     X, y = data64
     key = jax.random.PRNGKey(0)
@@ -61,6 +61,7 @@ def test_depth_change_shrinks_with_depth(data64):
     assert changes[-1] < 0.05 * changes[0], changes
 
 
+@pytest.mark.slow
 def test_trainer_deepens_until_the_quadrature_converges(data64):
     X, y = data64
     res = fit(X, y, backend=DENSE, mll_config=CFG, optimizer=LBFGS(gtol=1e-6, rtol=0.0),

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from _util import slow
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
@@ -37,7 +38,7 @@ def test_cholesky_matches_scikit_learn():
         0.5 * (out["quad"] + out["logdet"] + n * math.log(2 * math.pi)) / n, rel=1e-12)
 
 
-@pytest.mark.parametrize("precond_rank", [0, 20])
+@pytest.mark.parametrize("precond_rank", [slow(0), 20])
 def test_slq_agrees_with_cholesky_within_its_standard_error(precond_rank):
     X, y, hp = _problem(n=400, seed=1)
     chol = evaluate.exact_loss(X, y, kernel="matern32", method="cholesky", **hp)
@@ -151,7 +152,7 @@ def test_blocked_cholesky_reports_an_indefinite_block():
         evaluate.blocked_cholesky(A, 128)
 
 
-@pytest.mark.parametrize("block", [64, 2048])
+@pytest.mark.parametrize("block", [slow(64), 2048])
 def test_scale_gradient_matches_autodiff_of_the_dense_loss(block):
     """The large-n diagnostic's gradient (output scale, noise, mean; raw and constrained)
     against jax.grad of the dense float64 loss, blocked and unblocked."""

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import slow
 
 from gpadjoint import exact
 from gpadjoint.kernels import Params, dense_cov
@@ -26,7 +27,7 @@ def _dense_K(X, h, kernel="matern32"):
     return np.asarray(dense_cov(kernel, jnp.asarray(X), Hypers(*h)))
 
 
-@pytest.mark.parametrize("n, block", [(203, 64), (203, 203), (50, 128), (129, 32)])
+@pytest.mark.parametrize("n, block", [(203, 64), (203, 203), (50, 128), slow(129, 32)])
 def test_build_factor_inverse_match_numpy(n, block):
     X, _, h = _problem(n=n)
     K = _dense_K(X, h)
@@ -69,7 +70,7 @@ def test_factor_loss_matches_dense_formula_and_scikit_learn():
         exact.posterior(f, Xt[:, :2])
 
 
-@pytest.mark.parametrize("block", [64, 1024])
+@pytest.mark.parametrize("block", [slow(64), 1024])
 def test_gradient_matches_autodiff_of_the_dense_loss_and_finite_differences(block):
     X, y, _ = _problem(n=203, d=3, seed=2)
     rng = np.random.default_rng(3)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _util import slow
 
 from gpadjoint.data import Split
 from gpadjoint.exact import make_value_and_grad
@@ -44,7 +45,7 @@ def _reference(X, y):
     return jax.value_and_grad(f)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [slow(0), 1])
 def test_value_and_gradient_match_neg_mll_exact_and_finite_differences(seed):
     sp = _data(n=200, d=4, seed=seed)
     rng = np.random.default_rng(10 + seed)
@@ -128,6 +129,7 @@ def test_optimum_reaches_gradient_tolerance_and_resumes_from_best(eo, tmp_path):
     assert np.isfinite(rec["test_rmse"])
 
 
+@pytest.mark.slow
 def test_reaches_scipys_minimum_of_the_exact_loss(eo, tmp_path):
     from scipy.optimize import minimize
 
@@ -145,6 +147,7 @@ def test_reaches_scipys_minimum_of_the_exact_loss(eo, tmp_path):
     np.testing.assert_allclose(rec["raw"], ref.x, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_converges_where_a_lengthscale_runs_off(eo, tmp_path):
     # input 3 barely matters: its lengthscale runs to ~1e6, 1/l to ~0, and L-BFGS steps in
     # 1/l cross 0. The loss is even in 1/l (from_opt reads |u|), so the gradient there must

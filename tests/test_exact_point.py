@@ -46,6 +46,7 @@ def test_evaluate_point_matches_the_dense_loss_and_a_direct_posterior(xp):
         xp.evaluate_point(sp, hyp | {"lengthscale": [1.0, 2.0]})
 
 
+@pytest.mark.slow
 def test_subset_point_is_the_default_start_in_the_papers_units(xp):
     X, y = _data(seed=1)
     scaled = from_arrays(X, y, scale_y=True)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import problem, rel_err
+from _util import problem, rel_err, slow
 
 from gpadjoint.fused import slq_and_solve
 from gpadjoint.kernels import constrain, cross_cov, unconstrain
@@ -81,8 +81,8 @@ def _fused(params, X, y, be, probes, L, *, precond_logdet, tol, min_iter, x0, ma
 @pytest.mark.parametrize(
     "precond_logdet,tol,min_iter,max_iter,warm",
     [
-        (False, 1e-12, 12, 12, False),  # CG runs more iterations than the Lanczos depth
-        (False, 0.5, 0, 1000, False),  # CG stops long before it: its column must freeze
+        slow(False, 1e-12, 12, 12, False),  # CG runs more iterations than the Lanczos depth
+        slow(False, 0.5, 0, 1000, False),  # CG stops long before it: its column must freeze
         (True, 1e-12, 11, 11, True),  # preconditioned Lanczos operator, warm-started CG
         (False, 1.0, DEPTH + 2, 1000, True),  # the paper's rule: a minimum count, loose tolerance
     ],

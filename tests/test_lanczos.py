@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import problem, rel_err
+from _util import problem, rel_err, slow
 
 from gpadjoint.kernels import constrain, dense_cov
 from gpadjoint.lanczos import lanczos, tridiag_mask, tridiag_matrix
@@ -29,11 +29,11 @@ def kernel_operator_fn(backend, X):
 @pytest.mark.parametrize(
     "kernel,backend,depth,m",
     [
-        ("rbf", "dense", 1, 1),
+        slow("rbf", "dense", 1, 1),
         ("rbf", "dense", 7, 3),
-        ("matern32", "dense", 15, 2),
-        ("matern12", "blocked", 10, 4),
-        ("matern52", "blocked", 25, 1),
+        slow("matern32", "dense", 15, 2),
+        slow("matern12", "blocked", 10, 4),
+        slow("matern52", "blocked", 25, 1),
     ],
 )
 def test_adjoint_vjp_equals_autodiff_through_the_loop(kernel, backend, depth, m):

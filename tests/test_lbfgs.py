@@ -50,6 +50,7 @@ def _fixed_objective(X, y, seed, anchor):
     return flat0, unravel, vg
 
 
+@pytest.mark.slow
 def test_reaches_the_minimum_of_the_fixed_objective(data64):
     X, y = data64
     res = _fit(X, y, epochs=200, seed=3)
@@ -91,6 +92,7 @@ def test_every_evaluation_is_reused_and_counted(data64):
     assert any(r["refreshed"] for r in h[1:])  # so the refresh branch was exercised
 
 
+@pytest.mark.slow
 def test_factors_built_once_give_the_objective_rebuilt_at_every_call(data64):
     # neg_mll(precond=precond_factors(anchor)) is neg_mll(precond_params=anchor): same value
     # and gradient, not just close (the trainer's objective must not depend on the cache)
@@ -99,10 +101,10 @@ def test_factors_built_once_give_the_objective_rebuilt_at_every_call(data64):
     anchor = jax.tree.map(lambda a: a + 0.3, p)
     key = jax.random.PRNGKey(4)
     f = precond_factors(X, DENSE.kernel, constrain(anchor, CFG.noise_floor), CFG)
-    (v1, _), g1 = jax.value_and_grad(lambda q: neg_mll(
-        q, X, y, key, backend=DENSE, config=CFG, precond_params=anchor), has_aux=True)(p)
-    (v2, _), g2 = jax.value_and_grad(lambda q: neg_mll(
-        q, X, y, key, backend=DENSE, config=CFG, precond=f), has_aux=True)(p)
+    (v1, _), g1 = jax.jit(jax.value_and_grad(lambda q: neg_mll(
+        q, X, y, key, backend=DENSE, config=CFG, precond_params=anchor), has_aux=True))(p)
+    (v2, _), g2 = jax.jit(jax.value_and_grad(lambda q: neg_mll(
+        q, X, y, key, backend=DENSE, config=CFG, precond=f), has_aux=True))(p)
     assert float(v1) == pytest.approx(float(v2), rel=1e-12, abs=1e-12)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
@@ -167,6 +169,7 @@ def _exact_loss_in_log_coords(X, y, like):
     return f
 
 
+@pytest.mark.slow
 def test_subset_metric_whitens_the_subset_hessian(data64):
     from gpadjoint.start import subset_start
     from gpadjoint.train import _flat, to_opt
@@ -194,6 +197,7 @@ def test_subset_metric_whitens_the_subset_hessian(data64):
     assert later["evaluations"] == info["evaluations"]
 
 
+@pytest.mark.slow
 def test_metric_reaches_the_same_minimum_and_resumes_in_its_coordinates(data64, tmp_path):
     X, y = data64
     rng = np.random.default_rng(7)
@@ -228,6 +232,7 @@ def test_metric_of_the_wrong_size_is_refused(data64):
         _fit(X, y, epochs=1, optimizer=LBFGS(metric=((1.0,),)))
 
 
+@pytest.mark.slow
 def test_subset_start_flags_an_interpolating_fit():
     import warnings
 
@@ -302,6 +307,7 @@ def test_full_fit_never_keeps_the_subset_and_needs_one():
         GPRegressor(full_fit="sometimes").fit(Xn, yn)
 
 
+@pytest.mark.slow
 def test_subset_start_doubles_nested_rows_while_the_fit_interpolates():
     import warnings
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import RTOL, problem, rel_err
+from _util import RTOL, grid, problem, rel_err
 
 from gpadjoint.kernels import KERNEL_NAMES, constrain, dense_cov
 from gpadjoint.matvec import choose_backend, make_backend
@@ -39,19 +39,16 @@ def check_backend(name, kernel, dtype, ncols, n=150, tile=64, tol=None, **kw):
         assert rel_err(getattr(hb, field), getattr(hb_ref, field)) < tol, field
 
 
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-@pytest.mark.parametrize("name", ["dense", "blocked"])
-@pytest.mark.parametrize("ncols", [None, 4])
+@pytest.mark.parametrize("name,kernel,dtype,ncols", grid(
+    ["dense", "blocked"], KERNEL_NAMES, [jnp.float64, jnp.float32], [None, 4]))
 def test_jax_backends_match_dense_reference(name, kernel, dtype, ncols):
     check_backend(name, kernel, dtype, ncols)
 
 
 # n = 150 with these tiles: 1, 2 (nb even: the tile at distance nb/2 lies in two strips), 3, 5
 # and 22 tiles, the last one padded except for 50 and 150
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
-@pytest.mark.parametrize("tile", [7, 50, 64, 100, 150, 1000])
-@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("kernel,tile,symmetric", grid(
+    KERNEL_NAMES, [7, 50, 64, 100, 150, 1000], [False, True]))
 def test_blocked_layouts_match_dense_reference_on_uneven_n(kernel, tile, symmetric):
     check_backend("blocked", kernel, jnp.float64, 5, tile=tile, symmetric=symmetric)
     check_backend("blocked", kernel, jnp.float32, None, tile=tile, symmetric=symmetric)
@@ -62,10 +59,8 @@ def test_blocked_layouts_match_dense_reference_on_uneven_n(kernel, tile, symmetr
 MIXED_RTOL = {jnp.float64: 20 * float(jnp.finfo(jnp.float32).eps), jnp.float32: 1e-4}
 
 
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
-@pytest.mark.parametrize("tile", [7, 64, 150])
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("kernel,tile,dtype,symmetric", grid(
+    KERNEL_NAMES, [7, 64, 150], [jnp.float64, jnp.float32], [False, True]))
 def test_mixed_precision_matches_dense_reference(kernel, tile, dtype, symmetric):
     check_backend("blocked", kernel, dtype, 4, tile=tile, tol=MIXED_RTOL[dtype],
                   symmetric=symmetric, precision="mixed")
@@ -89,10 +84,8 @@ def test_precision_is_validated():
         make_backend("dense", "rbf", precision="mixed")
 
 
-@pytest.mark.parametrize("kernel", ["rbf", "matern32", "matern52"])
-@pytest.mark.parametrize("tile", [7, 50, 150, 1000])
-@pytest.mark.parametrize("ncols", [None, 5])
-@pytest.mark.parametrize("layout", ["rows", "sym"])
+@pytest.mark.parametrize("kernel,tile,ncols,layout", grid(
+    ["rbf", "matern32", "matern52"], [7, 50, 150, 1000], [None, 5], ["rows", "sym"]))
 def test_blocked_closed_form_vjp_matches_autodiff_through_tiles(kernel, tile, ncols, layout):
     # the hand-written hyperparameter VJP against JAX autodiff through the same tiles, for
     # tiles that divide n, that leave a padded remainder, equal n and exceed it

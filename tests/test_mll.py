@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import problem, rel_err
+from _util import problem, rel_err, slow
 
 from gpadjoint.kernels import constrain, cross_cov, dense_cov
 from gpadjoint.logdet import rademacher, slq_logdet
@@ -42,6 +42,7 @@ def test_unit_probes_at_full_depth_are_exact(kernel):
     assert float(aux["cg_residual"]) <= 1e-13
 
 
+@pytest.mark.slow
 def test_slq_logdet_and_its_gradient_are_unbiased():
     n, seeds, probes_per_seed = 400, 60, 4
     X, _, params = problem(n=n, d=3)
@@ -93,7 +94,7 @@ def test_pivoted_cholesky_full_rank_is_exact():
     assert rel_err(L @ L.T, Kx) < 1e-8
 
 
-@pytest.mark.parametrize("backend", ["dense", "blocked"])
+@pytest.mark.parametrize("backend", [slow("dense"), "blocked"])
 def test_neg_mll_float32_close_to_exact_and_gradient_direction(backend):
     n = 800
     X, y, params = problem(n=n, d=3, dtype=jnp.float32)
@@ -154,7 +155,7 @@ def test_exact_estimator_value_and_gradient(kernel):
     assert int(aux["cg_iterations"]) == 0
 
 
-@pytest.mark.parametrize("kernel", ["matern32", "matern52"])
+@pytest.mark.parametrize("kernel", ["matern32", slow("matern52")])
 def test_exact_estimator_under_jit_equals_the_blocked_path(kernel):
     """The trainer's exact estimator (one JAX Cholesky, under jit) and gpadjoint.exact's blocked
     float64 path (several blocks, uneven n) give the same value and raw gradient."""
@@ -208,6 +209,7 @@ def test_choose_estimator():
 # --- preconditioned SLQ: log det K = log det P + SLQ on P^{-1/2} K P^{-1/2} ---------------------
 
 
+@pytest.mark.slow
 def test_preconditioned_logdet_is_exact_at_full_depth():
     n = 120
     X, y, params = problem(n=n, d=3)

@@ -178,6 +178,7 @@ def test_fit_validation_messages():
         m.predict(Xbad)
 
 
+@pytest.mark.slow
 def test_small_n_and_constant_inputs():
     # 3 points, one constant column: depth, ranks and probes are clamped, std 1 for the column
     X = np.array([[0.0, 5.0], [1.0, 5.0], [2.0, 5.0]])
@@ -212,6 +213,7 @@ def test_backend_choice_is_reported(capsys):
     assert (m.backend_, m.backend_reason_) == ("blocked", "requested")
 
 
+@pytest.mark.slow
 def test_float32_and_epochs_zero():
     X, y = data()
     # the CG posterior keeps the working dtype (the exact one is float64 Cholesky whatever it is)
@@ -290,6 +292,7 @@ def test_float32_exact_estimator_predicts_in_float64_like_sklearn(tmp_path, vari
     np.testing.assert_allclose(m2.predict(Xt), mu, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_plan_made_once_and_recorded(tmp_path, monkeypatch):
     """Every "auto" is resolved once per fit, kept in plan_, and the trainer sees no "auto"."""
     import gpadjoint.mll as gmll

@@ -8,6 +8,7 @@ steps in test_train.py.
 
 import numpy as np
 import pytest
+from _util import slow
 
 from gpadjoint.model import GPRegressor
 
@@ -35,7 +36,7 @@ def assert_finite_fit(m, X):
     return mu, sd
 
 
-@pytest.mark.parametrize("settings", [SLQ, EXACT], ids=["slq", "exact"])
+@pytest.mark.parametrize("settings", [slow(SLQ, id="slq"), pytest.param(EXACT, id="exact")])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_duplicate_inputs(settings, dtype):
     X, y = smooth(n=40)
@@ -46,7 +47,7 @@ def test_duplicate_inputs(settings, dtype):
     assert np.sqrt(np.mean((mu - y) ** 2)) < 0.5 * np.std(y)
 
 
-@pytest.mark.parametrize("settings", [SLQ, EXACT], ids=["slq", "exact"])
+@pytest.mark.parametrize("settings", [slow(SLQ, id="slq"), pytest.param(EXACT, id="exact")])
 def test_constant_column(settings):
     X, y = smooth()
     Xc = np.column_stack([X, np.full(len(X), 3.0)])
@@ -55,7 +56,7 @@ def test_constant_column(settings):
     assert_finite_fit(m, Xc)
 
 
-@pytest.mark.parametrize("settings", [SLQ, EXACT], ids=["slq", "exact"])
+@pytest.mark.parametrize("settings", [slow(SLQ, id="slq"), pytest.param(EXACT, id="exact")])
 def test_target_scale_does_not_matter(settings):
     # y * 1e6 and y * 1e-6 are the same problem once y is standardised: the predictions,
     # divided by the scale, must agree, and hyperparameters in y's units scale with it.
@@ -71,8 +72,10 @@ def test_target_scale_does_not_matter(settings):
     np.testing.assert_allclose(noise[0], noise[1], rtol=1e-6)
 
 
-@pytest.mark.parametrize("settings", [SLQ, EXACT], ids=["slq", "exact"])
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("settings,dtype", [
+    pytest.param(SLQ, "float64", id="slq-float64"), slow(SLQ, "float32", id="slq-float32"),
+    pytest.param(EXACT, "float64", id="exact-float64"),
+    pytest.param(EXACT, "float32", id="exact-float32")])
 def test_noise_free_targets_drive_noise_to_its_floor(settings, dtype):
     X, y = smooth(n=60, noise=0.0)
     kw = dict(settings, epochs=60 if settings is SLQ else 60)

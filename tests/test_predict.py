@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _util import problem, rel_err
+from _util import problem, rel_err, slow
 
 from gpadjoint import predict as gpred
 from gpadjoint.kernels import constrain, cross_cov, dense_cov, unconstrain
@@ -28,7 +28,7 @@ def inputs(m, d, seed=7, dtype=jnp.float64):
 
 
 @pytest.mark.parametrize(
-    "kernel,backend", [("matern32", "dense"), ("rbf", "blocked"), ("matern52", "dense")]
+    "kernel,backend", [slow("matern32", "dense"), ("rbf", "blocked"), ("matern52", "dense")]
 )
 def test_mean_and_exact_std_match_dense_cholesky(kernel, backend):
     X, y, params = problem(n=200, d=3)
@@ -60,6 +60,7 @@ def test_default_tolerance_gives_accurate_mean_in_float64():
     assert rel_err(mean, mean_ref) < 1e-6
 
 
+@pytest.mark.slow
 def test_float32_mean_and_std_are_close():
     X, y, params = problem(n=200, d=3, dtype=jnp.float32)
     Xs = inputs(40, 3, dtype=jnp.float32)
@@ -143,7 +144,7 @@ def test_love_error_at_realistic_rank():
     assert errors[100][0] < 0.02 and errors[100][1] < 0.005
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [slow(jnp.float32), jnp.float64])
 def test_variance_is_clamped_where_round_off_makes_it_negative(dtype):
     # predictions at training inputs with a long lengthscale and noise near a tiny floor: the
     # exact latent variance is ~1e-9, below what the subtraction s2 - k^T K^-1 k resolves

@@ -6,11 +6,13 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gpadjoint.kernels import unconstrain
 from gpadjoint.mll import neg_mll_exact
 
 
+@pytest.mark.slow
 def test_slq_bias_record(load_script, tmp_path):
     mod = load_script("slq_bias")
     Xn, yn, y_std = mod.scaled_data("yacht", 0)

@@ -67,6 +67,7 @@ def _exact_fit(X, y):
     return unravel(jnp.asarray(opt.x)), float(opt.fun)
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_approaches_exact_fit(data64):
     X, y = data64
     res = _fit(X, y, epochs=150, backend="auto")
@@ -182,6 +183,7 @@ def _inf_after(k):
     return optax.GradientTransformation(init, update)
 
 
+@pytest.mark.slow
 def test_nonfinite_update_keeps_last_good_params(data64, tmp_path):
     X, y = data64
     opt = _inf_after(2)
@@ -260,6 +262,7 @@ def test_progress_records_through_logging_off_a_terminal(data64, caplog):
     assert logging.getLogger("gpadjoint").handlers == []  # progress=True's handler is removed
 
 
+@pytest.mark.slow
 def test_cg_cap_warns_once(data64):
     X, y = data64
     capped = MLLConfig(num_probes=4, lanczos_depth=5, precond_rank=0, cg_tol=1e-12,
@@ -274,6 +277,7 @@ def test_cg_cap_warns_once(data64):
     assert all(not r["cg_converged"] and r["cg_iterations"] == 2 for r in res.history)
 
 
+@pytest.mark.slow
 def test_float32_with_sgd():
     X, y, _ = problem(n=N, d=D, seed=3, dtype=jnp.float32)
     cfg = MLLConfig(num_probes=10, lanczos_depth=10, precond_rank=10, cg_tol=1e-2)
@@ -354,6 +358,7 @@ def test_checkpoint_by_time_whatever_the_epoch_count(data64, tmp_path, monkeypat
         _fit(X, y, epochs=3, checkpoint_path=ck, checkpoint_seconds=-1.0)
 
 
+@pytest.mark.slow
 def test_stop_abandons_the_line_search_and_resume_ends_where_a_full_run_ends(data64, tmp_path):
     """A stop asked at the k-th evaluation ends the step in progress with the state of the
     last accepted one (bit for bit), and a resumed run ends where an uninterrupted one does."""
@@ -393,6 +398,7 @@ def test_stop_abandons_the_line_search_and_resume_ends_where_a_full_run_ends(dat
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=0)
 
 
+@pytest.mark.slow
 def test_subset_start_resumes_at_its_last_finished_stage(tmp_path):
     from gpadjoint.checkpoint import read_start, start_path
     from gpadjoint.start import subset_start

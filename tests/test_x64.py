@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,6 +34,7 @@ def test_import_leaves_x64_as_it_found_it_and_exports_the_estimator():
     assert out == "False False True"
 
 
+@pytest.mark.slow
 def test_float64_estimator_without_global_x64_matches_the_opted_in_process():
     # the same fit with and without the process-wide opt-in: identical predictions in float64
     code = """
