@@ -446,7 +446,7 @@ class _Evaluator:
         return tol > 0 and self.depth < self.max_depth and not change <= tol
 
     def factors(self, anchor: Params):
-        """The :class:`~gpadjoint.mll.PrecondFactors` built at ``anchor`` (cached for the last)."""
+        """Return the :class:`~gpadjoint.mll.PrecondFactors` at ``anchor`` (the last one cached)."""
         tag = b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(anchor))
         if self._factors is None or self._factors[0] != tag:
             self._factors = None  # free the old factors before the new ones are built
