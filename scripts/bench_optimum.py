@@ -140,7 +140,7 @@ def row_for(r: dict, ref: dict, peer: dict | None, X, y, evals: Path | None) -> 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--datasets", nargs="+", default=["elevators", "kin40k"])
+    ap.add_argument("--datasets", nargs="+", default=["elevators", "kin40k", "pol"])
     ap.add_argument("--splits", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+",
                     default=["gpadjoint-default", "gpadjoint-adam", "gpadjoint-paper", "gpytorch"])
