@@ -19,6 +19,7 @@ search on the fixed-probe objective (:mod:`gpadjoint.lbfgs` has its pure parts).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +37,10 @@ from .kernels import Params, constrain
 from .matvec import Backend
 from .mll import MLLConfig, neg_mll, precond_factors
 from .stops import Converged, EarlyStopping, Plateau, PredictedDecrease
+
+# One DEBUG record per loss evaluation and per preconditioner build (what an L-BFGS step spends
+# its time on, inside the step); the structured fields ride in ``extra={"evaluation": {...}}``.
+logger = logging.getLogger("gpadjoint")
 
 _DEFAULT_MLL = MLLConfig()
 
@@ -451,8 +456,15 @@ class _Evaluator:
         if self._factors is None or self._factors[0] != tag:
             self._factors = None  # free the old factors before the new ones are built
             h0 = constrain(anchor, self.cfg.noise_floor)
+            t0 = time.perf_counter()
             self._factors = (tag, jax.block_until_ready(self._build(self.X, h0)))
             self.counts["precond_builds"] = self.counts.get("precond_builds", 0) + 1
+            seconds = time.perf_counter() - t0
+            logger.debug("preconditioner built (rank %d, n = %d) in %.1f s",
+                         self.cfg.precond_rank, self.X.shape[0], seconds,
+                         extra={"evaluation": {"kind": "precond", "n": int(self.X.shape[0]),
+                                               "rank": int(self.cfg.precond_rank),
+                                               "seconds": seconds}})
         return self._factors[1]
 
     def _evaluate(self, params, key, x0, anchor, X, y):
@@ -482,8 +494,11 @@ class _Evaluator:
 
     def run(self, p, key, x0, anchor):
         """-> (value, grad, finite, solved, x0 for the next evaluation), all on the host."""
+        t0 = time.perf_counter()
         exe, args = self.executable(p, key, x0, anchor)
+        t1 = time.perf_counter()
         v, g, aux = jax.device_get(exe(*args))
+        self._log(float(v), aux, t1 - t0, time.perf_counter() - t1)
         c = self.counts
         c["evaluations"] += 1
         c["cg_iterations"] += int(aux["cg_iterations"])
@@ -496,6 +511,20 @@ class _Evaluator:
         if x0 is not None and finite and solved and np.all(np.isfinite(alpha)):
             x0 = jnp.asarray(alpha, self.X.dtype)
         return float(v), g, finite, solved, x0
+
+
+    def _log(self, value: float, aux: dict, prepare: float, seconds: float) -> None:
+        if not logger.isEnabledFor(logging.DEBUG):
+            return
+        rec = {"kind": "evaluation", "n": int(self.X.shape[0]), "estimator": self.cfg.estimator,
+               "loss": value, "cg_iterations": int(aux["cg_iterations"]),
+               "cg_residual": float(aux["cg_residual"]), "passes": int(aux["passes"]),
+               "depth": self.depth, "seconds": seconds, "prepare_seconds": prepare}
+        logger.debug("evaluation %d (n = %d, %s): loss %.8g, %d CG iterations (residual %.1e), "
+                     "%d passes, Lanczos depth %d, %.1f s (+%.1f s compile/preconditioner)",
+                     self.counts.get("evaluations", 0) + 1, rec["n"], rec["estimator"], value,
+                     rec["cg_iterations"], rec["cg_residual"], rec["passes"], self.depth,
+                     seconds, prepare, extra={"evaluation": rec})
 
 
 def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,

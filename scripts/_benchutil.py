@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import subprocess
@@ -312,6 +313,79 @@ class SessionClock:
             for k, v in e["seconds"].items():
                 out[k] = out.get(k, 0.0) + v
         return out
+
+
+def evaluations_path(ckpt: Path) -> Path:
+    """Return the side file of a run's per-evaluation log (JSON lines, beside its checkpoint)."""
+    return ckpt.parent / (ckpt.name + ".evals.jsonl")  # not *.json: the records are globbed
+
+
+class _JsonLines(logging.Handler):
+    """Append each "gpadjoint" record that carries ``evaluation`` fields as one JSON line."""
+
+    def __init__(self, path: Path):
+        super().__init__(logging.DEBUG)
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "evaluation", None)
+        if fields is None:
+            return
+        line = json.dumps({"time": record.created, **fields}, default=float)
+        with open(self.path, "a") as fh:  # opened per line: a killed process loses nothing
+            fh.write(line + "\n")
+
+
+def log_evaluations(path: Path) -> None:
+    """Log every loss evaluation and preconditioner build of this process's fits to ``path``.
+
+    The records are the DEBUG records of :mod:`gpadjoint.optimizers`; the file outlives a killed
+    process, so that a run stopped inside an L-BFGS step still says what its time went to
+    (:func:`evaluations_summary`).
+    """
+    log = logging.getLogger("gpadjoint")
+    log.addHandler(_JsonLines(Path(path)))
+    log.setLevel(logging.DEBUG)
+
+
+def evaluations_summary(path: Path) -> dict | None:
+    """Return what a run's evaluations cost, per training-set size n (None without a log).
+
+    Per n (the subset start's stages and the full fit): ``evaluations``, ``seconds`` (their sum),
+    the mean ``seconds_per_evaluation``, ``passes_per_evaluation`` and
+    ``cg_iterations_per_evaluation``, the largest ``depth``, the ``last_loss`` and its CG
+    residual; and the preconditioner builds (count and seconds). A run that ran out of time
+    is bounded by these: evaluations x passes x seconds per pass.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    by_n: dict[int, dict] = {}
+    builds = {"count": 0, "seconds": 0.0}
+    for line in path.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if e.get("kind") == "precond":
+            builds["count"] += 1
+            builds["seconds"] += e["seconds"]
+            continue
+        s = by_n.setdefault(int(e["n"]), {"estimator": e["estimator"], "evaluations": 0,
+                                         "seconds": 0.0, "passes": 0, "cg_iterations": 0,
+                                         "depth": 0})
+        s["evaluations"] += 1
+        s["seconds"] += e["seconds"] + e.get("prepare_seconds", 0.0)
+        s["passes"] += e["passes"]
+        s["cg_iterations"] += e["cg_iterations"]
+        s["depth"] = max(s["depth"], e["depth"])
+        s["last_loss"], s["last_cg_residual"] = e["loss"], e["cg_residual"]
+    for s in by_n.values():
+        k = s["evaluations"]
+        s["seconds_per_evaluation"] = s["seconds"] / k
+        s["passes_per_evaluation"] = s.pop("passes") / k
+        s["cg_iterations_per_evaluation"] = s.pop("cg_iterations") / k
+    return {"by_n": {str(n): by_n[n] for n in sorted(by_n)}, "precond_builds": builds}
 
 
 def run_cost(rec: dict) -> dict | None:

@@ -149,6 +149,10 @@ def run_gpadjoint(spec: dict) -> dict:
         resume = ckpt.exists()
         resumed_from = int(np.load(ckpt)["epoch"]) if resume else None
         segments = bu.begin_segment(ckpt if spec.get("checkpoint") else None, resumed_from or 0)
+        if spec.get("checkpoint"):  # every evaluation, so that a timeout says what bounded it
+            if not resume:  # a run started over starts its log over
+                bu.evaluations_path(ckpt).unlink(missing_ok=True)
+            bu.log_evaluations(bu.evaluations_path(ckpt))
         argv = [
             "fit",
             "--dataset",
@@ -489,6 +493,8 @@ def main(argv=None) -> int:
                         **res,
                     }
                     rec.setdefault("status", "ok")
+                    if method != "gpytorch":  # every session's evaluations, by training size
+                        rec["evaluations_log"] = bu.evaluations_summary(bu.evaluations_path(ckpt))
                     if rec["status"] != "ok":
                         failed += 1
                     from gpadjoint._io import atomic_write
@@ -498,6 +504,7 @@ def main(argv=None) -> int:
                     if rec["status"] == "ok":  # finished: nothing left to resume
                         ckpt.unlink(missing_ok=True)
                         bu.segments_path(ckpt).unlink(missing_ok=True)
+                        bu.evaluations_path(ckpt).unlink(missing_ok=True)
                         bu.sessions_path(ckpt).unlink(missing_ok=True)
                         # the subset start's own checkpoint (gpadjoint.start)
                         ckpt.with_name(ckpt.name + ".start").unlink(missing_ok=True)

@@ -6,6 +6,9 @@ independent reference); every evaluation is reused (the loss entering step e+1 i
 value of step e); a resumed run ends where an uninterrupted one ends; settings resolve to it.
 """
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +28,7 @@ N, D = 200, 2
 CFG = MLLConfig(num_probes=8, lanczos_depth=12, precond_rank=10, cg_tol=1e-10, cg_min_iter=1,
                 cg_max_iter=400, precond_logdet=True)
 DENSE = make_backend("dense", "matern32")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -336,3 +340,38 @@ def test_subset_start_doubles_nested_rows_while_the_fit_interpolates():
                                kernel="matern32", size=50, seed=0, noise_floor=1e-4,
                                max_size=300)
     assert [st["size"] for st in info["stages"]] == [50]
+
+
+def test_each_evaluation_is_logged_with_its_cost(data64, tmp_path):
+    # the benchmark's evaluation log (what a run stopped inside a step reports) counts what the
+    # history counts: the same evaluations, passes and CG iterations, and the same losses
+    import logging
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import _benchutil as bu
+
+    X, y = data64
+    path = tmp_path / "run.ckpt.npz.evals.jsonl"
+    log = logging.getLogger("gpadjoint")
+    handlers, level = list(log.handlers), log.level
+    bu.log_evaluations(path)
+    try:
+        res = _fit(X, y, epochs=4, seed=3)
+    finally:
+        for h in log.handlers[len(handlers):]:
+            log.removeHandler(h)
+        log.setLevel(level)
+    s = bu.evaluations_summary(path)["by_n"][str(N)]
+    hist = res.history
+    # the trainer's first evaluation (at the start point) is counted by no step's history
+    evals = sum(h["evaluations"] for h in hist)
+    assert s["evaluations"] in (evals, evals + 1)
+    first = [json.loads(line) for line in path.read_text().splitlines()]
+    first = [e for e in first if e["kind"] == "evaluation"]
+    assert len(first) == s["evaluations"]
+    assert first[-1]["loss"] == pytest.approx(hist[-1]["new_loss"] if "new_loss" in hist[-1]
+                                              else hist[-1]["loss"], rel=1e-12)
+    if s["evaluations"] == evals:
+        assert s["passes_per_evaluation"] * evals == pytest.approx(sum(h["passes"] for h in hist))
+    assert s["estimator"] == CFG.estimator and s["depth"] == CFG.lanczos_depth
