@@ -49,6 +49,8 @@ def run_fingerprint(X, y, kernel, backend, mll_config, seed, state, settings) ->
         ],
         "settings": None if settings is None else dict(settings),
     }
+    if getattr(backend, "precision", "full") != "full":  # full: as before the key existed
+        fp["precision"] = backend.precision
     return json.loads(json.dumps(fp))  # normalise (tuples -> lists) as it will be read back
 
 

@@ -315,7 +315,8 @@ def cmd_fit(args) -> int:
 
     cfg, cfg_source = _load_run_config(args.config)
     cfg = cfg.with_overrides(
-        model__backend=args.backend, model__dtype=args.dtype, model__kernel=args.kernel,
+        model__backend=args.backend, model__precision=args.precision, model__dtype=args.dtype,
+        model__kernel=args.kernel,
         model__normalize_y=args.normalize_y, train__epochs=args.epochs, optim__lr=args.lr,
         train__random_state=args.random_state,
     )
@@ -519,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data: fraction held out for testing (default 0.1)")
     f.add_argument("--config", help="TOML config (default: the packaged gpadjoint/default.toml)")
     f.add_argument("--backend", choices=["auto", "dense", "blocked", "keops"])
+    f.add_argument("--precision", choices=["full", "mixed"],
+                   help="the blocked backend's kernel entries in the working dtype (full) or in "
+                   "float32 (mixed); default: the config's model.precision")
     f.add_argument("--devices", help="shard the rows over N devices, or 'all' "
                    "(default: one device; see gpadjoint.sharding)")
     f.add_argument("--kernel", choices=["rbf", "matern12", "matern32", "matern52"])

@@ -38,7 +38,7 @@ else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
 from .kernels import KERNEL_NAMES
-from .matvec import BACKENDS
+from .matvec import BACKENDS, PRECISIONS
 from .settings import MLLConfig, Section, unknown_key_hint
 
 # The packaged defaults (package data, so an installed wheel has them too): the one place the
@@ -72,15 +72,16 @@ class ModelConfig(Section):
     kernel: profile name (:data:`gpadjoint.kernels.KERNEL_NAMES`); backend: "auto" or one of
     :data:`gpadjoint.matvec.BACKENDS`; dtype: working precision of X, y and the parameters;
     noise_floor: lower bound of the noise variance (normalised target units squared);
-    tile: rows per tile of the blocked backend; normalize_y: standardise targets to unit
-    variance (training statistics) as well as centring them (they are always centred);
+    tile: rows per tile of the blocked backend; precision: the blocked backend's kernel
+    entries in the working dtype ("full") or in float32 ("mixed"); normalize_y: standardise
+    targets to unit variance (training statistics) as well as centring them (always done);
     results are reported in the target's units.
     """
 
     SECTION: ClassVar[str] = "model"
     _TYPES: ClassVar[dict[str, type]] = {
         "kernel": str, "backend": str, "dtype": str, "noise_floor": float, "tile": int,
-        "normalize_y": bool,
+        "normalize_y": bool, "precision": str,
     }
 
     kernel: str = _DEFAULTS["model"]["kernel"]
@@ -89,10 +90,12 @@ class ModelConfig(Section):
     noise_floor: float = _DEFAULTS["model"]["noise_floor"]
     tile: int = _DEFAULTS["model"]["tile"]
     normalize_y: bool = _DEFAULTS["model"]["normalize_y"]
+    precision: str = _DEFAULTS["model"]["precision"]
 
     def _validate(self):
         self._choice("kernel", KERNEL_NAMES)
         self._choice("backend", ("auto",) + BACKENDS)
+        self._choice("precision", PRECISIONS)
         self._choice("dtype", DTYPES)
         self._non_negative("noise_floor")
         self._positive("tile")

@@ -39,7 +39,7 @@ from .kernels import Params, constrain
 from .matvec import make_backend
 from .mll import MLLConfig
 from .persist import MODEL_FORMAT, load_model, save_model  # noqa: F401 (MODEL_FORMAT public)
-from .plan import Choice, make_plan
+from .plan import Choice, backend_precision, make_plan
 from .sharding import make_mesh, shard_rows
 
 try:  # scikit-learn >= 1.6
@@ -135,7 +135,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
     - ``kernel``: "matern32", "matern12", "matern52" or "rbf", with ARD lengthscales.
     - ``backend``: "auto" (:func:`gpadjoint.matvec.choose_backend`, reported in ``backend_``),
-      "dense", "blocked" or "keops".
+      "dense", "blocked" or "keops"; ``precision``: "mixed" holds the blocked backend's kernel
+      entries in float32 (sums and Krylov vectors stay in ``dtype``), "full" does not.
     - ``estimator``: "auto" (exact float64 Cholesky for n <= ``exact_max_n``, SLQ above; in
       ``estimator_``), "slq" or "exact"; ``num_probes``, ``lanczos_depth``, ``precond_rank``,
       ``cg_tol``, ``cg_min_iter``, ``cg_max_iter``, ``precond_logdet``: the SLQ estimator
@@ -189,6 +190,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         dtype=None,
         noise_floor=None,
         tile=None,
+        precision=None,
         normalize_y=None,
         num_probes=None,
         lanczos_depth=None,
@@ -347,7 +349,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         for line in plan.lines():
             say(line)
         backend = make_backend(plan.backend.name, cfg.model.kernel, tile=cfg.model.tile,
-                               mesh=make_mesh(self.devices))
+                               mesh=make_mesh(self.devices),
+                               precision=backend_precision(plan.backend.name, cfg.model))
         if given is not None:
             return backend, given
         optim = dataclasses.replace(cfg.optim, optimizer=plan.optimizer.name)
@@ -585,7 +588,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         if not return_std:
             return mean
         backend = make_backend(self.backend_, kernel, tile=cfg.model.tile,
-                               mesh=make_mesh(self.devices))
+                               mesh=make_mesh(self.devices),
+                               precision=backend_precision(self.backend_, cfg.model))
         love_R = None
         if self.variance_ == "love":
             love_R = self._love_root(Xn, yn, params, backend)

@@ -29,7 +29,8 @@ from .optimizers import resolve_optimizer
 from .predict import choose_posterior, choose_variance
 from .sharding import describe_mesh, make_mesh, mesh_record
 
-__all__ = ["Choice", "Plan", "make_plan", "resolve_backend", "resolve_estimator"]
+__all__ = ["Choice", "Plan", "backend_precision", "make_plan", "resolve_backend",
+           "resolve_estimator"]
 
 # the plan's choices, in the order they are printed and recorded
 CHOICES = ("backend", "mesh", "estimator", "optimizer", "posterior", "variance")
@@ -104,6 +105,12 @@ def make_plan(cfg, n: int, d: int, *, devices=None, optimizer=None) -> Plan:
     mesh = make_mesh(devices)
     backend = (Choice(cfg.model.backend, "requested") if cfg.model.backend != "auto"
                else _auto(choose_backend(n, dtype)))
+    if cfg.model.precision != "full":
+        used = backend_precision(backend.name, cfg.model)
+        note = ("kernel entries in float32 (precision = mixed)" if used == "mixed" else
+                f"precision = {cfg.model.precision} applies to the blocked backend only: "
+                "kernel entries in the working dtype")
+        backend = Choice(backend.name, f"{backend.reason}; {note}")
     estimator = Choice(*choose_estimator(n, cfg.mll))
     if optimizer is not None:
         opt = Choice("given", "an optax transformation")
@@ -121,6 +128,15 @@ def make_plan(cfg, n: int, d: int, *, devices=None, optimizer=None) -> Plan:
                 mesh=Choice(describe_mesh(mesh), mesh_reason), estimator=estimator,
                 optimizer=opt, posterior=posterior, variance=variance,
                 mesh_record=mesh_record(mesh))
+
+
+def backend_precision(backend: str, model) -> str:
+    """Return the kernel-entry precision backend ``backend`` runs with under ``[model]``.
+
+    ``model.precision = "mixed"`` applies to the blocked backend only (the others hold or stream
+    kernel entries in the working dtype), so every other backend runs "full".
+    """
+    return model.precision if backend == "blocked" else "full"
 
 
 def resolve_estimator(n: int, mll: MLLConfig) -> tuple[MLLConfig, str]:

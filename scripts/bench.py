@@ -22,7 +22,8 @@ COMMANDS = {
     "optimum": ("bench_optimum", "each method's gap to the exact optimum -> results/optimum.csv"),
     "exact": ("exact_optimum", "the float64 maximum-likelihood reference fit of a split"),
     "point": ("exact_point", "the exact loss and test scores at given points"),
-    "pass": ("bench_pass", "passes per evaluation"),
+    "pass": ("bench_pass", "seconds per kernel pass, each variant -> results/bench_pass.csv"),
+    "mixed": ("mixed_endpoints", "mixed against full precision at fitted end points"),
     "bad-inputs": ("bad_input_table", "the bad-input messages -> results/bad_inputs.md"),
     "report": (None, "optimum.csv, then every table and figure in results/ (make_table)"),
 }

@@ -151,6 +151,7 @@ def test_int_accepted_for_float(tmp_path):
         ("[model]\ndtype = \"float16\"\n", "dtype"),
         ("[model]\nkernel = \"matern\"\n", "kernel"),
         ("[model]\nbackend = \"gpu\"\n", "backend"),
+        ("[model]\nprecision = \"half\"\n", "precision"),
         ("[optim]\nschedule = \"step\"\n", "schedule"),
         ("[train]\ninit = \"zeros\"\n", "init"),
         ("[predict]\nvariance = \"none\"\n", "variance"),
@@ -257,3 +258,20 @@ def test_defaults_are_one_packaged_file():
     assert "default.toml" in pyproject["tool"]["setuptools"]["package-data"]["gpadjoint"]
     assert cli._load_run_config(None) == (default_config(), cli._load_run_config(None)[1])
     assert "packaged" in cli._load_run_config(None)[1]
+
+
+def test_mixed_precision_is_planned_for_the_blocked_backend_only():
+    # "mixed" reaches the blocked backend and the plan says so; any other backend runs full and
+    # the plan says that too (never silent)
+    from gpadjoint.config import default_config
+    from gpadjoint.plan import backend_precision, make_plan
+
+    cfg = default_config().with_overrides(model__precision="mixed", model__backend="blocked")
+    p = make_plan(cfg, 500, 3)
+    assert backend_precision(p.backend.name, cfg.model) == "mixed"
+    assert "float32" in p.backend.reason
+    dense = make_plan(cfg.with_overrides(model__backend="dense"), 500, 3)
+    assert backend_precision(dense.backend.name, cfg.model) == "full"
+    assert "blocked backend only" in dense.backend.reason
+    full = make_plan(cfg.with_overrides(model__precision="full"), 500, 3)
+    assert full.backend.reason == "requested"
