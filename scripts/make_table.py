@@ -154,6 +154,41 @@ def load_records(folder: Path) -> list[dict]:
     return recs
 
 
+def load_unfinished(folder: Path) -> list[dict]:
+    """Return the records of runs that stopped before their end (a timeout, a failure).
+
+    A run killed at its time limit keeps its checkpoint and continues with the same command;
+    its record says what the time went to (``evaluations_log``), which the headline reports.
+    """
+    recs = []
+    for path in sorted(folder.glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("status", "ok") != "ok":
+            rec["_file"] = path.name
+            recs.append(rec)
+    return recs
+
+
+def unfinished_note(r: dict) -> str:
+    """One line: how far an unfinished run got and what bounded it (its evaluations' cost)."""
+    t = record_seconds(r)
+    secs = t["total"] if t["total"] is not None else sum(
+        sum(e.get("seconds", {}).values()) for e in r.get("session_seconds") or [])
+    head = (f"- {r['dataset']} split {r['split']}: unfinished ({r['status']}"
+            + (f", {secs:.0f} s so far" if secs else "") + ")")
+    log = (r.get("evaluations_log") or {}).get("by_n") or {}
+    if not log:
+        return head + "; no evaluation log (a record from before it existed)."
+    parts = []
+    for n, e in log.items():
+        parts.append(f"{e['evaluations']} evaluations at n = {n} ({e['estimator']}, "
+                     f"{e['seconds_per_evaluation']:.0f} s each, "
+                     f"{e['passes_per_evaluation']:.0f} passes and "
+                     f"{e['cg_iterations_per_evaluation']:.0f} CG iterations per evaluation, "
+                     f"Lanczos depth up to {e['depth']})")
+    return head + ": " + "; ".join(parts) + ". It continues from its checkpoint when rerun."
+
+
 def _mean_std(vals):
     vals = [v for v in vals if v is not None and math.isfinite(v)]
     if not vals:
@@ -695,8 +730,11 @@ def gpytorch_runs(rs: list[dict]) -> list[dict]:
             for (ep, be), g in sorted(by.items(), reverse=True)]
 
 
-def headline(rows: list[dict]) -> list[str]:
-    """Return the README's headline section: the default against GPyTorch and the paper."""
+def headline(rows: list[dict], unfinished: list[dict] = ()) -> list[str]:
+    """Return the README's headline section: the default against GPyTorch and the paper.
+
+    ``unfinished``: records of runs not finished yet; the default's get a note each.
+    """
     lines = [
         "The default (`gpadjoint fit` as shipped: `gpadjoint-default` in `scripts/bench_uci.py`) "
         "on the paper's five data sets, mean ± sd over the official splits run so far (a cell "
@@ -753,6 +791,7 @@ def headline(rows: list[dict]) -> list[str]:
         if many:
             notes.append(f"- {h['dataset']}: total s summed over "
                          + ", ".join(f"{k} sessions (split {s})" for s, k in many) + ".")
+    notes += [unfinished_note(r) for r in unfinished if r.get("method") == DEFAULT]
     lines += [""] + notes if notes else []
     lines += ["", "The paper-settings races (`gpadjoint-paper` against GPyTorch at 10–120 "
               "epochs, paired splits only) are in `results/README.md`. The race per data set, "
@@ -762,7 +801,7 @@ def headline(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_headline(rows: list[dict], readme: Path) -> bool:
+def write_headline(rows: list[dict], readme: Path, unfinished: list[dict] = ()) -> bool:
     """Replace the section between the README's headline markers; False if it has none."""
     text = readme.read_text()
     start, end = HEADLINE
@@ -773,7 +812,8 @@ def write_headline(rows: list[dict], readme: Path) -> bool:
         return False
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(head + start + "\n" + "\n".join(headline(rows)) + "\n" + end + tail)
+    readme.write_text(head + start + "\n" + "\n".join(headline(rows, unfinished)) + "\n" + end
+                      + tail)
     return True
 
 
@@ -796,7 +836,8 @@ def main(argv=None) -> int:
           f"{len(recs)} records)")
     print(f"wrote {write_results_readme(out, recs)}")
     if out.resolve() == (bu.ROOT / "results").resolve() and write_headline(
-            headline_rows(recs), bu.ROOT / "README.md"):
+            headline_rows(recs), bu.ROOT / "README.md",
+            load_unfinished(Path(args.records))):
         print("wrote the headline table of README.md")
     if not args.no_figures:
         figs = out / "figures"

@@ -185,3 +185,32 @@ def test_races_pair_splits_only():
     line = make_table.race_lines(rows)[-2]
     assert line.startswith(
         "| kin40k | 10 | blocked / keops | 1 2 | 0.2500 ± 0.0707 | 0.2000 ± 0.0000 |")
+
+
+def test_an_unfinished_run_is_noted_with_what_bounded_it(tmp_path):
+    # a default run stopped at its time limit: the headline says how far it got and what each
+    # evaluation cost, from the record's evaluation log (written by the child as it ran)
+    log = tmp_path / "run.ckpt.npz.evals.jsonl"
+    lines = [{"kind": "precond", "n": 41157, "rank": 1000, "seconds": 30.0}]
+    lines += [{"kind": "evaluation", "n": 2000, "estimator": "exact", "loss": 0.1 - i / 100,
+               "cg_iterations": 0, "cg_residual": 0.0, "passes": 0, "depth": 15,
+               "seconds": 1.0, "prepare_seconds": 0.0} for i in range(3)]
+    lines += [{"kind": "evaluation", "n": 41157, "estimator": "slq", "loss": 0.5,
+               "cg_iterations": 300, "cg_residual": 9e-6, "passes": 400, "depth": d,
+               "seconds": 1200.0, "prepare_seconds": 0.0} for d in (15, 30)]
+    log.write_text("\n".join(map(json.dumps, lines)) + "\n{\"kind\": \"eval")  # cut by a kill
+    summary = bu.evaluations_summary(log)
+    assert summary["precond_builds"] == {"count": 1, "seconds": 30.0}
+    full = summary["by_n"]["41157"]
+    assert (full["evaluations"], full["depth"], full["seconds_per_evaluation"]) == (2, 30, 1200)
+    assert summary["by_n"]["2000"]["evaluations"] == 3
+    rec = _rec("protein", 0) | {"status": "timeout>3600s", "evaluations_log": summary,
+                                "session_seconds": [{"seconds": {"run": 3600.0}}]}
+    for k in ("test_rmse", "total_seconds", "fit_seconds", "predict_seconds"):
+        rec.pop(k, None)
+    note = make_table.unfinished_note(rec)
+    assert note.startswith("- protein split 0: unfinished (timeout>3600s, 3600 s so far)")
+    assert "2 evaluations at n = 41157 (slq, 1200 s each, 400 passes and 300 CG" in note
+    assert "Lanczos depth up to 30" in note
+    rows = make_table.headline_rows([])
+    assert note in make_table.headline(rows, [rec])

@@ -46,6 +46,7 @@ def test_headline_table_is_the_generated_one():
     import make_table
 
     recs = make_table.load_records(ROOT / "results" / "uci")
-    table = "\n".join(make_table.headline(make_table.headline_rows(recs)))
+    unfinished = make_table.load_unfinished(ROOT / "results" / "uci")
+    table = "\n".join(make_table.headline(make_table.headline_rows(recs), unfinished))
     start, end = make_table.HEADLINE
     assert README.split(start, 1)[1].split(end, 1)[0].strip() == table.strip()
