@@ -139,6 +139,8 @@ def precond_factors(X, kernel: str, h0, config: MLLConfig) -> PrecondFactors:
             lambda i: cross_cov(kernel, lax.dynamic_slice_in_dim(X, i, 1), X, h0)[0],
             jnp.full((n,), h0.outputscale, X.dtype),
             min(config.precond_rank, n),
+            # random pivots from one fixed key: P is a deterministic function of h0 and X
+            key=jax.random.PRNGKey(0) if config.precond_pivot == "random" else None,
         )
         precond = make_preconditioner(L, h0.noise)
         if config.precond_logdet:

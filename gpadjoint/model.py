@@ -195,6 +195,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         num_probes=None,
         lanczos_depth=None,
         precond_rank=None,
+        precond_pivot=None,
         cg_tol=None,
         cg_min_iter=None,
         cg_max_iter=None,

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from .kernels import NOISE_FLOOR
 
 ESTIMATORS = ("auto", "slq", "exact")
+PIVOTS = ("greedy", "random")  # MLLConfig.precond_pivot
 # Up to this n the float64 Cholesky estimator (O(n^3), exact and deterministic) costs about what
 # an SLQ step does, so "auto" prefers it there.
 EXACT_MAX_N = 2000
@@ -120,6 +121,9 @@ class MLLConfig(Section):
         num_probes: Rademacher probes for SLQ (p).
         lanczos_depth: Lanczos steps per probe (k).
         precond_rank: pivoted-Cholesky rank of the CG preconditioner (0 = none).
+        precond_pivot: its pivots, ``"greedy"`` (largest residual diagonal) or ``"random"``
+            (drawn in proportion to it, from a fixed key: randomly pivoted Cholesky;
+            :func:`gpadjoint.solve.pivoted_cholesky`).
         cg_tol: CG stops when |y - K x| / |y| <= cg_tol ...
         cg_min_iter: ... and at least this many iterations ran ...
         cg_max_iter: ... or after this many.
@@ -147,7 +151,7 @@ class MLLConfig(Section):
         "num_probes": int, "lanczos_depth": int, "precond_rank": int, "cg_tol": float,
         "cg_min_iter": int, "cg_max_iter": int, "estimator": str, "exact_max_n": int,
         "precond_logdet": bool, "noise_floor": float, "depth_tol": float,
-        "max_lanczos_depth": int,
+        "max_lanczos_depth": int, "precond_pivot": str,
     }
     _NOT_IN_TABLE: ClassVar[tuple[str, ...]] = ("noise_floor",)
 
@@ -163,9 +167,11 @@ class MLLConfig(Section):
     noise_floor: float = NOISE_FLOOR
     depth_tol: float = 0.0
     max_lanczos_depth: int = 0
+    precond_pivot: str = "greedy"
 
     def _validate(self):
         self._choice("estimator", ESTIMATORS)
+        self._choice("precond_pivot", PIVOTS)
         self._positive("num_probes", "lanczos_depth", "cg_tol", "cg_max_iter", "exact_max_n")
         self._non_negative("precond_rank", "cg_min_iter", "noise_floor", "depth_tol",
                            "max_lanczos_depth")

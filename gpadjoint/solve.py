@@ -5,7 +5,12 @@ sees an operator ``mv(V, *args) = A V``; kernel specifics come in as plain funct
 
 * :func:`pivoted_cholesky` builds a rank-r factor L of the noise-free kernel matrix from r rows
   (O(n r) memory, r row evaluations); P = L L^T + sigma2 I is the preconditioner, applied by
-  the Woodbury identity in O(n r).
+  the Woodbury identity in O(n r). Its pivots are either greedy (the largest residual
+  diagonal entry) or random (drawn with probability proportional to the residual diagonal:
+  randomly pivoted Cholesky, Chen, Epperly, Tropp and Webber 2023). Greedy pivoting keeps
+  picking isolated points whose rows explain little else; random pivots cover where the mass
+  of the residual is, leaving a smaller trace tr(K - L L^T) at the same rank and so fewer CG
+  iterations (results/precond_pivot.csv).
 * :func:`cg` runs preconditioned conjugate gradients on a block of right-hand sides, each column
   with its own step sizes, until every column's relative residual |r|/|b| <= tol (at least
   ``min_iter``, at most ``max_iter`` iterations).
@@ -45,13 +50,18 @@ class Preconditioner(NamedTuple):
         return (V - self.L @ z) / self.shift
 
 
-def pivoted_cholesky(row_fn: Callable, diag: jax.Array, rank: int) -> jax.Array:
+def pivoted_cholesky(row_fn: Callable, diag: jax.Array, rank: int,
+                     key: jax.Array | None = None) -> jax.Array:
     """Partial pivoted Cholesky of a PSD matrix known through its rows and diagonal.
 
     Args:
         row_fn: ``row_fn(i) -> (n,)`` row i of the matrix (traced index).
         diag: (n,) its diagonal.
         rank: number of pivots r (0 gives an (n, 0) factor).
+        key: None for greedy pivots (the largest residual diagonal entry); a PRNG key for
+            random ones, pivot k drawn from ``fold_in(key, k)`` with probability proportional
+            to the residual diagonal (randomly pivoted Cholesky). Either way the factor is
+            exact on its pivots' rows and columns.
 
     Returns:
         L (n, r) with L L^T approximating the matrix; exact on the pivoted rows/columns.
@@ -65,9 +75,17 @@ def pivoted_cholesky(row_fn: Callable, diag: jax.Array, rank: int) -> jax.Array:
         return L
     tiny = 100 * jnp.finfo(dtype).eps * jnp.max(diag)
 
+    def pivot(k, d):
+        if key is None:
+            return jnp.argmax(d)
+        # a spent pivot (d = 0) has probability 0; an all-spent d falls back to greedy below
+        logits = jnp.where(d > tiny, jnp.log(jnp.where(d > tiny, d, 1.0)), -jnp.inf)
+        drawn = jax.random.categorical(jax.random.fold_in(key, k), logits)
+        return jnp.where(jnp.any(d > tiny), drawn, jnp.argmax(d))
+
     def body(k, state):
         L, d = state
-        i = jnp.argmax(d)
+        i = pivot(k, d)
         piv = d[i]
         ok = piv > tiny
         row = row_fn(i) - L @ L[i]
