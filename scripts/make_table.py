@@ -466,6 +466,19 @@ INVESTIGATIONS_AT = "2f88f9f"
 # One section of results/README.md per benchmark file: (file, script, what it measures, columns
 # shown, row filter). Every other column stays in the file itself.
 SECTIONS = [
+    ("precond_pivot.csv", "scripts/precond_pivot.py",
+     "CG iterations of one solve of [y, 4 probes] to 1e-5 at the default's end points, with "
+     "the pivoted-Cholesky preconditioner's pivots greedy or random (randomly pivoted "
+     "Cholesky, the default) at two ranks; residual_trace = tr(K - L L^T), scaled units.",
+     ["dataset", "split", "n", "d", "noise", "outputscale", "rank", "pivot", "cg_iterations",
+      "cg_residual", "residual_trace", "trace_K", "build_s", "commit"], None),
+    ("mixed_endpoints.csv", "scripts/mixed_endpoints.py",
+     "The default estimator's loss and gradient with the blocked pass in full and mixed "
+     "precision at fitted end points (same probes and preconditioner); the bar for mixed is "
+     "loss_diff <= 1e-6 nats/datum and grad_rel_diff <= 1e-4 with CG at its tolerance.",
+     ["dataset", "split", "n", "d", "precision", "depth", "loss", "grad_norm",
+      "cg_iterations", "cg_residual", "passes", "seconds", "loss_diff", "grad_rel_diff",
+      "meets_bar"], None),
     ("bench_epoch.csv", "scripts/bench_epoch.py",
      "Per-epoch cost, kernel passes and time to GPyTorch's final exact loss, paired runs on "
      "one split (ratios are gpadjoint / GPyTorch).",
