@@ -27,6 +27,8 @@ form) and :func:`gpadjoint.solve.inv_quad` run one after the other (``tests/test
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import jax
@@ -36,6 +38,32 @@ from jax import lax
 from .lanczos import lanczos_backward, lanczos_finish, lanczos_start, lanczos_step
 from .logdet import half_inverse
 from .solve import CGInfo, CGRecursion, Preconditioner
+
+logger = logging.getLogger("gpadjoint")
+# While the "gpadjoint" logger is enabled for DEBUG when a solve is traced, its CG loop reports
+# its iteration and residual to the host every PROGRESS_EVERY iterations (a DEBUG record with
+# ``extra={"evaluation": {"kind": "cg_progress", ...}}``), so that an evaluation too long to
+# finish still says how far its solve got. Otherwise nothing is added to the compiled loop.
+PROGRESS_EVERY = 25
+
+
+def _report_cg(n, it, res):
+    it, res = int(it), float(res)
+    logger.debug("CG iteration %d (n = %d): relative residual %.2e", it, n, res,
+                 extra={"evaluation": {"kind": "cg_progress", "n": n, "iteration": it,
+                                       "residual": res, "wall": time.time()}})
+
+
+def _with_progress(st, n: int):
+    """Return ``st`` (a CGState), reporting it to the host every PROGRESS_EVERY iterations."""
+    if not logger.isEnabledFor(logging.DEBUG):  # decided when traced
+        return st
+
+    def report(st):
+        jax.debug.callback(lambda it, res: _report_cg(n, it, res), st.it, jnp.max(st.res))
+        return st
+
+    return lax.cond(st.it % PROGRESS_EVERY == 0, report, lambda st: st, st)
 
 
 def slq_and_solve(
@@ -123,7 +151,9 @@ def _forward(mv, depth, breakdown_tol, cg_cfg, V0, b, consts, args):
 
     state, st = lax.fori_loop(1, depth, body, (state, st))
     # CG iterations beyond the Lanczos depth run alone
-    st = lax.while_loop(rec.cond, lambda s: rec.update(s, mv(s.P, *args)), st)
+    n = b.shape[0]
+    st = lax.while_loop(rec.cond,
+                        lambda s: _with_progress(rec.update(s, mv(s.P, *args)), n), st)
     tri, C = lanczos_finish(state, norm, depth)
     x = st.X[:, 0]
     return (tri, jnp.dot(b, x), x, st.it, st.res), C

@@ -355,22 +355,33 @@ def evaluations_summary(path: Path) -> dict | None:
     the mean ``seconds_per_evaluation``, ``passes_per_evaluation`` and
     ``cg_iterations_per_evaluation``, the largest ``depth``, the ``last_loss`` and its CG
     residual; and the preconditioner builds (count and seconds). A run that ran out of time
-    is bounded by these: evaluations x passes x seconds per pass.
+    is bounded by these: evaluations x passes x seconds per pass. ``unfinished``: per n, the
+    evaluation a kill cut short (its last reported CG iteration and residual, and the seconds
+    it had run), from the CG progress records (:mod:`gpadjoint.fused`).
     """
     path = Path(path)
     if not path.exists():
         return None
     by_n: dict[int, dict] = {}
     builds = {"count": 0, "seconds": 0.0}
+    pending: dict[int, dict] = {}  # CG progress of an evaluation not finished (yet)
+    last = None  # when the last finished thing (evaluation, build) ended
     for line in path.read_text().splitlines():
         try:
             e = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
+        if e.get("kind") == "cg_progress":
+            started = pending.get(e["n"], {}).get("started", last)
+            pending[e["n"]] = {"cg_iteration": e["iteration"], "residual": e["residual"],
+                               "started": started, "wall": e["wall"]}
+            continue
+        last = e.get("time", last)
         if e.get("kind") == "precond":
             builds["count"] += 1
             builds["seconds"] += e["seconds"]
             continue
+        pending.pop(int(e["n"]), None)
         s = by_n.setdefault(int(e["n"]), {"estimator": e["estimator"], "evaluations": 0,
                                          "seconds": 0.0, "passes": 0, "cg_iterations": 0,
                                          "depth": 0})
@@ -385,7 +396,13 @@ def evaluations_summary(path: Path) -> dict | None:
         s["seconds_per_evaluation"] = s["seconds"] / k
         s["passes_per_evaluation"] = s.pop("passes") / k
         s["cg_iterations_per_evaluation"] = s.pop("cg_iterations") / k
-    return {"by_n": {str(n): by_n[n] for n in sorted(by_n)}, "precond_builds": builds}
+    out = {"by_n": {str(n): by_n[n] for n in sorted(by_n)}, "precond_builds": builds}
+    # the evaluation a kill cut short: how far its CG had got, and after how many seconds
+    out["unfinished"] = {
+        str(n): {"cg_iteration": p["cg_iteration"], "residual": p["residual"],
+                 "seconds": None if p["started"] is None else p["wall"] - p["started"]}
+        for n, p in sorted(pending.items())}
+    return out
 
 
 def run_cost(rec: dict) -> dict | None:

@@ -176,8 +176,9 @@ def unfinished_note(r: dict) -> str:
         sum(e.get("seconds", {}).values()) for e in r.get("session_seconds") or [])
     head = (f"- {r['dataset']} split {r['split']}: unfinished ({r['status']}"
             + (f", {secs:.0f} s so far" if secs else "") + ")")
-    log = (r.get("evaluations_log") or {}).get("by_n") or {}
-    if not log:
+    full = r.get("evaluations_log") or {}
+    log = full.get("by_n") or {}
+    if not log and not full.get("unfinished"):
         return head + "; no evaluation log (a record from before it existed)."
     parts = []
     for n, e in log.items():
@@ -186,6 +187,10 @@ def unfinished_note(r: dict) -> str:
                      f"{e['passes_per_evaluation']:.0f} passes and "
                      f"{e['cg_iterations_per_evaluation']:.0f} CG iterations per evaluation, "
                      f"Lanczos depth up to {e['depth']})")
+    for n, u in (full.get("unfinished") or {}).items():
+        parts.append(f"an evaluation at n = {n} cut short at CG iteration {u['cg_iteration']} "
+                     f"(relative residual {u['residual']:.1e}"
+                     + (f", after {u['seconds']:.0f} s" if u.get("seconds") else "") + ")")
     return head + ": " + "; ".join(parts) + ". It continues from its checkpoint when rerun."
 
 

@@ -198,12 +198,19 @@ def test_an_unfinished_run_is_noted_with_what_bounded_it(tmp_path):
     lines += [{"kind": "evaluation", "n": 41157, "estimator": "slq", "loss": 0.5,
                "cg_iterations": 300, "cg_residual": 9e-6, "passes": 400, "depth": d,
                "seconds": 1200.0, "prepare_seconds": 0.0} for d in (15, 30)]
+    # the third full-n evaluation was killed while its CG was at iteration 50
+    t0 = 1e9
+    lines[-1]["time"] = t0
+    lines += [{"kind": "cg_progress", "n": 41157, "iteration": it, "residual": r,
+               "wall": t0 + s} for it, r, s in ((25, 1e-2, 300.0), (50, 1e-3, 600.0))]
     log.write_text("\n".join(map(json.dumps, lines)) + "\n{\"kind\": \"eval")  # cut by a kill
     summary = bu.evaluations_summary(log)
     assert summary["precond_builds"] == {"count": 1, "seconds": 30.0}
     full = summary["by_n"]["41157"]
     assert (full["evaluations"], full["depth"], full["seconds_per_evaluation"]) == (2, 30, 1200)
     assert summary["by_n"]["2000"]["evaluations"] == 3
+    assert summary["unfinished"] == {"41157": {"cg_iteration": 50, "residual": 1e-3,
+                                               "seconds": 600.0}}
     rec = _rec("protein", 0) | {"status": "timeout>3600s", "evaluations_log": summary,
                                 "session_seconds": [{"seconds": {"run": 3600.0}}]}
     for k in ("test_rmse", "total_seconds", "fit_seconds", "predict_seconds"):
@@ -212,5 +219,6 @@ def test_an_unfinished_run_is_noted_with_what_bounded_it(tmp_path):
     assert note.startswith("- protein split 0: unfinished (timeout>3600s, 3600 s so far)")
     assert "2 evaluations at n = 41157 (slq, 1200 s each, 400 passes and 300 CG" in note
     assert "Lanczos depth up to 30" in note
+    assert "cut short at CG iteration 50 (relative residual 1.0e-03, after 600 s)" in note
     rows = make_table.headline_rows([])
     assert note in make_table.headline(rows, [rec])

@@ -375,3 +375,14 @@ def test_each_evaluation_is_logged_with_its_cost(data64, tmp_path):
     if s["evaluations"] == evals:
         assert s["passes_per_evaluation"] * evals == pytest.approx(sum(h["passes"] for h in hist))
     assert s["estimator"] == CFG.estimator and s["depth"] == CFG.lanczos_depth
+    # the CG loop's progress records (DEBUG was on when it was traced): every PROGRESS_EVERY
+    # iterations, each below the iteration count its evaluation then reports
+    from gpadjoint.fused import PROGRESS_EVERY
+
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    progress = [(i, e) for i, e in enumerate(lines) if e["kind"] == "cg_progress"]
+    assert progress
+    for i, e in progress:
+        done = next(x for x in lines[i:] if x["kind"] == "evaluation")
+        assert e["iteration"] % PROGRESS_EVERY == 0 and e["iteration"] <= done["cg_iterations"]
+    assert bu.evaluations_summary(path)["unfinished"] == {}
