@@ -182,6 +182,10 @@ def unfinished_note(r: dict) -> str:
         return head + "; no evaluation log (a record from before it existed)."
     parts = []
     for n, e in log.items():
+        if e["estimator"] == "exact":  # Cholesky: no passes, no CG
+            parts.append(f"{e['evaluations']} exact evaluations at n = {n} "
+                         f"({e['seconds_per_evaluation']:.0f} s each)")
+            continue
         parts.append(f"{e['evaluations']} evaluations at n = {n} ({e['estimator']}, "
                      f"{e['seconds_per_evaluation']:.0f} s each, "
                      f"{e['passes_per_evaluation']:.0f} passes and "
@@ -191,7 +195,8 @@ def unfinished_note(r: dict) -> str:
         parts.append(f"an evaluation at n = {n} cut short at CG iteration {u['cg_iteration']} "
                      f"(relative residual {u['residual']:.1e}"
                      + (f", after {u['seconds']:.0f} s" if u.get("seconds") else "") + ")")
-    return head + ": " + "; ".join(parts) + ". It continues from its checkpoint when rerun."
+    return (head + ": " + "; ".join(parts) + ". The same command resumes it from its last "
+            "checkpoint, where it wrote one.")
 
 
 def _mean_std(vals):
