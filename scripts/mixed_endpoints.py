@@ -21,7 +21,6 @@ The bar (keep mixed only if both hold): ``loss_diff`` <= 1e-6 nats/datum and ``g
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import sys
@@ -108,10 +107,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=bu.ROOT / "results" / "mixed_endpoints.csv")
     args = ap.parse_args(argv)
     load_before, started = bu.load_avg(), time.time()
-    old = []
-    if args.out.exists():  # one row per (record, precision, depth, n): a rerun replaces its own
-        with open(args.out) as fh:
-            old = list(csv.DictReader(fh))
     rows = []
     for record in args.records:
         X, y, params, seed, meta = end_point(record, args.subset)
@@ -128,13 +123,10 @@ def main(argv=None) -> int:
                         "meets_bar": meets}
             rows.append(row)
             print(row, flush=True)
-    keys = {(r["record"], r["precision"], str(r["depth"]), str(r["n"])) for r in rows}
-    kept = [r for r in old if (r["record"], r["precision"], r["depth"], r["n"]) not in keys]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, FIELDS)
-        w.writeheader()
-        w.writerows(kept + rows)
+    # one row per (record, precision, depth, n): a rerun replaces its own
+    key = ("record", "precision", "depth", "n")
+    mine = {tuple(str(r[k]) for k in key) for r in rows}
+    bu.replace_rows(args.out, rows, FIELDS, lambda r: tuple(r[k] for k in key) in mine)
     side = {"script": "scripts/mixed_endpoints.py", "commit": bu.git_commit(),
             "machine": bu.machine(), "versions": bu.versions(),
             "argv": sys.argv[1:] if argv is None else list(argv), "load_avg_before": load_before,

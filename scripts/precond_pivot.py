@@ -18,7 +18,6 @@ default's). Iterations are the slowest column's. One row per (record, rank, pivo
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -94,17 +93,10 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         del K
-    mine = {(r["record"], str(r["rank"]), r["pivot"], str(r["n"])) for r in rows}
-    old = []
-    if args.out.exists():
-        with open(args.out) as fh:
-            old = [r for r in csv.DictReader(fh)
-                   if (r["record"], r["rank"], r["pivot"], r["n"]) not in mine]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, FIELDS)
-        w.writeheader()
-        w.writerows(old + rows)
+    # one row per (record, rank, pivot, n): a rerun replaces its own
+    key = ("record", "rank", "pivot", "n")
+    mine = {tuple(str(r[k]) for k in key) for r in rows}
+    bu.replace_rows(args.out, rows, FIELDS, lambda r: tuple(r[k] for k in key) in mine)
     side = {"script": "scripts/precond_pivot.py", "commit": bu.git_commit(),
             "machine": bu.machine(), "versions": bu.versions(),
             "argv": sys.argv[1:] if argv is None else list(argv), "tol": args.tol}
