@@ -375,8 +375,8 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         resumed from there when the full fit had not yet written ``checkpoint``.
         """
         from .checkpoint import start_path
-        from .optimizers import as_optimizer
-        from .start import full_fit, initial_params, subset_metric, subset_start
+        from .optimizers import as_optimizer, drop_anchor_factors
+        from .start import full_fit, initial_params, precond_ratio, subset_metric, subset_start
 
         cfg = self.config_
         mc, tc = cfg.model, cfg.train
@@ -391,11 +391,15 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         start_ckpt = start_path(checkpoint)
         resume_fit = resume and checkpoint is not None and Path(checkpoint).exists()
         if tc.init_subset and n > tc.init_subset and not resume_fit and tc.epochs > 0:
+            # an SLQ fit of all rows follows: measure how hard its CG would be from each rung
+            mll = self._mll_config(n)
+            check = (None if self.estimator_ != "slq" else functools.partial(
+                precond_ratio, Xn, kernel=mc.kernel, config=mll))
             params0, self.init_subset_ = subset_start(
                 Xn, yn, params0, kernel=mc.kernel, size=tc.init_subset, seed=seed,
                 noise_floor=mc.noise_floor, max_size=tc.init_subset_max, metric=False,
                 checkpoint=start_ckpt, resume=resume, stop=stop,
-                settings={"config": run, **(settings or {})})
+                settings={"config": run, **(settings or {})}, cg_check=check)
             i = self.init_subset_
             if i.get("interrupted"):
                 self.history_, self.fit_info_ = [], {}
@@ -406,9 +410,12 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             sizes = " -> ".join(str(st["size"]) for st in i["stages"])
             say(f"start: exact fit on {sizes} random rows ({i['evaluations']} evaluations, "
                 f"{i['seconds']:.1f} s, loss {i['loss']:.4f}, noise {i['noise']:.2e}"
-                f"{', interpolating' if i['interpolating'] else ''})")
+                f"{', interpolating' if i['interpolating'] else ''}"
+                + (f", CG ratio {i['precond_ratio']:.1e}" if "precond_ratio" in i else "")
+                + ")")
         self.full_fit_ = full_fit(tc.full_fit, self.init_subset_, self.estimator_, n)
         if not self.full_fit_["fit"]:
+            drop_anchor_factors()
             say(f"full fit: skipped ({self.full_fit_['reason']})")
             self.history_, self.fit_info_ = [], {}
             self.stopped_reason_ = f"kept the subset start: {self.full_fit_['reason']}"

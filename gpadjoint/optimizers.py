@@ -44,6 +44,42 @@ logger = logging.getLogger("gpadjoint")
 
 _DEFAULT_MLL = MLLConfig()
 
+# A preconditioner built before a fit at what will be its first anchor (the subset start's check
+# of its last rung, :func:`anchor_factors`), taken by the first evaluator that asks for the same
+# one, so that it is not built twice. At most one is held.
+_HANDOFF: dict = {}
+
+
+def _factors_key(X, kernel: str, cfg: MLLConfig, anchor: Params) -> tuple:
+    """Return what makes two preconditioners the same: data, kernel, settings, anchor."""
+    import hashlib
+
+    data = hashlib.sha256(np.asarray(X).tobytes()).hexdigest()
+    tag = b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(anchor))
+    return (kernel, X.shape, str(X.dtype), data, tag, cfg.precond_rank, cfg.precond_pivot,
+            cfg.precond_logdet, cfg.noise_floor)
+
+
+def anchor_factors(X, kernel: str, cfg: MLLConfig, anchor: Params):
+    """Build the :class:`~gpadjoint.mll.PrecondFactors` of ``anchor`` and hold them for the fit.
+
+    The next :class:`_Evaluator` anchored at the same parameters (same data, kernel and
+    preconditioner settings) takes them instead of building its own; a later call replaces them,
+    :func:`drop_anchor_factors` frees them.
+    """
+    X = jnp.asarray(X)
+    h0 = constrain(anchor, cfg.noise_floor)
+    factors = jax.block_until_ready(
+        jax.jit(lambda X, h0: precond_factors(X, kernel, h0, cfg))(X, h0))
+    _HANDOFF.clear()
+    _HANDOFF[_factors_key(X, kernel, cfg, anchor)] = factors
+    return factors
+
+
+def drop_anchor_factors() -> None:
+    """Free a preconditioner :func:`anchor_factors` holds (no fit will take it)."""
+    _HANDOFF.clear()
+
 
 class TrainState(NamedTuple):
     """Everything a step needs; a pytree (checkpointed as such).
@@ -455,6 +491,13 @@ class _Evaluator:
         tag = b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(anchor))
         if self._factors is None or self._factors[0] != tag:
             self._factors = None  # free the old factors before the new ones are built
+            if _HANDOFF:  # built before the fit at this anchor: take it
+                given = _HANDOFF.pop(_factors_key(self.X, self.backend.kernel, self.cfg,
+                                                  anchor), None)
+                _HANDOFF.clear()
+                if given is not None:
+                    self._factors = (tag, given)
+                    return given
             h0 = constrain(anchor, self.cfg.noise_floor)
             t0 = time.perf_counter()
             self._factors = (tag, jax.block_until_ready(self._build(self.X, h0)))

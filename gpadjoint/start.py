@@ -4,7 +4,8 @@ Data flow: mll -> train -> **start** -> model.
 
 * :func:`initial_params`: named starting parameters (``softplus0``, ``normal``);
 * :func:`subset_start`: the exact (float64 Cholesky) L-BFGS fit of random rows, the rows
-  doubling while that fit interpolates them (:data:`INTERPOLATING_NOISE`);
+  doubling while that fit interpolates them (:data:`INTERPOLATING_NOISE`) or leaves the full
+  fit's CG ill-conditioned (:data:`CG_RATIO_LIMIT`);
 * :func:`subset_metric`: the Hessian metric of the last subset's loss at its optimum, the
   coordinates :class:`gpadjoint.optimizers.LBFGS` then runs the full fit in;
 * :func:`full_fit`: whether the full fit runs after that start (``[train] full_fit``).
@@ -25,13 +26,22 @@ from .checkpoint import add_to_start, data_sha256, load_start, save_start
 from .coords import flat, from_opt, hessian_metric, opt_grad, to_opt, unflat
 from .kernels import Params, constrain, init_params
 from .mll import MLLConfig, neg_mll_exact
-from .optimizers import LBFGS
+from .optimizers import LBFGS, drop_anchor_factors
 from .train import fit
 
 # A subset fit whose noise is within this factor of the floor interpolates its rows: CG on all
 # rows from such a start converges far more slowly than near the best known fit (kin40k:
 # results/cg_cost/kin40k-split0.json)
 INTERPOLATING_NOISE = 10.0
+
+# Preconditioned CG on K of all n rows converges in a number of iterations that grows like
+# sqrt(kappa), and kappa <= 1 + trace(E) / noise, E = K - L L^T the part of the noise-free K that
+# the rank-r preconditioner leaves. A subset fit whose ratio trace(E) / noise exceeds this is
+# a costly start for the full fit: every solve there runs hundreds of passes over K. Measured:
+# pol split 0 near its optimum ~1e5 and 77 CG iterations per solve at rank 1000
+# (results/precond_pivot.csv); protein split 0 from its 2000-row fit ~1e7 and no solve within
+# 275 iterations (results/uci/protein-split0-gpadjoint-default-blocked-200ep.json).
+CG_RATIO_LIMIT = 1e6
 
 
 class SubsetStartWarning(RuntimeWarning):
@@ -48,6 +58,7 @@ def subset_start(
     resume: bool = False,
     stop: Callable[[], bool] | None = None,
     settings: Mapping | None = None,
+    cg_check: Callable[[Params], float] | None = None,
 ) -> tuple[Params, dict]:
     """Maximum-likelihood parameters of ``size`` random rows, as a start for the full fit.
 
@@ -62,6 +73,11 @@ def subset_start(
     double (a superset of the last ones, started from the last fit): on kin40k the 2000-row fit
     scored -0.712 nats/datum on all 36 000 rows and the 4000-row one -0.784
     (``results/optimum/kin40k-split0.points.jsonl``). ``info["stages"]`` has each fit.
+
+    ``cg_check(params) -> ratio`` (params in the dtype of X), when given, measures each rung that
+    does not interpolate: trace(E) / noise of the full fit's preconditioner at its fit
+    (:func:`precond_ratio`), kept in the stage as ``precond_ratio``. Above
+    :data:`CG_RATIO_LIMIT` (``cg_hard``) the rows double too, as for an interpolating fit.
 
     ``info["metric"]`` is the coordinate matrix for :class:`LBFGS` (``metric``): M = Q
     diag(lambda)^-1/2 from the forward-difference Hessian of the last subset's loss per datum at
@@ -93,10 +109,12 @@ def subset_start(
     if resume:
         params, saved = load_start(checkpoint, params, fingerprint)
         stages, extra = saved.pop("stages"), saved
+    check = None if cg_check is None else (
+        lambda p: float(cg_check(Params(*(jnp.asarray(a, dtype) for a in p)))))
     params, interrupted = _climb(X, y, params, stages, kernel=kernel, size=size, seed=seed,
                                  noise_floor=noise_floor, max_size=max_size,
                                  max_steps=max_steps, checkpoint=checkpoint,
-                                 fingerprint=fingerprint, stop=stop)
+                                 fingerprint=fingerprint, stop=stop, cg_check=check)
     if interrupted:
         return _interrupted(params0, params, stages, dtype, seed, t0)
     if stages[-1]["interpolating"]:
@@ -111,32 +129,65 @@ def subset_start(
 
 def _climb(X, y, params: Params, stages: list, *, kernel: str, size: int, seed: int,
            noise_floor: float, max_size: int, max_steps: int, checkpoint, fingerprint: dict,
-           stop: Callable[[], bool] | None) -> tuple[Params, bool]:
+           stop: Callable[[], bool] | None,
+           cg_check: Callable[[Params], float] | None = None) -> tuple[Params, bool]:
     """Fit the ladder's rungs after ``stages`` (appended to in place) -> (params, interrupted).
 
     The first rung has ``size`` rows when ``stages`` is empty; each later one doubles the last
-    while that interpolates, ``2 * size <= max_size`` and ``2 * size < n``. Each finished stage
+    while that interpolates or is ``cg_hard`` (``cg_check``), ``2 * size <= max_size`` and
+    ``2 * size < n``. Each finished stage
     is written to ``checkpoint`` (if given). ``stop()`` is asked before each stage and inside
     its fit: True returns the last finished stage's parameters with ``interrupted`` True.
     """
     n = X.shape[0]
     while True:
-        if stages:  # the ladder goes on while the last rung interpolates
+        if stages:  # the ladder goes on while the last rung is a poor or costly start
             done = stages[-1]["size"]
-            if not (stages[-1]["interpolating"] and 2 * done <= max_size and 2 * done < n):
+            if not (hard_start(stages[-1]) and 2 * done <= max_size and 2 * done < n):
                 break
             size = 2 * done
         if stop is not None and stop():
             return params, True
+        drop_anchor_factors()  # an earlier rung's check: not this fit's anchor
         fitted, stage = subset_stage(X, y, params, kernel=kernel, size=size, seed=seed,
                                      noise_floor=noise_floor, max_steps=max_steps, stop=stop)
         if stage.get("interrupted"):  # an unfinished stage is not kept
             return params, True
         params = fitted
+        if cg_check is not None and not stage["interpolating"]:
+            t0 = time.perf_counter()
+            ratio = cg_check(params)
+            stage |= {"precond_ratio": ratio, "cg_hard": not ratio <= CG_RATIO_LIMIT,
+                      "check_seconds": time.perf_counter() - t0}
         stages.append(stage)
         if checkpoint is not None:
             save_start(checkpoint, params, {"stages": stages}, fingerprint)
     return params, False
+
+
+def hard_start(stage: Mapping) -> bool:
+    """Whether a rung (or a start's info) is a poor or costly start for the full SLQ fit.
+
+    It interpolates its rows, or its ``precond_ratio`` exceeds :data:`CG_RATIO_LIMIT`.
+    """
+    return bool(stage.get("interpolating") or stage.get("cg_hard"))
+
+
+def precond_ratio(X, params: Params, *, kernel: str, config: MLLConfig) -> float:
+    """trace(E) / noise at ``params``: E = K - L L^T, L the full fit's preconditioner there.
+
+    ``config``: the full fit's [mll] settings (rank, pivots). The factors are built by
+    :func:`gpadjoint.optimizers.anchor_factors` and held for a fit anchored at ``params``. With
+    ``precond_rank = 0`` there is no L and the ratio is n * outputscale / noise.
+    """
+    from .optimizers import anchor_factors
+
+    h = constrain(params, config.noise_floor)
+    total = X.shape[0] * float(h.outputscale)
+    if config.precond_rank == 0:
+        return total / float(h.noise)
+    L = anchor_factors(X, kernel, config, params).precond.L
+    return max(total - float(jnp.sum(L * L)), 0.0) / float(h.noise)
 
 
 def _finished(stages: list, extra: dict, seed: int, t0: float) -> dict:
@@ -152,6 +203,7 @@ def _finished(stages: list, extra: dict, seed: int, t0: float) -> dict:
         "evaluations": sum(st["evaluations"] for st in stages),
         **{k: last[k] for k in ("loss", "stopped_reason", "noise", "outputscale",
                                 "interpolating")},
+        **{k: last[k] for k in ("precond_ratio", "cg_hard") if k in last},
         "stages": stages,
         "seconds": time.perf_counter() - t0,
     }
@@ -298,21 +350,29 @@ def full_fit(mode: str, subset: dict | None, estimator: str, n: int) -> dict:
 
     ``mode``: always | never | auto; ``subset``: :func:`subset_start`'s info (None: there was no
     subset start); ``estimator``: the full fit's resolved estimator. Returns ``{"fit": bool,
-    "mode": mode, "reason": str}``. ``auto`` keeps an interpolating start when the estimator is
-    SLQ: K of all n rows then has cond ~ n * outputscale / noise and every CG solve runs long.
+    "mode": mode, "reason": str}``. ``auto`` keeps a :func:`hard_start` when the estimator is
+    SLQ: an interpolating fit gives K of all n rows cond ~ n * outputscale / noise, and a
+    ``cg_hard`` one a preconditioned cond up to its ``precond_ratio``; either way every CG solve
+    runs long.
     """
     if subset is None:
         return {"fit": True, "mode": mode, "reason": "no subset start"}
     if mode != "auto":
         return {"fit": mode == "always", "mode": mode, "reason": f"full_fit = {mode!r}"}
-    if estimator != "slq" or not subset.get("interpolating"):
+    if estimator != "slq" or not hard_start(subset):
         return {"fit": True, "mode": mode, "reason": (
-            "auto: the subset fit does not interpolate" if estimator == "slq"
-            else f"auto: the {estimator} estimator does not iterate")}
-    cond = n * subset["outputscale"] / subset["noise"]
-    return {"fit": False, "mode": mode, "reason": (
-        f"auto: the exact fit of {subset['size']} rows interpolates them (noise "
-        f"{subset['noise']:.1e}, within {INTERPOLATING_NOISE:g}x noise_floor), where K of all "
-        f"{n} rows has cond ~ n s2 / noise = {cond:.0e} and each CG solve of the SLQ estimator "
-        "runs hundreds to thousands of passes over K; the fit keeps it. Set full_fit = "
-        "'always' to fit all rows anyway, or raise init_subset_max")}
+            "auto: the subset fit neither interpolates nor leaves CG ill-conditioned"
+            if estimator == "slq" else f"auto: the {estimator} estimator does not iterate")}
+    tail = ("each CG solve of the SLQ estimator runs hundreds to thousands of passes over K; "
+            "the fit keeps it. Set full_fit = 'always' to fit all rows anyway, or raise "
+            "init_subset_max")
+    if subset.get("interpolating"):
+        cond = n * subset["outputscale"] / subset["noise"]
+        why = (f"the exact fit of {subset['size']} rows interpolates them (noise "
+               f"{subset['noise']:.1e}, within {INTERPOLATING_NOISE:g}x noise_floor), where K "
+               f"of all {n} rows has cond ~ n s2 / noise = {cond:.0e}")
+    else:
+        why = (f"at the exact fit of {subset['size']} rows (noise {subset['noise']:.1e}) the "
+               f"preconditioner of all {n} rows leaves trace(K - L L^T) / noise = "
+               f"{subset['precond_ratio']:.1e} > {CG_RATIO_LIMIT:.0e}")
+    return {"fit": False, "mode": mode, "reason": f"auto: {why} and {tail}"}

@@ -386,3 +386,90 @@ def test_each_evaluation_is_logged_with_its_cost(data64, tmp_path):
         done = next(x for x in lines[i:] if x["kind"] == "evaluation")
         assert e["iteration"] % PROGRESS_EVERY == 0 and e["iteration"] <= done["cg_iterations"]
     assert bu.evaluations_summary(path)["unfinished"] == {}
+
+
+def test_precond_ratio_is_the_residual_trace_over_the_noise(data64):
+    from gpadjoint.kernels import cross_cov
+    from gpadjoint.optimizers import _HANDOFF, drop_anchor_factors
+    from gpadjoint.start import precond_ratio
+
+    X, _ = data64
+    p = init_params(D, jnp.float64)
+    h = constrain(p, CFG.noise_floor)
+    K = np.asarray(cross_cov("matern32", X, X, h))
+    for rank in (0, 10, N):
+        cfg = MLLConfig(precond_rank=rank, precond_pivot="random")
+        got = precond_ratio(X, p, kernel="matern32", config=cfg)
+        if rank == 0:
+            assert got == pytest.approx(np.trace(K) / float(h.noise), rel=1e-12)
+            continue
+        L = np.asarray(precond_factors(X, "matern32", h, cfg).precond.L)
+        want = np.trace(K - L @ L.T) / float(h.noise)
+        assert got == pytest.approx(want, rel=1e-8, abs=1e-6)
+        assert len(_HANDOFF) == 1  # held for a fit anchored there
+    # full rank leaves (almost) nothing; rank 10 leaves less than rank 0
+    assert precond_ratio(X, p, kernel="matern32", config=MLLConfig(precond_rank=N)) < 1e-6 * N
+    drop_anchor_factors()
+    assert not _HANDOFF
+
+
+def test_a_fit_takes_the_preconditioner_built_at_its_anchor(data64, caplog):
+    import logging
+
+    from gpadjoint.optimizers import _HANDOFF, anchor_factors
+
+    X, y = data64
+    p = init_params(D, jnp.float64)
+
+    def fit_and_count(params0):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="gpadjoint"):
+            res = _fit(X, y, epochs=1, seed=1, params0=params0)
+        builds = [r for r in caplog.records
+                  if getattr(r, "evaluation", {}).get("kind") == "precond"]
+        return res, len(builds)
+
+    anchor_factors(X, "matern32", CFG, p)
+    taken, n_taken = fit_and_count(p)
+    assert not _HANDOFF and n_taken == 0
+    built, n_built = fit_and_count(p)
+    assert n_built == 1
+    assert taken.history[0]["new_loss"] == built.history[0]["new_loss"]
+    # another anchor does not take it: it builds its own, and what was held is freed
+    anchor_factors(X, "matern32", CFG, p)
+    _, n_other = fit_and_count(p._replace(raw_noise=p.raw_noise + 0.1))
+    assert n_other == 1 and not _HANDOFF
+
+
+@pytest.mark.slow
+def test_the_ladder_climbs_while_the_full_fits_cg_would_be_hard():
+    import warnings
+
+    from gpadjoint.start import CG_RATIO_LIMIT, SubsetStartWarning, full_fit, subset_start
+
+    Xn, yn = _interpolating_data(noise_sd=0.1)  # noisy: no rung interpolates
+    p0 = init_params(2, jnp.float64)
+    seen = []
+
+    def check(params):  # hard for the first two rungs' fits, then easy
+        seen.append(float(constrain(params, 1e-4).noise))
+        return 10 * CG_RATIO_LIMIT if len(seen) <= 2 else CG_RATIO_LIMIT / 10
+
+    kw = dict(kernel="matern32", seed=0, noise_floor=1e-4, max_size=300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SubsetStartWarning)
+        _, info = subset_start(jnp.asarray(Xn), jnp.asarray(yn - yn.mean()), p0, size=50,
+                               cg_check=check, **kw)
+    assert [st["size"] for st in info["stages"]] == [50, 100, 200]
+    assert [st["cg_hard"] for st in info["stages"]] == [True, True, False]
+    # each rung was checked at its own fit
+    assert seen == pytest.approx([st["noise"] for st in info["stages"]], rel=1e-6)
+    assert full_fit("auto", info, "slq", 400)["fit"]
+    # hard to the last allowed rung: auto keeps it and says why
+    _, info = subset_start(jnp.asarray(Xn), jnp.asarray(yn - yn.mean()), p0, size=50,
+                           cg_check=lambda p: 10 * CG_RATIO_LIMIT, **kw)
+    assert [st["size"] for st in info["stages"]] == [50, 100, 200] and info["cg_hard"]
+    why = full_fit("auto", info, "slq", 400)
+    assert not why["fit"] and "trace(K - L L^T) / noise = 1.0e+07" in why["reason"]
+    assert full_fit("auto", info, "exact", 400)["fit"]
+    assert full_fit("always", info, "slq", 400)["fit"]
