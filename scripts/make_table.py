@@ -736,10 +736,25 @@ def headline_rows(recs: list[dict]) -> list[dict]:
             # splits whose variance was not the exact posterior's (LOVE, CG)
             "predictors": [(r["split"], r["predict_method"]) for r in rs
                            if r.get("predict_method") not in (None, "exact", "cholesky")],
+            # splits that kept their subset start (full_fit auto): rows and why
+            "kept": [(r["split"], kept_start(r)) for r in rs if kept_start(r)],
             "gpytorch": gpytorch_runs(gp),
             "paper": PAPER.get(ds, {}).get("adjoint"), "paper_bar": PAPER_RMSE_BAR.get(ds),
         })
     return rows
+
+
+def kept_start(r: dict) -> str | None:
+    """Say why a run kept its subset start instead of fitting all n (None: it fitted all n)."""
+    ff, st = r.get("full_fit") or {}, r.get("init_subset") or {}
+    if ff.get("fit", True) or not st.get("size"):
+        return None
+    if st.get("interpolating"):
+        return f"{st['size']} rows, interpolated (noise {st['noise']:.1e})"
+    if st.get("cg_hard"):
+        return (f"{st['size']} rows, CG ill-conditioned at all n "
+                f"(trace(K - LLᵀ)/σ² = {st['precond_ratio']:.1e})")
+    return f"{st['size']} rows ({ff.get('reason', 'full_fit')})"
 
 
 def gpytorch_runs(rs: list[dict]) -> list[dict]:
@@ -810,6 +825,10 @@ def headline(rows: list[dict], unfinished: list[dict] = ()) -> list[str]:
             on = [str(s) for s, w in h["predictors"] if w == how]
             notes.append(f"- {h['dataset']}: NLL by the {how} predictive variance, not the exact "
                          f"posterior (split{'s' if len(on) > 1 else ''} {' '.join(on)}).")
+        if h.get("kept"):
+            notes.append(f"- {h['dataset']}: the fit kept its exact subset start "
+                         "(`full_fit = \"auto\"`, see *Hard starts* above) on "
+                         + "; ".join(f"split {s}: {why}" for s, why in h["kept"]) + ".")
         many = [(s, k) for s, k in zip(h["splits"], h["sessions"]) if k and k > 1]
         if many:
             notes.append(f"- {h['dataset']}: total s summed over "

@@ -134,7 +134,12 @@ def test_headline_mean_sd_and_split_counts():
                   common_evaluator={"method": "slq", "loss_se": 2e-4})
              for s, r in [(0, 0.41), (2, 0.38)]]
     recs += [_rec("kin40k", 1, test_rmse=0.07, test_nll=-1.2, final_train_loss_common=-0.8,
-                  train_seconds=500.0, predict_seconds=300.0)]  # an older record: train_seconds
+                  train_seconds=500.0, predict_seconds=300.0,  # an older record: train_seconds
+                  full_fit={"fit": False, "mode": "auto", "reason": "auto: ..."},
+                  init_subset={"size": 8000, "interpolating": True, "noise": 1e-4})]
+    recs[3]["full_fit"] = {"fit": False, "mode": "auto", "reason": "auto: ..."}  # protein 0
+    recs[3]["init_subset"] = {"size": 8000, "interpolating": False, "noise": 0.0136,
+                              "cg_hard": True, "precond_ratio": 1.61e6}
     recs += [_rec("elevators", s, method="gpytorch", epochs=75, backend="dense",
                   test_rmse=0.1 + s / 100, final_train_loss_common=-0.7) for s in (0, 1)]
     # a second, older default record of split 0 on another backend: the latest one counts
@@ -166,6 +171,13 @@ def test_headline_mean_sd_and_split_counts():
     assert ("protein split 0 took 4100 s, over one hour: 3 evaluations at all n over 2 steps, "
             "20 kernel passes and 20 CG iterations per evaluation") in text
     assert "protein: total s summed over 2 sessions (split 0), 2 sessions (split 2)" in text
+    # a kept subset start says so, and why
+    assert ("protein: the fit kept its exact subset start (`full_fit = \"auto\"`, see *Hard starts* above) "
+            "on split 0: 8000 rows, CG ill-conditioned at all n (trace(K - LLᵀ)/σ² = 1.6e+06)."
+            ) in text
+    assert "kin40k: the fit kept its exact subset start" in text
+    assert "split 1: 8000 rows, interpolated (noise 1.0e-04)" in text
+    assert "elevators: the fit kept" not in text
     assert "differ from the paper's random 80/20" in text
 
 
