@@ -23,9 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 CORE = ("gpadjoint", "jax", "jaxlib", "optax", "numpy", "pandas", "scikit-learn", "pykeops")
 PEERS = ("torch", "gpytorch")
 
+# What runs write into the checkout: changing it does not change the code that ran, so it does
+# not make the commit ``+dirty`` (a benchmark that replaces its own record is still clean).
+OUTPUTS = ("results",)
+
 
 def commit(short: bool = False) -> str:
     """Git commit of the checkout this package runs from, ``+dirty`` if tracked files changed.
+
+    Tracked files under :data:`OUTPUTS` do not count: they are what runs write.
 
     ``"unknown"`` unless :data:`REPO` is the top of a git checkout (an installed wheel's
     site-packages is not, even inside some other repository's virtual environment) or without
@@ -40,7 +46,8 @@ def commit(short: bool = False) -> str:
             return "unknown"
         sha = out[1]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             *(f":(exclude){o}" for o in OUTPUTS)],
             cwd=REPO, capture_output=True, text=True, timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):

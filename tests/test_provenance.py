@@ -23,6 +23,26 @@ def test_commit_is_this_checkouts_head():
     assert head.startswith(short.removesuffix("+dirty"))
 
 
+def test_a_changed_result_does_not_make_the_commit_dirty(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "gpadjoint").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "gpadjoint" / "m.py").write_text("x = 1\n")
+    (tmp_path / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    monkeypatch.setattr(provenance, "REPO", tmp_path.resolve())
+    clean = provenance.commit()
+    assert re.fullmatch(r"[0-9a-f]{40}", clean)
+    (tmp_path / "results" / "r.json").unlink()  # a benchmark replacing its own record
+    assert provenance.commit() == clean
+    (tmp_path / "gpadjoint" / "m.py").write_text("x = 2\n")  # the code that runs changed
+    assert provenance.commit() == clean + "+dirty"
+
+
 def test_commit_is_unknown_outside_a_checkouts_top(monkeypatch):
     # an installed wheel: the package's parent folder (site-packages) is no checkout's top, even
     # when it lies inside one (a virtual environment in a repository)
