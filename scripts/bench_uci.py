@@ -140,14 +140,16 @@ def method_source(method: str) -> str:
 
 def run_gpadjoint(spec: dict) -> dict:
     from gpadjoint import cli
+    from gpadjoint.checkpoint import start_path
 
     with tempfile.TemporaryDirectory(prefix="gpadj_uci_") as tmp:
         out = Path(tmp) / "run.json"
         config = Path(tmp) / f"{spec['method']}.toml"
         config.write_text(bu.config_toml(method_config(spec["method"]).to_dict()))
         ckpt = Path(spec["checkpoint"]) if spec.get("checkpoint") else Path(tmp) / "ckpt.npz"
-        resume = ckpt.exists()
-        resumed_from = int(np.load(ckpt)["epoch"]) if resume else None
+        # the full fit's checkpoint, or the subset start's alone (killed before the fit began)
+        resume = ckpt.exists() or start_path(ckpt).exists()
+        resumed_from = (int(np.load(ckpt)["epoch"]) if ckpt.exists() else 0) if resume else None
         segments = bu.begin_segment(ckpt if spec.get("checkpoint") else None, resumed_from or 0)
         if spec.get("checkpoint"):  # every evaluation, so that a timeout says what bounded it
             if not resume:  # a run started over starts its log over
@@ -473,8 +475,10 @@ def main(argv=None) -> int:
                     commit = bu.git_commit()  # the code the child imports, not what HEAD is after
                     progress = path.with_suffix(".progress")
                     ckpt = checkpoint_path(path, method)
-                    if ckpt.exists():
-                        print(f"  resuming from {ckpt.name}", flush=True)
+                    for side in (ckpt, ckpt.with_name(ckpt.name + ".start")):
+                        if side.exists():
+                            print(f"  resuming from {side.name}", flush=True)
+                            break
                     res = bu.run_child(CHILD_SCRIPT, spec | {"progress": str(progress),
                                                                 "checkpoint": str(ckpt)},
                                        args.timeout)

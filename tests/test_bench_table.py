@@ -105,6 +105,35 @@ def test_a_resumed_run_sums_the_seconds_of_every_session(tmp_path):
     assert g["fit_seconds"] == 60.0 and g["total_seconds"] == 90.0 and g["cost"] is None
 
 
+@pytest.mark.parametrize("saved", ["none", "start", "fit"])
+def test_a_run_resumes_from_whichever_checkpoint_it_left(saved, tmp_path, monkeypatch):
+    """Killed during the subset start, a run leaves only the start's file: the next command
+    must resume that (--resume), not start over and throw the start's stages away."""
+    import numpy as np
+
+    from gpadjoint import cli
+
+    ckpt = tmp_path / "run.ckpt.npz"
+    if saved == "start":
+        ckpt.with_name(ckpt.name + ".start").write_bytes(b"x")
+    if saved == "fit":
+        np.savez(ckpt, epoch=np.asarray(3))
+    seen = {}
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        raise KeyboardInterrupt  # stop before the record is read
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    spec = {"dataset": "yacht", "split": 0, "method": "gpadjoint-default", "backend": "dense",
+            "epochs": 2, "checkpoint": str(ckpt)}
+    with pytest.raises(KeyboardInterrupt):
+        bench_uci.run_gpadjoint(spec)
+    assert ("--resume" in seen["argv"]) == (saved != "none")
+    segs = json.loads(bu.segments_path(ckpt).read_text())
+    assert segs[-1]["from_epoch"] == (3 if saved == "fit" else 0)
+
+
 # --- the headline: mean ± sd over the splits there are, labelled ------------------------------
 
 
@@ -172,8 +201,9 @@ def test_headline_mean_sd_and_split_counts():
             "20 kernel passes and 20 CG iterations per evaluation") in text
     assert "protein: total s summed over 2 sessions (split 0), 2 sessions (split 2)" in text
     # a kept subset start says so, and why
-    assert ("protein: the fit kept its exact subset start (`full_fit = \"auto\"`, see *Hard starts* above) "
-            "on split 0: 8000 rows, CG ill-conditioned at all n (trace(K - LLᵀ)/σ² = 1.6e+06)."
+    assert ("protein: the fit kept its exact subset start "
+            "(`full_fit = \"auto\"`, see *Hard starts* above) on split 0: 8000 rows, "
+            "CG ill-conditioned at all n (trace(K - LLᵀ)/σ² = 1.6e+06)."
             ) in text
     assert "kin40k: the fit kept its exact subset start" in text
     assert "split 1: 8000 rows, interpolated (noise 1.0e-04)" in text
