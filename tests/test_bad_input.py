@@ -142,7 +142,7 @@ CASES = [
     ("GPRegressor", "unknown kernel", lambda t: GPRegressor(kernel="sqexp").fit(*xy()),
      ValueError, r"\[model\] kernel = 'sqexp': choose one of .*matern32"),
     ("GPRegressor", "unknown backend", lambda t: GPRegressor(backend="cuda").fit(*xy()),
-     ValueError, r"\[model\] backend = 'cuda': choose one of 'auto', 'dense', 'blocked', 'keops'"),
+     ValueError, r"\[model\] backend = 'cuda': choose one of 'auto', 'dense', 'stored', 'blocked', 'keops'"),
     ("gpadjoint fit", "unknown kernel",
      lambda t: cli("fit", "--dataset", "yacht", "--kernel", "sqexp"),
      CLIError, r"invalid choice: 'sqexp'"),

@@ -183,7 +183,7 @@ def test_operator_is_stable_so_prediction_compiles_once():
 
 
 def test_unknown_backend_and_auto_choice():
-    with pytest.raises(ValueError, match="choose one of dense, blocked, keops"):
+    with pytest.raises(ValueError, match="choose one of dense, stored, blocked, keops"):
         make_backend("cuda", "rbf")
     name, why = choose_backend(2000, jnp.float32, on_gpu=False)
     assert name == "dense" and "GiB" in why
