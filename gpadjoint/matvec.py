@@ -240,7 +240,7 @@ _STORED_MESH_ERROR = ("backend 'stored' holds K on one device and does not shard
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def stored_cov(kernel: str, tile: int, X, hypers: Hypers):
-    """The noise-free ``s2 k(X/l, X/l)`` as one (nb * t, n) array, t = min(tile, n).
+    """Return the noise-free ``s2 k(X/l, X/l)`` as one (nb * t, n) array, t = min(tile, n).
 
     Rows beyond n (the last tile's padding) hold the kernel against zero rows and are never
     read by the product's first n rows. Built tile by tile (``lax.map``) with the blocked
