@@ -320,3 +320,27 @@ def test_stored_operator_is_stable_and_K_gets_no_gradient():
     assert mv1 is mv2 and args1[0].shape == (64, 40)
     g = jax.grad(lambda K: jnp.sum(mv1(jnp.ones(40), K, X, h)))(args1[0])
     assert not np.any(np.asarray(g))
+
+
+@pytest.mark.slow  # two loss compiles (~30 s); the mv-level check above is in the fast suite
+def test_stored_loss_gradient_adds_K_alone_to_the_blocked_one():
+    # through the whole SLQ + CG loss (the Lanczos and CG adjoints take vjps of mv with respect
+    # to every operator argument, K included), stored's compiled value+gradient holds K and
+    # what blocked holds, no cotangent of K: its symbolic zero stays symbolic
+    from gpadjoint.mll import neg_mll
+    from gpadjoint.settings import MLLConfig
+
+    n = 1500
+    X, y, params = problem(n=n)
+    key = jax.random.PRNGKey(0)
+
+    def temp(name):
+        be = make_backend(name, "matern32")
+        f = jax.value_and_grad(lambda p: neg_mll(p, X, y, key, backend=be,
+                                                 config=MLLConfig(estimator="slq"))[0])
+        mem = jax.jit(f).lower(params).compile().memory_analysis()
+        if mem is None or not hasattr(mem, "temp_size_in_bytes"):
+            pytest.skip("this JAX/XLA reports no memory analysis of a compiled function")
+        return mem.temp_size_in_bytes
+
+    assert temp("stored") - temp("blocked") < 1.2 * n * n * 8
