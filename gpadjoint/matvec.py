@@ -72,9 +72,9 @@ class Backend:
         name: "dense", "stored", "blocked" or "keops".
         kernel: kernel name (see :data:`gpadjoint.kernels.PROFILES`).
         tile: rows per tile for ``blocked`` (memory ~ tile * n), and for ``stored``'s build and
-            hyperparameter VJP. Speed only: a smaller tile
-            keeps each (tile, n) block in cache, a larger one makes fewer, bigger products
-            (``[model] tile``; results/bench_matvec.csv records the tile of each run).
+            hyperparameter VJP. Speed only: a smaller tile keeps each (tile, n) block in cache,
+            a larger one makes fewer, bigger products (``[model] tile``;
+            results/bench_matvec.csv records the tile of each run).
         mesh: a 1-D ``jax.sharding.Mesh`` (:func:`gpadjoint.sharding.make_mesh`) to split the
             rows over, or None for the single-device path (:mod:`gpadjoint.sharding`).
         symmetric: ``blocked`` evaluates each off-diagonal kernel tile once and applies it to
