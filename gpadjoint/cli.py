@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--test-fraction", type=float, default=0.1,
                    help="with --data: fraction held out for testing (default 0.1)")
     f.add_argument("--config", help="TOML config (default: the packaged gpadjoint/default.toml)")
-    f.add_argument("--backend", choices=["auto", "dense", "blocked", "keops"])
+    f.add_argument("--backend", choices=["auto", "dense", "stored", "blocked", "keops"])
     f.add_argument("--precision", choices=["full", "mixed"],
                    help="the blocked backend's kernel entries in the working dtype (full) or in "
                    "float32 (mixed); default: the config's model.precision")

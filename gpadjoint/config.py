@@ -72,10 +72,10 @@ class ModelConfig(Section):
     kernel: profile name (:data:`gpadjoint.kernels.KERNEL_NAMES`); backend: "auto" or one of
     :data:`gpadjoint.matvec.BACKENDS`; dtype: working precision of X, y and the parameters;
     noise_floor: lower bound of the noise variance (normalised target units squared);
-    tile: rows per tile of the blocked backend; precision: the blocked backend's kernel
-    entries in the working dtype ("full") or in float32 ("mixed"); normalize_y: standardise
-    targets to unit variance (training statistics) as well as centring them (always done);
-    results are reported in the target's units.
+    tile: rows per tile of the blocked backend (and of the stored one's build and gradient);
+    precision: the blocked backend's kernel entries in the working dtype ("full") or in
+    float32 ("mixed"); normalize_y: standardise targets to unit variance (training statistics)
+    as well as centring them (always done); results are reported in the target's units.
     """
 
     SECTION: ClassVar[str] = "model"

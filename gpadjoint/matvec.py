@@ -2,7 +2,7 @@
 
 Data flow: kernels -> **matvec** -> lanczos -> logdet/solve -> mll.
 
-Three interchangeable engines behind one interface (:class:`Backend`):
+Four interchangeable engines behind one interface (:class:`Backend`):
 
 ``dense``
     Materialise K once per evaluation, then matmul. Fastest on a CPU while n^2 fits in memory:
@@ -11,6 +11,12 @@ Three interchangeable engines behind one interface (:class:`Backend`):
 ``blocked``
     Pure JAX over row tiles (``lax.map``), O(n * tile) memory, with a custom VJP that
     recomputes tiles in the backward pass instead of storing them.
+``stored``
+    The noise-free part of K built once per operator (per hyperparameter value), by row tiles,
+    and reused by every matvec as one product; its VJP takes the V cotangent from the same
+    stored K and the hyperparameters' from the blocked symmetric tiles, so value+gradient
+    holds one n x n array where ``dense`` holds several. For a CPU when K fits but its
+    cotangent does not.
 ``keops``
     pykeops reductions (``keops_bridge``), O(n) memory; the path for GPUs and for n too large
     to store.
@@ -18,7 +24,8 @@ Three interchangeable engines behind one interface (:class:`Backend`):
 The algorithms downstream (lanczos, solve) never see kernels: they get an *operator* ``(mv, args)``
 with ``mv(V, *args) = K V``, so that their custom VJPs can return cotangents for ``args``.
 For ``dense`` the args are ``(K,)`` (one build per evaluation, reused by every matvec, and JAX
-carries the cotangent of K back to theta); for the other two they are ``(X, hypers)``.
+carries the cotangent of K back to theta); for ``stored`` ``(K, X, hypers)`` (K without gradient;
+see :func:`_stored_mv_fn`); for the other two ``(X, hypers)``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from .tiles import (
     tile_sq_dist,
 )
 
-BACKENDS = ("dense", "blocked", "keops")
+BACKENDS = ("dense", "stored", "blocked", "keops")
 # "full": kernel entries in the working dtype; "mixed": entries in float32, everything else in
 # the working dtype (gpadjoint.tiles).
 PRECISIONS = ("full", "mixed")
@@ -52,6 +59,9 @@ PRECISIONS = ("full", "mixed")
 # Bytes of one n x n kernel matrix we are willing to hold for the dense backend, as a fraction of
 # available memory (K, its cotangent and one temporary live at once in value+gradient).
 DENSE_MEMORY_FRACTION = 0.2
+# The same for the stored backend on a CPU: its value+gradient holds K alone (the hyperparameter
+# cotangent comes from recomputed tiles), so it may take a larger share.
+STORED_MEMORY_FRACTION = 0.6
 
 
 @dataclass(frozen=True)
@@ -59,11 +69,12 @@ class Backend:
     """A matvec engine for one training set. Build with :func:`make_backend`.
 
     Attributes:
-        name: "dense", "blocked" or "keops".
+        name: "dense", "stored", "blocked" or "keops".
         kernel: kernel name (see :data:`gpadjoint.kernels.PROFILES`).
-        tile: rows per tile for ``blocked`` (memory ~ tile * n). Speed only: a smaller tile
-            keeps each (tile, n) block in cache, a larger one makes fewer, bigger products
-            (``[model] tile``; results/bench_matvec.csv records the tile of each run).
+        tile: rows per tile for ``blocked`` (memory ~ tile * n), and for ``stored``'s build and
+            hyperparameter VJP. Speed only: a smaller tile keeps each (tile, n) block in cache,
+            a larger one makes fewer, bigger products (``[model] tile``;
+            results/bench_matvec.csv records the tile of each run).
         mesh: a 1-D ``jax.sharding.Mesh`` (:func:`gpadjoint.sharding.make_mesh`) to split the
             rows over, or None for the single-device path (:mod:`gpadjoint.sharding`).
         symmetric: ``blocked`` evaluates each off-diagonal kernel tile once and applies it to
@@ -86,6 +97,11 @@ class Backend:
             return self._sharded_operator(X, hypers)
         if self.name == "dense":
             return _dense_mv, (dense_cov(self.kernel, X, hypers),)
+        if self.name == "stored":
+            # K from stop-gradient hypers: its cotangent is a symbolic zero end to end (the
+            # hyperparameters' comes through the custom VJP's hypers argument instead)
+            K = stored_cov(self.kernel, self.tile, X, jax.tree.map(lax.stop_gradient, hypers))
+            return _stored_mv_fn(self.kernel, self.tile), (K, X, hypers)
         if self.name == "blocked":
             return _blocked_mv_fn(self.kernel, self.tile, self.symmetric,
                                   self.precision == "mixed"), (X, hypers)
@@ -96,6 +112,8 @@ class Backend:
     def _sharded_operator(self, X, hypers: Hypers) -> tuple[Callable, tuple]:
         from . import sharding as sh
 
+        if self.name == "stored":
+            raise ValueError(_STORED_MESH_ERROR)
         X = jax.lax.with_sharding_constraint(X, sh.row_sharding(self.mesh))
         if self.name == "dense":
             return sh.sharded_dense_mv(self.mesh), (sh.sharded_dense_cov(
@@ -119,10 +137,12 @@ def make_backend(name: str, kernel: str, *, tile: int = 128, mesh=None, symmetri
 
     ``mesh``: a device mesh to shard the rows over (:func:`gpadjoint.sharding.make_mesh`).
     ``symmetric``, ``precision``: the blocked pass's layout and kernel-entry precision
-    (:class:`Backend`); "mixed" exists for ``blocked`` only.
+    (:class:`Backend`); "mixed" exists for ``blocked`` only. ``stored`` runs on one device
+    (no ``mesh``).
 
     Raises:
-        ValueError: for an unknown backend or kernel name.
+        ValueError: for an unknown backend or kernel name, ``stored`` with a mesh, or
+            "mixed" with a backend other than ``blocked``.
         RuntimeError: if ``keops`` is requested and pykeops cannot run here.
 
     """
@@ -137,6 +157,8 @@ def make_backend(name: str, kernel: str, *, tile: int = 128, mesh=None, symmetri
     if precision == "mixed" and name != "blocked":
         raise ValueError(f"kernel precision 'mixed' exists for the blocked backend only, not "
                          f"{name!r}; choose --backend blocked or precision 'full'")
+    if name == "stored" and mesh is not None:
+        raise ValueError(_STORED_MESH_ERROR)
     if name == "keops":
         from .keops_bridge import keops_available
 
@@ -145,7 +167,7 @@ def make_backend(name: str, kernel: str, *, tile: int = 128, mesh=None, symmetri
             raise RuntimeError(
                 f"backend 'keops' was requested but pykeops cannot run here: {why}. "
                 "Install a C++ compiler and the Python headers (apt-get install g++ python3-dev), "
-                "or choose --backend dense/blocked/auto."
+                "or choose --backend dense/stored/blocked/auto."
             )
     return Backend(name, kernel, tile, mesh, symmetric, precision)
 
@@ -166,7 +188,8 @@ def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, s
     """Pick a backend by problem size and memory; returns ``(name, reason)``.
 
     Rule: dense when an n x n matrix fits in ``DENSE_MEMORY_FRACTION`` of available memory (a
-    matmul with a prebuilt K beats recomputing its entries at every matvec); otherwise KeOps
+    matmul with a prebuilt K beats recomputing its entries at every matvec); on a CPU, stored
+    when it fits in ``STORED_MEMORY_FRACTION`` (K once, no n x n cotangent); otherwise KeOps
     on a GPU, and on a CPU the blocked JAX matvec, which was faster than KeOps's CPU
     reductions (both in results/bench_matvec.csv). KeOps on a CPU is only chosen when asked
     for. Called once per fit, by :func:`gpadjoint.plan.make_plan`: the answer depends on the
@@ -183,6 +206,12 @@ def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, s
             f"K needs {need / gib:.2f} GiB, within {DENSE_MEMORY_FRACTION:.0%} of the "
             f"{avail / gib:.1f} GiB available"
         )
+    if not on_gpu and need <= STORED_MEMORY_FRACTION * avail:
+        return "stored", (
+            f"K needs {need / gib:.2f} GiB, more than {DENSE_MEMORY_FRACTION:.0%} but within "
+            f"{STORED_MEMORY_FRACTION:.0%} of the {avail / gib:.1f} GiB available: K stored "
+            "once, its gradient from recomputed tiles"
+        )
     if on_gpu:
         from .keops_bridge import keops_available
 
@@ -191,7 +220,7 @@ def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, s
             return "keops", f"K needs {need / gib:.1f} GiB (too large to store); KeOps on GPU"
         return "blocked", f"K needs {need / gib:.1f} GiB; KeOps unavailable ({why})"
     return "blocked", (
-        f"K needs {need / gib:.1f} GiB, more than {DENSE_MEMORY_FRACTION:.0%} of the "
+        f"K needs {need / gib:.1f} GiB, more than {STORED_MEMORY_FRACTION:.0%} of the "
         f"{avail / gib:.1f} GiB available; blocked JAX is faster than KeOps on a CPU"
     )
 
@@ -201,6 +230,66 @@ def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, s
 
 def _dense_mv(V, K):
     return K @ V
+
+
+# --- stored -----------------------------------------------------------------------------------
+
+_STORED_MESH_ERROR = ("backend 'stored' holds K on one device and does not shard; with several "
+                      "devices use backend 'blocked' or 'dense'")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def stored_cov(kernel: str, tile: int, X, hypers: Hypers):
+    """Return the noise-free ``s2 k(X/l, X/l)`` as one (nb * t, n) array, t = min(tile, n).
+
+    Rows beyond n (the last tile's padding) hold the kernel against zero rows and are never
+    read by the product's first n rows. Built tile by tile (``lax.map``) with the blocked
+    tiles' distance (:func:`gpadjoint.tiles.tile_sq_dist`, self-distances exactly 0), so the
+    build needs no n x n temporary beyond K. Not differentiable: pass stop-gradient hypers.
+    """
+    n = X.shape[0]
+    t = min(tile, n)
+    prof = get_profile(kernel)
+    Xs = X / hypers.lengthscale
+    Xsp = pad_rows(Xs, t)
+    nb = Xsp.shape[0] // t
+
+    def rows(s):
+        At = lax.dynamic_slice_in_dim(Xsp, s, t)
+        return hypers.outputscale * prof(tile_sq_dist(At, Xs, s))
+
+    return lax.map(rows, jnp.arange(nb) * t).reshape(nb * t, n)
+
+
+@functools.cache
+def _stored_mv_fn(kernel: str, tile: int) -> Callable:
+    """Build ``mv(V, K, X, hypers) = K V + noise V`` for K from :func:`stored_cov`.
+
+    Custom VJP: V's cotangent ``K U + noise U`` (K symmetric), the hyperparameters' from the
+    blocked symmetric tiles (:func:`_sym_hypers_vjp`, which adds the noise's ``<U, V>``), X's
+    zero, and K's ``None``: a symbolic zero, so no n x n cotangent is ever formed (K came from
+    stop-gradient hypers, so nothing upstream wants one). Cached per settings, as
+    :func:`_blocked_mv_fn`.
+    """
+    hvjp = functools.partial(_sym_hypers_vjp, kernel, tile, False)
+
+    def apply(V, K, noise):
+        n = V.shape[0]
+        return (K @ V)[:n] + noise * V
+
+    @jax.custom_vjp
+    def mv(V, K, X, hypers):
+        return apply(V, K, hypers.noise)
+
+    def fwd(V, K, X, hypers):
+        return apply(V, K, hypers.noise), (V, K, X, hypers)
+
+    def bwd(res, U):
+        V, K, X, hypers = res
+        return apply(U, K, hypers.noise), None, jnp.zeros_like(X), hvjp(X, U, V, hypers)
+
+    mv.defvjp(fwd, bwd)
+    return mv
 
 
 # --- blocked ----------------------------------------------------------------------------------

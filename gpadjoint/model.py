@@ -135,8 +135,9 @@ class GPRegressor(RegressorMixin, BaseEstimator):
 
     - ``kernel``: "matern32", "matern12", "matern52" or "rbf", with ARD lengthscales.
     - ``backend``: "auto" (:func:`gpadjoint.matvec.choose_backend`, reported in ``backend_``),
-      "dense", "blocked" or "keops"; ``precision``: "mixed" holds the blocked backend's kernel
-      entries in float32 (sums and Krylov vectors stay in ``dtype``), "full" does not.
+      "dense", "stored" (K held once, gradient by recomputed tiles; one device), "blocked" or
+      "keops"; ``precision``: "mixed" holds the blocked backend's kernel entries in float32
+      (sums and Krylov vectors stay in ``dtype``), "full" does not.
     - ``estimator``: "auto" (exact float64 Cholesky for n <= ``exact_max_n``, SLQ above; in
       ``estimator_``), "slq" or "exact"; ``num_probes``, ``lanczos_depth``, ``precond_rank``,
       ``cg_tol``, ``cg_min_iter``, ``cg_max_iter``, ``precond_logdet``: the SLQ estimator

@@ -105,6 +105,10 @@ def make_plan(cfg, n: int, d: int, *, devices=None, optimizer=None) -> Plan:
     mesh = make_mesh(devices)
     backend = (Choice(cfg.model.backend, "requested") if cfg.model.backend != "auto"
                else _auto(choose_backend(n, dtype)))
+    if backend.name == "stored" and mesh is not None and cfg.model.backend == "auto":
+        # stored holds K whole on one device; over a mesh the blocked tiles split the rows
+        backend = Choice("blocked", f"{backend.reason}; but stored does not shard, so blocked "
+                         "over the mesh")
     if cfg.model.precision != "full":
         used = backend_precision(backend.name, cfg.model)
         note = ("kernel entries in float32 (precision = mixed)" if used == "mixed" else

@@ -9,12 +9,16 @@ pass with 10 probes):
                for ``dense``, the dense backend (K built once, then K V).
 ``symmetric``  the blocked strip layout: each off-diagonal tile evaluated once, used both ways.
 ``mixed``      ``symmetric`` with the kernel entries in float32 (products and sums in float64).
+``stored``     the stored backend (in the cases with ``dense``): K's noise-free part built once
+               by row tiles, then K V; its VJP from the stored K and the ``symmetric`` tiles.
 
 Per case and variant: ``fwd_s`` (one K V), ``vg_s`` (value and hyperparameter gradient: K V and
 the VJP of <U, K V> with respect to the hyperparameters, which is what the trainer's backward pass
 asks of the matvec), each the median of ``--reps`` calls after a compiling warm-up; for
 ``dense`` also ``build_s`` (K alone; ``fwd_s`` is then the product with the prebuilt K and
-``vg_s`` the build, the product and the VJP through the build). Kernel pairs per second count
+``vg_s`` the build, the product and the VJP through the build); for ``stored`` also ``build_s``,
+with ``fwd_s`` the product with the prebuilt K and ``vg_s`` the build, the product and the VJP
+(its hyperparameter part by the blocked tiles). Kernel pairs per second count
 n^2 pairs per pass, the same for every variant, so they compare directly. ``err_fwd`` and
 ``err_grad`` are the relative errors against the ``float64`` variant of the same case.
 The roofline rows: this machine's float64 GEMM rate and its memory bandwidth (a large copy),
@@ -45,13 +49,16 @@ sys.path.insert(0, str(ROOT))
 
 from gpadjoint import provenance  # noqa: E402
 from gpadjoint.kernels import Hypers, dense_cov  # noqa: E402
-from gpadjoint.matvec import make_backend  # noqa: E402
+from gpadjoint.matvec import make_backend, stored_cov  # noqa: E402
 
 KERNEL = "matern32"
 COLS = 11
 FIELDS = ["kind", "n", "d", "backend", "variant", "tile", "fwd_s", "vg_s", "build_s",
           "fwd_pairs_per_s", "vg_pairs_per_s", "vg_vs_float64", "err_fwd", "err_grad", "value",
           "unit", "reps"]
+# (n, d, with the dense and stored rows): the second case leaves out the two that hold K (10 GB)
+CASES = [(14940, 18, True), (36000, 8, False)]
+CASES_QUICK = [(3000, 18, True), (6000, 8, False)]
 VARIANTS = {"float64": dict(symmetric=False), "symmetric": dict(symmetric=True),
             "mixed": dict(symmetric=True, precision="mixed")}
 
@@ -101,7 +108,12 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def blocked_case(n, d, tile, reps):
+def blocked_case(n, d, tile, reps, refs=None):
+    """Time the blocked variants -> rows.
+
+    ``refs`` (a dict), if given, receives the float64 variant's output, hyperparameter cotangent
+    and ``vg_s``, which :func:`stored_case` compares against.
+    """
     X, V, U, h = problem(n, d)
     rows, ref = [], None
     for variant, kw in VARIANTS.items():
@@ -116,6 +128,8 @@ def blocked_case(n, d, tile, reps):
         tg, (out, hbar) = timed(jax.jit(vg), V, h, reps=reps)
         if ref is None:
             ref = (out, hbar, tg)
+            if refs is not None:
+                refs.update(out=out, hbar=hbar, vg_s=tg)
         rows.append(dict(kind="pass", n=n, d=d, backend="blocked", variant=variant, tile=tile,
                          fwd_s=f"{tf:.4f}", vg_s=f"{tg:.4f}",
                          fwd_pairs_per_s=f"{n * n / tf:.3e}", vg_pairs_per_s=f"{n * n / tg:.3e}",
@@ -144,22 +158,48 @@ def dense_case(n, d, reps):
     return [row]
 
 
+def stored_case(n, d, tile, reps, refs):
+    """Time the stored backend (build alone, K V with K prebuilt, value + gradient) -> rows."""
+    X, V, U, h = problem(n, d)
+    be = make_backend("stored", KERNEL, tile=tile)
+    tb, K = timed(jax.jit(lambda h: stored_cov(KERNEL, tile, X, h)), h, reps=reps)
+    mv = be.operator(X, h)[0]
+    tf, _ = timed(jax.jit(lambda K, V, h: mv(V, K, X, h)), K, V, h, reps=reps)
+    del K
+
+    def vg(V, h):
+        out, vjp = jax.vjp(lambda h: be.matvec(X, V, h), h)
+        return out, vjp(U)[0]
+
+    tg, (out, hbar) = timed(jax.jit(vg), V, h, reps=reps)
+    row = dict(kind="pass", n=n, d=d, backend="stored", variant="float64", tile=tile,
+               fwd_s=f"{tf:.4f}", vg_s=f"{tg:.4f}", build_s=f"{tb:.4f}",
+               fwd_pairs_per_s=f"{n * n / tf:.3e}", vg_pairs_per_s=f"{n * n / tg:.3e}",
+               vg_vs_float64=f"{tg / refs['vg_s']:.3f}",
+               err_fwd=f"{rel([out], [refs['out']]):.1e}",
+               err_grad=f"{rel(hbar, refs['hbar']):.1e}", reps=reps)
+    print(row, flush=True)
+    return [row]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small n: check that it runs")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--tile", type=int, default=128, help="rows per tile (blocked)")
+    ap.add_argument("--tile", type=int, default=128, help="rows per tile (blocked, stored)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_pass.csv")
     args = ap.parse_args(argv)
-    cases = [(3000, 18, True), (6000, 8, False)] if args.quick else [(14940, 18, True),
-                                                                       (36000, 8, False)]
+    cases = CASES_QUICK if args.quick else CASES
     load_before = os.getloadavg()
     started = time.time()
     rows = roofline(args.reps)
     for n, d, with_dense in cases:
         if with_dense:
             rows += dense_case(n, d, args.reps)
-        rows += blocked_case(n, d, args.tile, args.reps)
+        refs = {}
+        rows += blocked_case(n, d, args.tile, args.reps, refs)
+        if with_dense:
+            rows += stored_case(n, d, args.tile, args.reps, refs)
     load_after = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as fh:

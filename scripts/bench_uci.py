@@ -93,12 +93,13 @@ METHODS = {
                                  "mll__lanczos_depth": 10, "mll__precond_rank": 30,
                                  "mll__num_probes": 10}),
 }
-BACKENDS = ["dense", "blocked", "keops"]
+BACKENDS = ["dense", "stored", "blocked", "keops"]
 # "blocked" (row tiles of K built on the fly, O(n * tile) memory) is gpadjoint's fast CPU path
 # when K does not fit in memory (kin40k and larger here). GPyTorch has no counterpart: without
 # KeOps it materialises K and its autograd keeps about ten n x n float32 buffers (9.1 GB measured
 # at n = 14 940, so ~52 GB at kin40k's 36 000). Its O(n)-memory path is KeOps, and bench_epoch
-# pairs a gpadjoint "blocked" run with GPyTorch's "keops" run, labelled as such.
+# pairs a gpadjoint "blocked" run with GPyTorch's "keops" run, labelled as such; likewise
+# "stored" (K held once, no n x n gradient), which also runs where GPyTorch's dense path would not.
 GPYTORCH_BACKENDS = ["dense", "keops"]
 KERNEL = "matern32"
 # the program each run's child process executes (`CHILD_SCRIPT --child SPEC`)

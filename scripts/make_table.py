@@ -265,8 +265,8 @@ def comparisons(recs: list[dict]) -> list[str]:
     out = []
     for (ds, be, ep, method), runs in sorted(by.items()):
         # gpadjoint's blocked backend (K never stored) is paired with GPyTorch's O(n)-memory
-        # path, KeOps: GPyTorch has no blocked backend (see bench_uci)
-        peer_be = {"blocked": "keops"}.get(be, be)
+        # path, KeOps: GPyTorch has no blocked backend (see bench_uci); stored likewise
+        peer_be = {"blocked": "keops", "stored": "keops"}.get(be, be)
         peer = by.get((ds, peer_be, ep, "gpytorch"))
         if method == "gpytorch" or not peer:
             continue
@@ -593,7 +593,7 @@ def race_rows(recs: list[dict]) -> list[dict]:
     for (ds, ep, be, method), ours in sorted(by.items()):
         if method != RACERS[0]:
             continue
-        peer_be = {"blocked": "keops"}.get(be, be)
+        peer_be = {"blocked": "keops", "stored": "keops"}.get(be, be)
         peer = by.get((ds, ep, peer_be, RACERS[1]), {})
         splits = sorted(set(ours) & set(peer))
         if not splits:

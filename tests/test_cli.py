@@ -126,3 +126,20 @@ def test_fit_that_keeps_the_subset_start_completes_its_record(tmp_path, capsys):
     assert rec["stopped_reason"].startswith("kept the subset start")
     assert rec["test_rmse"] < 0.01  # noise-free data, interpolated from all training rows
     assert "no full-n step (kept the subset start" in capsys.readouterr().out
+
+
+def test_fit_with_the_stored_backend_records_it(tmp_path):
+    # --backend stored reaches the SLQ estimator (the exact one never calls a backend) and the
+    # run record and the checkpoint's fingerprint name it
+    from gpadjoint.checkpoint import _read
+
+    out, ckpt, cfg = tmp_path / "run.json", tmp_path / "run.ckpt", tmp_path / "slq.toml"
+    cfg.write_text('[mll]\nestimator = "slq"\n')
+    rc = main(["fit", "--dataset", "yacht", "--epochs", "1", "--dtype", "float64", "--quiet",
+               "--backend", "stored", "--config", str(cfg), "--out", str(out),
+               "--checkpoint", str(ckpt)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert (rec["backend"], rec["backend_reason"]) == ("stored", "requested")
+    assert rec["plan"]["estimator"]["name"] == "slq"
+    assert _read(ckpt)["fingerprint"]["backend"] == "stored"

@@ -275,3 +275,21 @@ def test_mixed_precision_is_planned_for_the_blocked_backend_only():
     assert "blocked backend only" in dense.backend.reason
     full = make_plan(cfg.with_overrides(model__precision="full"), 500, 3)
     assert full.backend.reason == "requested"
+
+
+def test_stored_backend_is_planned_on_one_device_only(monkeypatch):
+    # auto may choose stored (K held whole on one device); with a mesh the plan takes the
+    # blocked tiles instead and says why, and a requested stored with a mesh is refused
+    import gpadjoint.plan as gplan
+    from gpadjoint.config import default_config
+    from gpadjoint.model import GPRegressor
+
+    cfg = default_config()
+    assert default_config().with_overrides(model__backend="stored").model.backend == "stored"
+    monkeypatch.setattr(gplan, "choose_backend", lambda n, dtype: ("stored", "K fits"))
+    assert gplan.make_plan(cfg, 500, 3).backend == ("stored", "auto: K fits")
+    p = gplan.make_plan(cfg, 500, 3, devices=1)
+    assert p.backend.name == "blocked" and "stored does not shard" in p.backend.reason
+    X = np.random.default_rng(0).standard_normal((30, 2))
+    with pytest.raises(ValueError, match="'stored' holds K on one device"):
+        GPRegressor(backend="stored", devices=1, epochs=0).fit(X, X[:, 0])

@@ -183,7 +183,7 @@ def test_operator_is_stable_so_prediction_compiles_once():
 
 
 def test_unknown_backend_and_auto_choice():
-    with pytest.raises(ValueError, match="choose one of dense, blocked, keops"):
+    with pytest.raises(ValueError, match="choose one of dense, stored, blocked, keops"):
         make_backend("cuda", "rbf")
     name, why = choose_backend(2000, jnp.float32, on_gpu=False)
     assert name == "dense" and "GiB" in why
@@ -222,3 +222,125 @@ def test_auto_on_gpu_without_keops_says_what_it_chose_instead(monkeypatch):
     assert name == "blocked" and "KeOps unavailable (g++ not found)" in why
     monkeypatch.setattr(kb, "keops_available", lambda: (True, ""))
     assert choose_backend(2_000_000, jnp.float32, on_gpu=True)[0] == "keops"
+
+
+# --- stored: K built once by row tiles, VJP from the stored K and the blocked tiles ------------
+
+
+@pytest.mark.parametrize("kernel,dtype,ncols", grid(
+    ["matern32", "rbf", "matern12", "matern52"], [jnp.float64, jnp.float32], [None, 4]))
+def test_stored_matches_dense_reference_on_uneven_n(kernel, dtype, ncols):
+    # n = 203 with tile 64: four row tiles, the last one padded (K is stored as 256 x 203)
+    check_backend("stored", kernel, dtype, ncols, n=203, tile=64)
+    # and against dense_cov itself (value and every VJP), as the blocked pass is compared
+    X, _, params = problem(n=203, d=3, dtype=dtype)
+    h = constrain(params)
+    V = jnp.asarray(np.random.default_rng(4).standard_normal((203, 3)), dtype)
+    U = jnp.asarray(np.random.default_rng(5).standard_normal((203, 3)), dtype)
+    be = make_backend("stored", kernel, tile=64)
+    out, vjp = jax.vjp(lambda V, h: be.matvec(X, V, h), V, h)
+    ref, vjp_ref = jax.vjp(lambda V, h: dense_cov(kernel, X, h) @ V, V, h)
+    assert out.dtype == dtype and rel_err(out, ref) < RTOL[dtype]
+    for a, b in zip(jax.tree.leaves(vjp(U)), jax.tree.leaves(vjp_ref(U))):
+        assert rel_err(a, b) < RTOL[dtype]
+
+
+def test_stored_cov_has_an_exact_diagonal_and_pads_rows():
+    from gpadjoint.matvec import stored_cov
+
+    X, _, params = problem(n=203, d=3)
+    h = constrain(params)
+    K = stored_cov("matern12", 64, X, h)
+    assert K.shape == (256, 203)
+    # self-distances exactly 0 (as the blocked tiles): the diagonal is s2 to the last bit
+    assert np.array_equal(np.diag(np.asarray(K[:203])), np.full(203, float(h.outputscale)))
+    Kd = dense_cov("matern12", X, h) - h.noise * jnp.eye(203)
+    assert rel_err(K[:203], Kd) < 1e-13
+
+
+def _temp_bytes(name, n=1500, d=3):
+    X, _, params = problem(n=n, d=d)
+    h = constrain(params)
+    V = jnp.ones((n, 4))
+    U = jnp.asarray(np.random.default_rng(0).standard_normal((n, 4)))
+    be = make_backend(name, "matern32", tile=128)
+    f = jax.value_and_grad(lambda V, h: jnp.sum(U * be.matvec(X, V, h)), argnums=(0, 1))
+    mem = jax.jit(f).lower(V, h).compile().memory_analysis()
+    if mem is None or not hasattr(mem, "temp_size_in_bytes"):
+        pytest.skip("this JAX/XLA reports no memory analysis of a compiled function")
+    return mem.temp_size_in_bytes
+
+
+def test_stored_value_and_gradient_holds_one_n_by_n_array():
+    # K itself (padded to 1536 x 1500 rows) is the only n x n buffer: no cotangent of K, no
+    # Kbar or G as the dense backend's VJP forms; the dense backend shows the check can fail
+    n = 1500
+    one = n * n * 8
+    assert _temp_bytes("stored") < 1.5 * one
+    assert _temp_bytes("dense") > 2 * one
+
+
+def test_choose_backend_dense_stored_blocked_by_memory(monkeypatch):
+    import gpadjoint.matvec as mvmod
+
+    gib = 1024**3
+    monkeypatch.setattr(mvmod, "available_memory_bytes", lambda: 10 * gib)
+    n = int((1.5 * gib / 8) ** 0.5)  # 1.5 GiB of float64: within 20 % of 10 GiB
+    name, why = choose_backend(n, jnp.float64, on_gpu=False)
+    assert name == "dense" and "within 20%" in why
+    n = int((5 * gib / 8) ** 0.5)  # 5 GiB: above 20 %, within 60 %
+    name, why = choose_backend(n, jnp.float64, on_gpu=False)
+    assert name == "stored" and "within 60%" in why and "K stored once" in why
+    name, _ = choose_backend(n, jnp.float64, on_gpu=True)  # stored is a CPU choice
+    assert name in ("keops", "blocked")
+    n = int((7 * gib / 8) ** 0.5)  # 7 GiB: above 60 %
+    name, why = choose_backend(n, jnp.float64, on_gpu=False)
+    assert name == "blocked" and "more than 60%" in why
+
+
+def test_stored_refuses_a_mesh_and_mixed_precision():
+    from gpadjoint.matvec import Backend
+
+    with pytest.raises(ValueError, match="'stored' holds K on one device.*'blocked' or 'dense'"):
+        make_backend("stored", "rbf", mesh=object())
+    X, _, params = problem(n=20)
+    with pytest.raises(ValueError, match="'stored' holds K on one device"):
+        Backend("stored", "rbf", mesh=object()).operator(X, constrain(params))
+    with pytest.raises(ValueError, match="blocked backend only"):
+        make_backend("stored", "rbf", precision="mixed")
+
+
+def test_stored_operator_is_stable_and_K_gets_no_gradient():
+    # the same mv for the same settings (jitted callers take it as a static argument), and K
+    # enters without gradient: the hyperparameters' cotangent comes through the custom VJP only
+    be = make_backend("stored", "matern32", tile=32)
+    X, _, params = problem(n=40)
+    h = constrain(params)
+    (mv1, args1), (mv2, _) = be.operator(X, h), be.operator(X, h)
+    assert mv1 is mv2 and args1[0].shape == (64, 40)
+    g = jax.grad(lambda K: jnp.sum(mv1(jnp.ones(40), K, X, h)))(args1[0])
+    assert not np.any(np.asarray(g))
+
+
+@pytest.mark.slow  # two loss compiles (~30 s); the mv-level check above is in the fast suite
+def test_stored_loss_gradient_adds_K_alone_to_the_blocked_one():
+    # through the whole SLQ + CG loss (the Lanczos and CG adjoints take vjps of mv with respect
+    # to every operator argument, K included), stored's compiled value+gradient holds K and
+    # what blocked holds, no cotangent of K: its symbolic zero stays symbolic
+    from gpadjoint.mll import neg_mll
+    from gpadjoint.settings import MLLConfig
+
+    n = 1500
+    X, y, params = problem(n=n)
+    key = jax.random.PRNGKey(0)
+
+    def temp(name):
+        be = make_backend(name, "matern32")
+        f = jax.value_and_grad(lambda p: neg_mll(p, X, y, key, backend=be,
+                                                 config=MLLConfig(estimator="slq"))[0])
+        mem = jax.jit(f).lower(params).compile().memory_analysis()
+        if mem is None or not hasattr(mem, "temp_size_in_bytes"):
+            pytest.skip("this JAX/XLA reports no memory analysis of a compiled function")
+        return mem.temp_size_in_bytes
+
+    assert temp("stored") - temp("blocked") < 1.2 * n * n * 8
