@@ -19,6 +19,7 @@ search on the fixed-probe objective (:mod:`gpadjoint.lbfgs` has its pure parts).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -50,14 +51,27 @@ _DEFAULT_MLL = MLLConfig()
 _HANDOFF: dict = {}
 
 
+def _anchor_tag(anchor: Params) -> bytes:
+    """Return the bytes that identify an anchor (the parameters a preconditioner was built at)."""
+    return b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(anchor))
+
+
 def _factors_key(X, kernel: str, cfg: MLLConfig, anchor: Params) -> tuple:
     """Return what makes two preconditioners the same: data, kernel, settings, anchor."""
     import hashlib
 
     data = hashlib.sha256(np.asarray(X).tobytes()).hexdigest()
-    tag = b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(anchor))
-    return (kernel, X.shape, str(X.dtype), data, tag, cfg.precond_rank, cfg.precond_pivot,
-            cfg.precond_logdet, cfg.noise_floor)
+    return (kernel, X.shape, str(X.dtype), data, _anchor_tag(anchor), cfg.precond_rank,
+            cfg.precond_pivot, cfg.precond_logdet, cfg.noise_floor)
+
+
+@functools.cache
+def _factors_builder(kernel: str, cfg: MLLConfig) -> Callable:
+    """Return the jitted ``(X, h0) -> PrecondFactors`` of these settings.
+
+    One function per settings, so the start's check and the fit's evaluator compile it once.
+    """
+    return jax.jit(lambda X, h0: precond_factors(X, kernel, h0, cfg))
 
 
 def anchor_factors(X, kernel: str, cfg: MLLConfig, anchor: Params):
@@ -69,8 +83,7 @@ def anchor_factors(X, kernel: str, cfg: MLLConfig, anchor: Params):
     """
     X = jnp.asarray(X)
     h0 = constrain(anchor, cfg.noise_floor)
-    factors = jax.block_until_ready(
-        jax.jit(lambda X, h0: precond_factors(X, kernel, h0, cfg))(X, h0))
+    factors = jax.block_until_ready(_factors_builder(kernel, cfg)(X, h0))
     _HANDOFF.clear()
     _HANDOFF[_factors_key(X, kernel, cfg, anchor)] = factors
     return factors
@@ -474,7 +487,7 @@ class _Evaluator:
         # the preconditioner of an anchor, built once and reused by every evaluation there
         self.anchored = slq and cfg.precond_rank > 0
         self._factors: tuple | None = None  # (anchor's bytes, its PrecondFactors)
-        self._build = jax.jit(lambda X, h0: precond_factors(X, backend.kernel, h0, cfg))
+        self._build = _factors_builder(backend.kernel, cfg)
 
     def set_depth(self, depth: int) -> None:
         """Evaluate with this Lanczos depth from now on (compiled once per depth)."""
@@ -488,7 +501,7 @@ class _Evaluator:
 
     def factors(self, anchor: Params):
         """Return the :class:`~gpadjoint.mll.PrecondFactors` at ``anchor`` (the last one cached)."""
-        tag = b"".join(np.asarray(a).tobytes() for a in jax.tree.leaves(anchor))
+        tag = _anchor_tag(anchor)
         if self._factors is None or self._factors[0] != tag:
             self._factors = None  # free the old factors before the new ones are built
             if _HANDOFF:  # built before the fit at this anchor: take it

@@ -61,6 +61,8 @@ from gpytorch_baseline import (  # noqa: E402,F401 (the baseline's settings, re-
     run_gpytorch,
 )
 
+from gpadjoint.checkpoint import start_path  # noqa: E402
+
 OUT_DIR = bu.ROOT / "results" / "uci"
 DATASETS = ["elevators", "protein", "kin40k", "keggdirected", "keggundirected"]
 # Each gpadjoint method is a base config and RunConfig.with_overrides keys on top of it.
@@ -141,7 +143,6 @@ def method_source(method: str) -> str:
 
 def run_gpadjoint(spec: dict) -> dict:
     from gpadjoint import cli
-    from gpadjoint.checkpoint import start_path
 
     with tempfile.TemporaryDirectory(prefix="gpadj_uci_") as tmp:
         out = Path(tmp) / "run.json"
@@ -476,7 +477,7 @@ def main(argv=None) -> int:
                     commit = bu.git_commit()  # the code the child imports, not what HEAD is after
                     progress = path.with_suffix(".progress")
                     ckpt = checkpoint_path(path, method)
-                    for side in (ckpt, ckpt.with_name(ckpt.name + ".start")):
+                    for side in (ckpt, start_path(ckpt)):
                         if side.exists():
                             print(f"  resuming from {side.name}", flush=True)
                             break
@@ -512,7 +513,7 @@ def main(argv=None) -> int:
                         bu.evaluations_path(ckpt).unlink(missing_ok=True)
                         bu.sessions_path(ckpt).unlink(missing_ok=True)
                         # the subset start's own checkpoint (gpadjoint.start)
-                        ckpt.with_name(ckpt.name + ".start").unlink(missing_ok=True)
+                        start_path(ckpt).unlink(missing_ok=True)
                     print(
                         f"  -> {rec['status']}: rmse {rec.get('test_rmse')}, "
                         f"s/epoch {rec.get('seconds_per_epoch')}, "
