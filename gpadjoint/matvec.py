@@ -59,9 +59,22 @@ PRECISIONS = ("full", "mixed")
 # Bytes of one n x n kernel matrix we are willing to hold for the dense backend, as a fraction of
 # available memory (K, its cotangent and one temporary live at once in value+gradient).
 DENSE_MEMORY_FRACTION = 0.2
-# The same for the stored backend on a CPU: its value+gradient holds K alone (the hyperparameter
-# cotangent comes from recomputed tiles), so it may take a larger share.
-STORED_MEMORY_FRACTION = 0.6
+# The stored backend on a CPU holds K once for a whole value+gradient (the hyperparameter
+# cotangent comes from recomputed tiles, so there is no n x n cotangent); beside K the
+# evaluation's working memory grows with n: the symmetric VJP's tile temporaries (about three
+# (tile, n, d) arrays) and the rank-r preconditioner's factors (about two (n, r) arrays), plus a
+# fixed runtime share. Stored is chosen when all of that fits in STORED_MEMORY_FRACTION of the
+# available memory; results/bench_memory_stored.csv holds the peak resident memory measured
+# against this estimate.
+STORED_MEMORY_FRACTION = 0.9
+STORED_RUNTIME_BYTES = 1024**3
+
+
+def stored_need_bytes(n: int, itemsize: int, *, d: int = 1, tile: int = 128,
+                      rank: int = 1000) -> int:
+    """Estimated peak bytes of one stored-backend SLQ value+gradient at n rows (see above)."""
+    work = n * (3 * min(tile, n) * d + 2 * min(rank, n)) * itemsize
+    return n * n * itemsize + work + STORED_RUNTIME_BYTES
 
 
 @dataclass(frozen=True)
@@ -184,16 +197,18 @@ def available_memory_bytes() -> int:
     return 8 * 1024**3
 
 
-def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, str]:
+def choose_backend(n: int, dtype, *, d: int = 1, tile: int = 128, rank: int = 1000,
+                   on_gpu: bool | None = None) -> tuple[str, str]:
     """Pick a backend by problem size and memory; returns ``(name, reason)``.
 
     Rule: dense when an n x n matrix fits in ``DENSE_MEMORY_FRACTION`` of available memory (a
     matmul with a prebuilt K beats recomputing its entries at every matvec); on a CPU, stored
-    when it fits in ``STORED_MEMORY_FRACTION`` (K once, no n x n cotangent); otherwise KeOps
-    on a GPU, and on a CPU the blocked JAX matvec, which was faster than KeOps's CPU
-    reductions (both in results/bench_matvec.csv). KeOps on a CPU is only chosen when asked
-    for. Called once per fit, by :func:`gpadjoint.plan.make_plan`: the answer depends on the
-    memory available at the time.
+    when K and the evaluation's working memory (:func:`stored_need_bytes` for ``d`` features,
+    ``tile`` rows per tile and a rank-``rank`` preconditioner) fit in
+    ``STORED_MEMORY_FRACTION``; otherwise KeOps on a GPU, and on a CPU the blocked JAX matvec,
+    which was faster than KeOps's CPU reductions (both in results/bench_matvec.csv). KeOps on a
+    CPU is only chosen when asked for. Called once per fit, by
+    :func:`gpadjoint.plan.make_plan`: the answer depends on the memory available at the time.
     """
     if on_gpu is None:
         on_gpu = jax.default_backend() == "gpu"
@@ -206,11 +221,13 @@ def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, s
             f"K needs {need / gib:.2f} GiB, within {DENSE_MEMORY_FRACTION:.0%} of the "
             f"{avail / gib:.1f} GiB available"
         )
-    if not on_gpu and need <= STORED_MEMORY_FRACTION * avail:
+    stored = stored_need_bytes(n, itemsize, d=d, tile=tile, rank=rank)
+    if not on_gpu and stored <= STORED_MEMORY_FRACTION * avail:
         return "stored", (
-            f"K needs {need / gib:.2f} GiB, more than {DENSE_MEMORY_FRACTION:.0%} but within "
-            f"{STORED_MEMORY_FRACTION:.0%} of the {avail / gib:.1f} GiB available: K stored "
-            "once, its gradient from recomputed tiles"
+            f"K needs {need / gib:.2f} GiB, more than {DENSE_MEMORY_FRACTION:.0%} of the "
+            f"{avail / gib:.1f} GiB available, and with the evaluation's working memory "
+            f"{stored / gib:.1f} GiB, within {STORED_MEMORY_FRACTION:.0%}: K stored once, its "
+            "gradient from recomputed tiles"
         )
     if on_gpu:
         from .keops_bridge import keops_available
@@ -220,7 +237,8 @@ def choose_backend(n: int, dtype, *, on_gpu: bool | None = None) -> tuple[str, s
             return "keops", f"K needs {need / gib:.1f} GiB (too large to store); KeOps on GPU"
         return "blocked", f"K needs {need / gib:.1f} GiB; KeOps unavailable ({why})"
     return "blocked", (
-        f"K needs {need / gib:.1f} GiB, more than {STORED_MEMORY_FRACTION:.0%} of the "
+        f"K needs {need / gib:.1f} GiB and with the evaluation's working memory "
+        f"{stored / gib:.1f} GiB, more than {STORED_MEMORY_FRACTION:.0%} of the "
         f"{avail / gib:.1f} GiB available; blocked JAX is faster than KeOps on a CPU"
     )
 

@@ -104,7 +104,8 @@ def make_plan(cfg, n: int, d: int, *, devices=None, optimizer=None) -> Plan:
     dtype = jnp.dtype(cfg.model.dtype)
     mesh = make_mesh(devices)
     backend = (Choice(cfg.model.backend, "requested") if cfg.model.backend != "auto"
-               else _auto(choose_backend(n, dtype)))
+               else _auto(choose_backend(n, dtype, d=d, tile=cfg.model.tile,
+                                         rank=cfg.mll.precond_rank)))
     if backend.name == "stored" and mesh is not None and cfg.model.backend == "auto":
         # stored holds K whole on one device; over a mesh the blocked tiles split the rows
         backend = Choice("blocked", f"{backend.reason}; but stored does not shard, so blocked "
@@ -153,11 +154,13 @@ def resolve_estimator(n: int, mll: MLLConfig) -> tuple[MLLConfig, str]:
     return dataclasses.replace(mll, estimator=name), reason
 
 
-def resolve_backend(backend, kernel: str, n: int, dtype) -> tuple[Backend, str]:
+def resolve_backend(backend, kernel: str, n: int, dtype, *, d: int = 1,
+                    rank: int = 1000) -> tuple[Backend, str]:
     """Return (a :class:`~gpadjoint.matvec.Backend`, the reason) for ``backend``.
 
     ``backend``: a Backend (used as given; its kernel must be ``kernel``), a backend name, or
-    "auto" (:func:`gpadjoint.matvec.choose_backend` for n points of ``dtype``). For callers
+    "auto" (:func:`gpadjoint.matvec.choose_backend` for n points of ``dtype`` in ``d``
+    dimensions, with a rank-``rank`` preconditioner). For callers
     below the estimator (:func:`gpadjoint.train.fit`), as :func:`resolve_estimator`.
     """
     if isinstance(backend, Backend):
@@ -167,7 +170,7 @@ def resolve_backend(backend, kernel: str, n: int, dtype) -> tuple[Backend, str]:
             )
         return backend, "given"
     if backend == "auto":
-        name, reason = choose_backend(n, dtype)
+        name, reason = choose_backend(n, dtype, d=d, rank=rank)
         return make_backend(name, kernel), f"auto: {reason}"
     return make_backend(backend, kernel), "requested"
 

@@ -213,7 +213,8 @@ def _prepare(X, y, *, kernel, backend, mll_config, optimizer, epochs, params0, s
     mll_config = MLLConfig() if mll_config is None else mll_config
     optimizer = as_optimizer(optimizer)
     # "auto" is resolved here, once, for callers that bypass the plan (gpadjoint.plan)
-    backend, backend_reason = resolve_backend(backend, kernel, n, dtype)
+    backend, backend_reason = resolve_backend(backend, kernel, n, dtype, d=d,
+                                              rank=mll_config.precond_rank)
     mll_config, estimator_reason = resolve_estimator(n, mll_config)
     estimator = mll_config.estimator
     if estimator == "exact" and early_stopping is None and converge_tol > 0:

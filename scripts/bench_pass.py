@@ -26,6 +26,13 @@ measured in the same run.
 
     python scripts/bench_pass.py           # n = 14 940 (d = 18) and n = 36 000 (d = 8)
     python scripts/bench_pass.py --quick   # n = 3 000 and 6 000: a check that it runs
+    python scripts/bench_pass.py --memory  # -> results/bench_memory_stored.csv
+
+``--memory``: the peak resident memory of one SLQ value+gradient (the packaged default's
+estimator: 10 probes, depth 15, rank-1000 random-pivot preconditioner, CG tolerance 1e-5) with
+the stored backend, each in a fresh process, against ``matvec.stored_need_bytes``, the estimate
+by which ``backend = "auto"`` decides whether K may be stored. Memory, unlike time, does not
+depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -49,7 +56,9 @@ sys.path.insert(0, str(ROOT))
 
 from gpadjoint import provenance  # noqa: E402
 from gpadjoint.kernels import Hypers, dense_cov  # noqa: E402
-from gpadjoint.matvec import make_backend, stored_cov  # noqa: E402
+from gpadjoint.matvec import make_backend, stored_cov, stored_need_bytes  # noqa: E402
+
+import _benchutil as bu  # noqa: E402
 
 KERNEL = "matern32"
 COLS = 11
@@ -182,13 +191,78 @@ def stored_case(n, d, tile, reps, refs):
     return [row]
 
 
+MEMORY_CASES = [(8000, 20), (16000, 20), (24000, 20), (24000, 5)]
+MEMORY_FIELDS = ["n", "d", "backend", "status", "peak_rss_gib", "estimate_gib", "K_gib",
+                 "estimate_over_peak", "seconds", "cg_iterations", "passes", "child_wall_s",
+                 "commit", "machine"]
+
+
+def memory_child(spec):
+    """One stored SLQ value+gradient at (n, d) -> a JSON line with the peak RSS."""
+    from gpadjoint.kernels import unconstrain
+    from gpadjoint.mll import neg_mll, precond_factors
+    from gpadjoint.settings import MLLConfig
+
+    n, d = spec["n"], spec["d"]
+    X, _, _, h = problem(n, d)
+    y = jnp.asarray(np.random.default_rng(1).standard_normal(n))
+    cfg = MLLConfig(estimator="slq", num_probes=10, lanczos_depth=15, precond_rank=1000,
+                    cg_tol=1e-5, cg_max_iter=1000, precond_pivot="random")
+    p = unconstrain(h.lengthscale, h.outputscale, h.noise, 0.0, noise_floor=cfg.noise_floor,
+                    dtype=jnp.float64)
+    be = make_backend("stored", KERNEL)
+    fac = precond_factors(X, KERNEL, h, cfg)
+
+    def loss(p, X, y, fac):
+        return neg_mll(p, X, y, jax.random.PRNGKey(0), backend=be, config=cfg, precond=fac)
+
+    t0 = time.perf_counter()
+    (v, aux), g = jax.block_until_ready(
+        jax.jit(jax.value_and_grad(loss, has_aux=True))(p, X, y, fac))
+    print(json.dumps(dict(seconds=round(time.perf_counter() - t0, 2),
+                          cg_iterations=int(aux["cg_iterations"]),
+                          passes=float(aux["passes"]), peak_rss_mib=bu.peak_rss_mib())))
+
+
+def memory(out: Path):
+    """Run the memory cases, one child each, and write ``out`` (one row per case)."""
+    gib = 1024**3
+    rows = []
+    for n, d in MEMORY_CASES:
+        res = bu.run_child(Path(__file__), dict(n=n, d=d), timeout=3600)
+        est = stored_need_bytes(n, 8, d=d) / gib
+        row = dict(n=n, d=d, backend="stored", status=res["status"],
+                   estimate_gib=f"{est:.2f}", K_gib=f"{n * n * 8 / gib:.2f}",
+                   child_wall_s=res.get("child_wall_s"), commit=provenance.commit(),
+                   machine=provenance.machine_line())
+        if res["status"] == "ok":
+            peak = res["peak_rss_mib"] / 1024
+            row.update(peak_rss_gib=f"{peak:.2f}", estimate_over_peak=f"{est / peak:.2f}",
+                       seconds=res["seconds"], cg_iterations=res["cg_iterations"],
+                       passes=res["passes"])
+        print(row, flush=True)
+        rows.append(row)
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, MEMORY_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small n: check that it runs")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tile", type=int, default=128, help="rows per tile (blocked, stored)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_pass.csv")
+    ap.add_argument("--memory", action="store_true",
+                    help="peak memory of the stored backend -> results/bench_memory_stored.csv")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        return memory_child(json.loads(args.child))
+    if args.memory:
+        return memory(ROOT / "results" / "bench_memory_stored.csv")
     cases = CASES_QUICK if args.quick else CASES
     load_before = os.getloadavg()
     started = time.time()

@@ -502,6 +502,13 @@ SECTIONS = [
      ["dataset", "split", "config", "gpadjoint_rmse", "sklearn_rmse", "rmse_ratio",
       "gpadjoint_nll", "sklearn_nll", "gpadjoint_seconds", "sklearn_seconds",
       "gpadjoint_estimator", "gpadjoint_optimizer"], None),
+    ("bench_memory_stored.csv", "scripts/bench_pass.py --memory",
+     "Peak resident memory of one SLQ value + gradient with the stored backend (the default "
+     "estimator, synthetic data, one fresh process each) against matvec.stored_need_bytes, the "
+     "estimate by which backend = auto decides whether K may be stored (estimate_over_peak >= 1: "
+     "the estimate errs on the safe side).",
+     ["n", "d", "status", "K_gib", "peak_rss_gib", "estimate_gib", "estimate_over_peak",
+      "seconds", "cg_iterations", "passes", "commit"], None),
     ("bench_memory.csv", _gone("bench_memory"),
      "Peak resident memory of one SLQ value + adjoint gradient with KeOps at large n.",
      ["n", "d", "depth", "probes", "cg_iters", "kernel", "status", "peak_rss_mib",

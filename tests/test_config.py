@@ -286,7 +286,7 @@ def test_stored_backend_is_planned_on_one_device_only(monkeypatch):
 
     cfg = default_config()
     assert default_config().with_overrides(model__backend="stored").model.backend == "stored"
-    monkeypatch.setattr(gplan, "choose_backend", lambda n, dtype: ("stored", "K fits"))
+    monkeypatch.setattr(gplan, "choose_backend", lambda n, dtype, **kw: ("stored", "K fits"))
     assert gplan.make_plan(cfg, 500, 3).backend == ("stored", "auto: K fits")
     p = gplan.make_plan(cfg, 500, 3, devices=1)
     assert p.backend.name == "blocked" and "stored does not shard" in p.backend.reason
