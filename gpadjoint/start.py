@@ -8,7 +8,9 @@ Data flow: mll -> train -> **start** -> model.
   fit's CG ill-conditioned (:data:`CG_RATIO_LIMIT`);
 * :func:`subset_metric`: the Hessian metric of the last subset's loss at its optimum, the
   coordinates :class:`gpadjoint.optimizers.LBFGS` then runs the full fit in;
-* :func:`full_fit`: whether the full fit runs after that start (``[train] full_fit``).
+* :func:`full_fit`: whether the full fit runs after that start (``[train] full_fit``);
+* :func:`heldout_noise`: for a kept start that interpolates its rows, the noise chosen by the
+  predictive likelihood of rows outside the subset.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from .checkpoint import add_to_start, data_sha256, load_start, save_start
 from .coords import flat, from_opt, hessian_metric, opt_grad, to_opt, unflat
-from .kernels import Params, constrain, init_params
+from .kernels import Params, constrain, init_params, unconstrain
 from .mll import MLLConfig, neg_mll_exact
 from .optimizers import LBFGS, drop_anchor_factors
 from .train import fit
@@ -43,6 +45,13 @@ INTERPOLATING_NOISE = 10.0
 # this limit near 100 iterations per solve: above it every evaluation of the full fit costs
 # hundreds of passes over K, so a subset fit above it is a costly start.
 CG_RATIO_LIMIT = 3e5
+
+
+# heldout_noise: noise shares of the total variance s2 + noise tried, the held-out rows at most,
+# and the margin (nats per held-out row) a new noise must win by to replace the fitted one
+HELDOUT_SHARES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+HELDOUT_ROWS = 4000
+HELDOUT_MARGIN = 1e-3
 
 
 class SubsetStartWarning(RuntimeWarning):
@@ -378,3 +387,57 @@ def full_fit(mode: str, subset: dict | None, estimator: str, n: int) -> dict:
                f"{subset['precond_ratio']:.1e} > {CG_RATIO_LIMIT:.0e} (CG would run ~100 or more "
                "iterations per solve)")
     return {"fit": False, "mode": mode, "reason": f"auto: {why} and {tail}"}
+
+
+def heldout_noise(X, y, params: Params, subset: dict, *, kernel: str,
+                  noise_floor: float, rows: int = HELDOUT_ROWS) -> tuple[Params, dict]:
+    """Choose the noise of a kept, interpolating subset fit by held-out predictive likelihood.
+
+    An exact fit that puts the noise at its floor says only that its own rows are consistent
+    with no noise: with the lengthscales it chose, few of them are near one another. All n rows
+    have many more near neighbours, and the exact posterior that then predicts from all of them
+    trusts each one fully, so its predictive variance collapses where the data are noisy. The
+    fit's own likelihood cannot see this; the rows it did not use can. So, holding the
+    lengthscales and the total variance s2 + noise, this tries the noise shares
+    :data:`HELDOUT_SHARES` (those above the fitted noise) and scores each by the mean exact
+    predictive NLL, given the subset, of ``rows`` rows outside it (the tail of the subset's
+    permutation, disjoint from every rung). The best replaces the fit when it wins by more than
+    :data:`HELDOUT_MARGIN`; on nearly noise-free data the fitted noise wins and is kept.
+
+    ``subset``: :func:`subset_start`'s info of the kept fit (its ``size`` and ``seed``).
+    Returns ``(params, record)``, params in the dtype of X; the record has the rows, each
+    share's NLL, the chosen noise and whether it replaced the fit.
+    """
+    from . import exact
+
+    t0 = time.perf_counter()
+    n, size, seed = X.shape[0], subset["size"], subset["seed"]
+    m = min(rows, n - size)
+    h = constrain(Params(*(jnp.asarray(a, jnp.float64) for a in params)), noise_floor)
+    s2, noise = float(h.outputscale), float(h.noise)
+    total = s2 + noise
+    Xs, ys = (np.asarray(a) for a in _subset_rows(X, y, seed, size))
+    hold = np.sort(np.random.default_rng(seed).permutation(n)[n - m:])
+    Xh, yh = np.asarray(X, np.float64)[hold], np.asarray(y, np.float64)[hold]
+
+    def score(noise_i: float) -> float:
+        hi = h._replace(outputscale=jnp.asarray(total - noise_i), noise=jnp.asarray(noise_i))
+        f = exact.factor(Xs, ys, hi, float(params.mean), kernel=kernel)
+        mean, var = exact.posterior(f, Xh)
+        return float(np.mean(0.5 * np.log(2 * np.pi * var) + 0.5 * (yh - mean) ** 2 / var))
+
+    fitted = score(noise)
+    tried = {share: score(share * total) for share in HELDOUT_SHARES
+             if share * total > max(noise, noise_floor)}
+    best = min(tried, key=tried.get, default=None)
+    adopt = best is not None and fitted - tried[best] > HELDOUT_MARGIN
+    record = {"rows": m, "fitted_noise": noise, "fitted_nll": fitted,
+              "shares": {f"{k:g}": v for k, v in tried.items()}, "replaced": adopt,
+              "noise": best * total if adopt else noise, "seconds": 0.0}
+    if adopt:
+        q = unconstrain(h.lengthscale, total * (1 - best), total * best, float(params.mean),
+                        noise_floor=noise_floor, dtype=jnp.float64)
+        params = Params(*(jnp.asarray(a, X.dtype) for a in (
+            params.raw_lengthscale, q.raw_outputscale, q.raw_noise, params.mean)))
+    record["seconds"] = time.perf_counter() - t0
+    return params, record

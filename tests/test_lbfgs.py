@@ -474,3 +474,45 @@ def test_the_ladder_climbs_while_the_full_fits_cg_would_be_hard():
     assert f"trace(K - L L^T) / noise = {10 * CG_RATIO_LIMIT:.1e}" in why["reason"]
     assert full_fit("auto", info, "exact", 400)["fit"]
     assert full_fit("always", info, "slq", 400)["fit"]
+
+
+def _matern32_np(A, B, ls, s2):
+    r = np.sqrt(np.maximum(((A[:, None, :] - B[None, :, :]) / ls) ** 2, 0).sum(-1))
+    return s2 * (1 + np.sqrt(3) * r) * np.exp(-np.sqrt(3) * r)
+
+
+def test_heldout_noise_replaces_a_floor_noise_on_noisy_data_and_keeps_it_on_clean_data():
+    """The held-out check of a kept interpolating start, its NLL against a numpy reference."""
+    from gpadjoint.kernels import unconstrain
+    from gpadjoint.start import _subset_rows, heldout_noise
+
+    floor, total = 1e-4, 1.0
+    ls = np.array([0.5, 0.5])
+    # an interpolating fit: the noise just above its floor, the rest of the variance in s2
+    p = unconstrain(ls, total - 2e-4, 2e-4, 0.0, noise_floor=floor, dtype=jnp.float64)
+    sub = {"size": 150, "seed": 3}
+    for noise_sd, replaced in ((0.3, True), (0.0, False)):
+        X, y = _interpolating_data(noise_sd=noise_sd, n=450)
+        y = (y - y.mean()) / y.std()
+        q, rec = heldout_noise(jnp.asarray(X), jnp.asarray(y), p, sub, kernel="matern32",
+                               noise_floor=floor, rows=200)
+        assert rec["replaced"] is replaced and rec["rows"] == 200
+        h = constrain(q, floor)
+        if replaced:
+            # the noise moves towards the data's (0.09 of y's variance before scaling) and the
+            # total variance and lengthscales stay
+            assert 0.01 <= float(h.noise) <= 0.3 and rec["noise"] == pytest.approx(float(h.noise))
+            assert float(h.outputscale + h.noise) == pytest.approx(total + 0.0, rel=1e-9)
+            assert min(rec["shares"].values()) < rec["fitted_nll"] - 1e-3
+        else:
+            assert float(h.noise) == pytest.approx(2e-4, rel=1e-9)
+        np.testing.assert_allclose(np.asarray(h.lengthscale), ls, rtol=1e-12)
+        # the fitted noise's held-out NLL, by a dense numpy posterior
+        Xs, ys = (np.asarray(a) for a in _subset_rows(X, y, 3, 150))
+        hold = np.sort(np.random.default_rng(3).permutation(450)[250:])
+        K = _matern32_np(Xs, Xs, ls, total - 2e-4) + 2e-4 * np.eye(150)
+        Ks = _matern32_np(X[hold], Xs, ls, total - 2e-4)
+        mean = Ks @ np.linalg.solve(K, ys)
+        var = total - np.einsum("ij,ji->i", Ks, np.linalg.solve(K, Ks.T))
+        ref = np.mean(0.5 * np.log(2 * np.pi * var) + 0.5 * (y[hold] - mean) ** 2 / var)
+        assert rec["fitted_nll"] == pytest.approx(ref, rel=1e-8)
