@@ -399,9 +399,9 @@ def heldout_noise(X, y, params: Params, subset: dict, *, kernel: str,
     trusts each one fully, so its predictive variance collapses where the data are noisy. The
     fit's own likelihood cannot see this; the rows it did not use can. So, holding the
     lengthscales and the total variance s2 + noise, this tries the noise shares
-    :data:`HELDOUT_SHARES` (those above the fitted noise) and scores each by the mean exact
-    predictive NLL, given the subset, of ``rows`` rows outside it (the tail of the subset's
-    permutation, disjoint from every rung). The best replaces the fit when it wins by more than
+    :data:`HELDOUT_SHARES` above the fitted noise, upwards until the score rises, each scored
+    by the mean exact predictive NLL, given the subset, of ``rows`` rows outside it (the tail
+    of the subset's permutation, disjoint from every rung). The best replaces the fit when it wins by more than
     :data:`HELDOUT_MARGIN`; on nearly noise-free data the fitted noise wins and is kept.
 
     ``subset``: :func:`subset_start`'s info of the kept fit (its ``size`` and ``seed``).
@@ -427,8 +427,14 @@ def heldout_noise(X, y, params: Params, subset: dict, *, kernel: str,
         return float(np.mean(0.5 * np.log(2 * np.pi * var) + 0.5 * (yh - mean) ** 2 / var))
 
     fitted = score(noise)
-    tried = {share: score(share * total) for share in HELDOUT_SHARES
-             if share * total > max(noise, noise_floor)}
+    tried, last = {}, fitted
+    for share in HELDOUT_SHARES:
+        if share * total <= max(noise, noise_floor):
+            continue
+        tried[share] = score(share * total)
+        if tried[share] > last:  # past the minimum (the NLL is unimodal in the share here)
+            break
+        last = tried[share]
     best = min(tried, key=tried.get, default=None)
     adopt = best is not None and fitted - tried[best] > HELDOUT_MARGIN
     record = {"rows": m, "fitted_noise": noise, "fitted_nll": fitted,
