@@ -757,7 +757,10 @@ def kept_start(r: dict) -> str | None:
     if ff.get("fit", True) or not st.get("size"):
         return None
     if st.get("interpolating"):
-        return f"{st['size']} rows, interpolated (noise {st['noise']:.1e})"
+        held = st.get("heldout_noise") or {}
+        return f"{st['size']} rows, interpolated (noise {st['noise']:.1e}" + (
+            f"; {held['rows']} held-out rows raised it to {held['noise']:.1e})"
+            if held.get("replaced") else "; held-out rows kept it)" if held else ")")
     if st.get("cg_hard"):
         return (f"{st['size']} rows, CG ill-conditioned at all n "
                 f"(trace(K - LLᵀ)/σ² = {st['precond_ratio']:.1e})")

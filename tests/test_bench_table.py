@@ -274,3 +274,20 @@ def test_an_unfinished_run_is_noted_with_what_bounded_it(tmp_path):
     assert "cut short at CG iteration 50 (relative residual 1.0e-03, after 600 s)" in note
     rows = make_table.headline_rows([])
     assert note in make_table.headline(rows, [rec])
+
+
+def test_kept_start_says_why_and_what_the_heldout_rows_did():
+    kept = {"full_fit": {"fit": False, "reason": "auto: ..."}}
+    interp = {"size": 8000, "interpolating": True, "noise": 1.0e-4}
+    assert make_table.kept_start({"full_fit": {"fit": True}, "init_subset": interp}) is None
+    assert make_table.kept_start({**kept, "init_subset": interp}) == (
+        "8000 rows, interpolated (noise 1.0e-04)")
+    held = {"rows": 4000, "replaced": True, "noise": 2.43e-2}
+    assert make_table.kept_start({**kept, "init_subset": {**interp, "heldout_noise": held}}) == (
+        "8000 rows, interpolated (noise 1.0e-04; 4000 held-out rows raised it to 2.4e-02)")
+    held = {"rows": 4000, "replaced": False, "noise": 1.0e-4}
+    assert make_table.kept_start({**kept, "init_subset": {**interp, "heldout_noise": held}}) == (
+        "8000 rows, interpolated (noise 1.0e-04; held-out rows kept it)")
+    hard = {"size": 8000, "interpolating": False, "cg_hard": True, "noise": 1e-2,
+            "precond_ratio": 1.6e6}
+    assert "CG ill-conditioned" in make_table.kept_start({**kept, "init_subset": hard})
