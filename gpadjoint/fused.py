@@ -79,6 +79,7 @@ def slq_and_solve(
     x0: jax.Array | None = None,
     half: tuple | None = None,
     breakdown_tol: float | None = None,
+    cg_cap: jax.Array | None = None,
 ):
     """Lanczos on every probe and CG on b, sharing passes; differentiable w.r.t. ``args``, ``b``.
 
@@ -95,6 +96,10 @@ def slq_and_solve(
         x0: warm start of CG (its product with A shares the first pass).
         half: optional factors (U, c, scale) of S = P^{-1/2}: Lanczos runs on S A S.
         breakdown_tol: as :func:`gpadjoint.lanczos.lanczos`.
+        cg_cap: optional traced bound on the CG iterations, below ``max_iter`` (a float scalar
+            array, so that it varies between calls without a new compilation): a line
+            search's trial point that would need far more iterations than the accepted point
+            is abandoned early instead of running to ``max_iter``.
 
     Returns:
         (tri, quad, x, info, passes): the :class:`~gpadjoint.lanczos.Tridiag` (gradients reach
@@ -108,7 +113,7 @@ def slq_and_solve(
     if breakdown_tol is None:
         breakdown_tol = 100 * float(jnp.finfo(probes.dtype).eps)
     run = _fused(mv, depth, breakdown_tol, (tol, min_iter, max_iter))
-    tri, quad, x, it, res = run(probes, b, (precond, x0, half), *args)
+    tri, quad, x, it, res = run(probes, b, (precond, x0, half, cg_cap), *args)
     x = lax.stop_gradient(x)
     it = lax.stop_gradient(it)
     passes = jnp.maximum(depth, it + (0 if x0 is None else 1))
@@ -122,10 +127,12 @@ def _sym(half):
 
 
 def _forward(mv, depth, breakdown_tol, cg_cfg, V0, b, consts, args):
-    precond, x0, half = consts
+    precond, x0, half, cap = consts
     S = _sym(half)
     m = V0.shape[1]
     tol, min_iter, max_iter = cg_cfg
+    if cap is not None:
+        max_iter = jnp.minimum(max_iter, cap.astype(jnp.int32))
     state, norm = lanczos_start(V0, depth)
     rec = CGRecursion(b[:, None], precond, tol=tol, min_iter=min_iter, max_iter=max_iter)
 

@@ -61,6 +61,7 @@ def neg_mll(
     x0: jax.Array | None = None,
     precond_params: Params | None = None,
     precond: PrecondFactors | None = None,
+    cg_cap: jax.Array | None = None,
 ):
     """-log p(y | theta) / n (per datum, 2 pi constant included), estimated by SLQ + PCG.
 
@@ -85,6 +86,9 @@ def neg_mll(
             they are instead of being rebuilt here: the L-BFGS trainer builds them once per
             anchor, not once per evaluation (at rank 1000 they cost more than the rest of an
             evaluation).
+        cg_cap: optional traced bound on this evaluation's CG iterations below
+            ``config.cg_max_iter`` (:func:`gpadjoint.fused.slq_and_solve`); a solve stopped by
+            it reports its residual like any unconverged one.
 
     Returns:
         (value, aux) with aux a dict of diagnostics: ``logdet``, ``quad`` (y^T K^-1 y),
@@ -110,7 +114,7 @@ def neg_mll(
     if precond is None:
         precond = precond_factors(X, backend.kernel, h0, config)
     return _neg_mll_slq(hypers, params.mean, X, y, probes, x0, precond, backend=backend,
-                        config=config)
+                        config=config, cg_cap=cg_cap)
 
 
 class PrecondFactors(NamedTuple):
@@ -149,7 +153,7 @@ def precond_factors(X, kernel: str, h0, config: MLLConfig) -> PrecondFactors:
 
 
 def _neg_mll_slq(hypers, mean, X, y, probes, x0, factors: PrecondFactors, *, backend: Backend,
-                 config: MLLConfig):
+                 config: MLLConfig, cg_cap=None):
     """Estimate :func:`neg_mll` by SLQ + PCG at constrained ``hypers``; -> (value, aux).
 
     ``factors``: the preconditioner, built elsewhere (no gradient flows through it).
@@ -172,6 +176,7 @@ def _neg_mll_slq(hypers, mean, X, y, probes, x0, factors: PrecondFactors, *, bac
         max_iter=config.cg_max_iter,
         x0=x0,
         half=half,
+        cg_cap=cg_cap,
     )
     slq, change = _slq_and_depth_change(tri, lower, n)
     logdet = logdet_P + slq

@@ -45,6 +45,14 @@ logger = logging.getLogger("gpadjoint")
 
 _DEFAULT_MLL = MLLConfig()
 
+# A line search's trial point may run at most TRIAL_CG_FACTOR x the accepted point's CG
+# iterations + TRIAL_CG_SLACK: a step into an ill-conditioned region (the noise far below the
+# anchor's) can need cg_max_iter iterations and still not solve, each costing one pass over K;
+# stopped at the bound, it is an unsolved trial like any other and the search shortens the step.
+# Legitimate growth along a step stays inside the bound (keggdirected: 39 -> 109, 1 -> 80).
+TRIAL_CG_FACTOR = 4
+TRIAL_CG_SLACK = 100
+
 # A preconditioner built before a fit at what will be its first anchor (the subset start's check
 # of its last rung, :func:`anchor_factors`), taken by the first evaluator that asks for the same
 # one, so that it is not built twice. At most one is held.
@@ -488,6 +496,9 @@ class _Evaluator:
         self.anchored = slq and cfg.precond_rank > 0
         self._factors: tuple | None = None  # (anchor's bytes, its PrecondFactors)
         self._build = _factors_builder(backend.kernel, cfg)
+        # CG iterations of the last evaluation, and of the last accepted point (trial_cap)
+        self.last_its: int = 0
+        self.accepted_its: int | None = None
 
     def set_depth(self, depth: int) -> None:
         """Evaluate with this Lanczos depth from now on (compiled once per depth)."""
@@ -523,10 +534,12 @@ class _Evaluator:
                                                "seconds": seconds}})
         return self._factors[1]
 
-    def _evaluate(self, params, key, x0, anchor, X, y):
+    def _evaluate(self, params, key, x0, anchor, cap, X, y):
         self.traces += 1  # runs only while tracing
         # anchored: ``anchor`` is the PrecondFactors built there (see ``executable``)
         pre = dict(precond=anchor) if self.anchored else dict(precond_params=anchor)
+        if self.cfg.estimator == "slq":
+            pre["cg_cap"] = cap
 
         def loss(p):
             return neg_mll(p, X, y, key, backend=self.backend, config=self.cfg, x0=x0, **pre)
@@ -535,10 +548,11 @@ class _Evaluator:
         keep = ("cg_iterations", "cg_residual", "passes", "alpha", "depth_change")
         return value, grads, {k: aux[k] for k in keep}
 
-    def executable(self, params, key, x0, anchor):
+    def executable(self, params, key, x0, anchor, cap=None):
         if self.anchored:
             anchor = self.factors(anchor)
-        args = (params, key, x0, anchor, self.X, self.y)
+        cap = jnp.asarray(self.cfg.cg_max_iter if cap is None else cap, self.X.dtype)
+        args = (params, key, x0, anchor, cap, self.X, self.y)
         sig = (_signature(args), self.depth)
         if sig not in self.compiled:
             self.compiled[sig] = jax.jit(self._evaluate).lower(*args).compile()
@@ -546,12 +560,24 @@ class _Evaluator:
 
     def start(self):
         self.counts = {"evaluations": 0, "cg_iterations": 0, "passes": 0, "cg_residual": 0.0,
-                       "precond_builds": 0}
+                       "precond_builds": 0, "cg_capped": 0}
 
-    def run(self, p, key, x0, anchor):
-        """-> (value, grad, finite, solved, x0 for the next evaluation), all on the host."""
+    def trial_cap(self) -> int | None:
+        """The CG bound of a line search's trial point: :data:`TRIAL_CG_FACTOR` times the
+        accepted point's iterations plus :data:`TRIAL_CG_SLACK` (None, no bound, before any
+        point was accepted in this process, e.g. right after a resume)."""
+        if self.accepted_its is None:
+            return None
+        return min(TRIAL_CG_FACTOR * self.accepted_its + TRIAL_CG_SLACK, self.cfg.cg_max_iter)
+
+    def run(self, p, key, x0, anchor, cap: int | None = None):
+        """-> (value, grad, finite, solved, x0 for the next evaluation), all on the host.
+
+        ``cap``: at most this many CG iterations (None: ``cg_max_iter``); a solve it stops
+        is unsolved and counted in ``cg_capped``.
+        """
         t0 = time.perf_counter()
-        exe, args = self.executable(p, key, x0, anchor)
+        exe, args = self.executable(p, key, x0, anchor, cap)
         t1 = time.perf_counter()
         v, g, aux = jax.device_get(exe(*args))
         self._log(float(v), aux, t1 - t0, time.perf_counter() - t1)
@@ -559,10 +585,14 @@ class _Evaluator:
         c["evaluations"] += 1
         c["cg_iterations"] += int(aux["cg_iterations"])
         c["passes"] += int(aux["passes"])
-        c["cg_residual"] = max(c["cg_residual"], float(aux["cg_residual"]))
         self.last_change = float(aux["depth_change"])
         finite = bool(np.isfinite(v)) and coords.tree_finite(g)
         solved = float(aux["cg_residual"]) <= self.cfg.cg_tol
+        self.last_its = int(aux["cg_iterations"])
+        if cap is not None and not solved and self.last_its >= cap:
+            c["cg_capped"] += 1  # a discarded trial, stopped on purpose: not a failed solve
+        else:
+            c["cg_residual"] = max(c["cg_residual"], float(aux["cg_residual"]))
         alpha = aux["alpha"]
         if x0 is not None and finite and solved and np.all(np.isfinite(alpha)):
             x0 = jnp.asarray(alpha, self.X.dtype)
@@ -612,8 +642,9 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
             break
         if stop is not None and stop():
             return state, _abandoned(state, ev, cfg)
-        value, grad, finite, _, x0 = ev.run(params, key, x0, anchor)  # first step, or new P
+        value, grad, finite, solved, x0 = ev.run(params, key, x0, anchor)  # first step, new P
         change = ev.last_change
+        ev.accepted_its = ev.last_its if solved else None
         if not finite:
             break
     ev.counts.update(deepened=deepened, lanczos_depth=ev.depth, depth_change=change)
@@ -629,10 +660,7 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
     u = coords.to_opt(params)
     gu = coords.opt_grad(grad, params)
     desc, slope, inner = _descent(u, gu, s.inner, M)
-    caps = Params(coords.INV_LS_STEP, lbfgs.max_step, lbfgs.max_step, lbfgs.max_step)
-    phi, x0_box = _line(ev, u, desc, key, x0, anchor, dtype)
-    search = host.weak_wolfe(phi, value, slope, t_max=host.step_cap(desc, caps), c1=lbfgs.c1,
-                             c2=lbfgs.c2, max_evals=lbfgs.max_linesearch_steps, stop=stop)
+    x0_box, search = _search(ev, lbfgs, u, desc, value, slope, key, x0, anchor, dtype, stop)
     if search.interrupted:  # the state of the last accepted step, as it came in
         return state, _abandoned(state, ev, cfg)
     x0 = x0_box[0]
@@ -641,7 +669,7 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
         kept = LBFGSState(s.inner, jnp.asarray(value, dtype), grad, anchor, s.metric,
                            jnp.asarray(ev.depth, jnp.int32), jnp.asarray(change, dtype))
         return TrainState(state.params, kept, state.epoch, state.key, x0), metrics
-    t, (p_new, g_new, change_new) = search.t, search.trial.payload
+    t, (p_new, g_new, change_new, ev.accepted_its) = search.t, search.trial.payload
     if not (search.wolfe or t * (search.trial.slope - slope) > 0):
         # no positive curvature pair: forget
         inner = host.init_memory(M.shape[0], lbfgs.memory_size)
@@ -658,8 +686,32 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
     return new_state, metrics
 
 
-def _line(ev: _Evaluator, u: Params, desc: Params, key, x0, anchor, dtype):
+def _search(ev: _Evaluator, lbfgs: LBFGS, u: Params, desc: Params, value: float, slope: float,
+            key, x0, anchor, dtype, stop):
+    """The weak-Wolfe search along ``desc`` -> ``(x0_box, search)`` (see :func:`_line`).
+
+    Trial points run CG to :meth:`_Evaluator.trial_cap`; a search that found no point under
+    that bound (even its shortest steps needed more) runs once more without it, as it would
+    have before there was one.
+    """
+    caps = Params(coords.INV_LS_STEP, lbfgs.max_step, lbfgs.max_step, lbfgs.max_step)
+
+    def search_line(bounded: bool):
+        phi, box = _line(ev, u, desc, key, x0, anchor, dtype, bounded=bounded)
+        return box, host.weak_wolfe(phi, value, slope, t_max=host.step_cap(desc, caps),
+                                    c1=lbfgs.c1, c2=lbfgs.c2,
+                                    max_evals=lbfgs.max_linesearch_steps, stop=stop)
+
+    x0_box, search = search_line(bounded=True)
+    if search.trial is None and not search.interrupted and ev.counts["cg_capped"]:
+        x0_box, search = search_line(bounded=False)
+    return x0_box, search
+
+
+def _line(ev: _Evaluator, u: Params, desc: Params, key, x0, anchor, dtype, bounded=True):
     """``(phi, x0_box)``: the line search's function of the step t along ``desc`` from ``u``.
+
+    ``bounded``: each trial's CG stops at :meth:`_Evaluator.trial_cap`.
 
     ``phi(t)`` evaluates the loss at ``u + t desc`` (trainer coordinates, :func:`coords.to_opt`)
     in the working ``dtype`` and returns a :class:`gpadjoint.lbfgs.Trial` whose payload is (params,
@@ -670,8 +722,11 @@ def _line(ev: _Evaluator, u: Params, desc: Params, key, x0, anchor, dtype):
     def phi(t):
         u_t = Params(*(a + t * b for a, b in zip(u, desc)))
         p_t = Params(*(np.asarray(a, dtype) for a in coords.from_opt(u_t)))  # working dtype
-        v_t, g_t, fin_t, solved_t, x0_box[0] = ev.run(p_t, key, x0_box[0], anchor)
-        # an unconverged CG solve gives an inexact value: such a point is not taken
+        v_t, g_t, fin_t, solved_t, x0_box[0] = ev.run(
+            p_t, key, x0_box[0], anchor, cap=ev.trial_cap() if bounded else None)
+        # an unconverged CG solve gives an inexact value: such a point is not taken (and one
+        # that needs many times the accepted point's iterations is stopped early: a shorter
+        # step is tried instead)
         if not (fin_t and solved_t):
             return host.Trial(False, v_t, math.nan)
         gu_t = coords.opt_grad(g_t, p_t)
@@ -679,7 +734,8 @@ def _line(ev: _Evaluator, u: Params, desc: Params, key, x0, anchor, dtype):
         # the line, its derivative changes sign (a weak input's 1/l steps through 0 often)
         sign = np.where(np.asarray(u_t.raw_lengthscale) < 0, -1.0, 1.0)
         gu_t = gu_t._replace(raw_lengthscale=np.asarray(gu_t.raw_lengthscale) * sign)
-        return host.Trial(True, v_t, coords.tree_vdot(gu_t, desc), (p_t, g_t, ev.last_change))
+        return host.Trial(True, v_t, coords.tree_vdot(gu_t, desc),
+                          (p_t, g_t, ev.last_change, ev.last_its))
 
     return phi, x0_box
 

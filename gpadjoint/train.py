@@ -79,7 +79,9 @@ class FitResult(NamedTuple):
     n^2 kernel pairs for that value and gradient; 0 for the exact estimator) and ``seconds``
     (wall time of the step, compilation excluded; it is in ``info["compile_seconds"]``). An
     L-BFGS step adds ``evaluations``, ``step_size``, ``new_loss``, ``new_grad_norm`` (at the
-    accepted point) and ``refreshed``.
+    accepted point), ``refreshed`` and ``cg_capped`` (trial points whose CG the line search
+    stopped at its bound, :data:`gpadjoint.optimizers.TRIAL_CG_FACTOR`; their residuals are
+    not in ``cg_residual``).
     """
 
     params: Params
@@ -389,13 +391,13 @@ def _check_data(X, y):
 
 _LBFGS_KEYS = ("evaluations", "step_size", "new_loss", "new_grad_norm", "refreshed",
                "deepened", "lanczos_depth", "depth_change", "predicted_decrease",
-               "precond_builds")
+               "precond_builds", "cg_capped")
 
 
 def _record(epoch: int, m: dict, seconds: float, cfg: MLLConfig) -> dict:
     res = float(m["cg_residual"])
     kinds = {"evaluations": int, "refreshed": bool, "deepened": bool, "lanczos_depth": int,
-             "precond_builds": int}
+             "precond_builds": int, "cg_capped": int}
     extra = {k: kinds.get(k, float)(m[k]) for k in _LBFGS_KEYS if k in m}
     return {
         "epoch": epoch,

@@ -174,7 +174,8 @@ def unfinished_note(r: dict) -> str:
     t = record_seconds(r)
     secs = t["total"] if t["total"] is not None else sum(
         sum(e.get("seconds", {}).values()) for e in r.get("session_seconds") or [])
-    head = (f"- {r['dataset']} split {r['split']}: unfinished ({r['status']}"
+    head = (f"- {r['dataset']} split {r['split']} ({r['backend']} backend): unfinished "
+            f"({r['status']}"
             + (f", {secs:.0f} s so far" if secs else "") + ")")
     full = r.get("evaluations_log") or {}
     log = full.get("by_n") or {}

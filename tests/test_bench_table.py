@@ -268,7 +268,8 @@ def test_an_unfinished_run_is_noted_with_what_bounded_it(tmp_path):
     for k in ("test_rmse", "total_seconds", "fit_seconds", "predict_seconds"):
         rec.pop(k, None)
     note = make_table.unfinished_note(rec)
-    assert note.startswith("- protein split 0: unfinished (timeout>3600s, 3600 s so far)")
+    assert note.startswith(f"- protein split 0 ({rec['backend']} backend): unfinished "
+                           "(timeout>3600s, 3600 s so far)")
     assert "2 evaluations at n = 41157 (slq, 1200 s each, 400 passes and 300 CG" in note
     assert "Lanczos depth up to 30" in note
     assert "cut short at CG iteration 50 (relative residual 1.0e-03, after 600 s)" in note

@@ -145,3 +145,33 @@ def test_passes_reported_by_neg_mll_count_real_keops_calls():
         expected = max(5, int(aux["cg_iterations"]) + (x0 is not None)) + 5 + 1
         assert int(aux["passes"]) == expected
         np.testing.assert_allclose(float(value), float(f(params, x0)[0][0]), rtol=1e-12)
+
+
+def test_a_traced_cg_cap_stops_cg_like_max_iter_without_recompiling():
+    """cg_cap bounds CG as max_iter does (same iterations, value and gradient), but traced."""
+    X, y, params, be, probes, L = _setup()
+    mv, args, h0, pre = _operator(params, X, be, L)
+    traces = []
+
+    def run(cap, max_iter=1000):
+        traces.append(1)
+        tri, quad, _, info, _ = slq_and_solve(
+            mv, probes, y - params.mean, *args, depth=DEPTH, precond=pre, tol=1e-12,
+            min_iter=0, max_iter=max_iter, cg_cap=cap)
+        return quad, info.iterations, info.residual[0]
+
+    capped = jax.jit(run)
+    free_q, free_it, _ = run(None)
+    assert int(free_it) > 15  # the bounds below stop it early
+    for cap in (5, 12):
+        q, it, res = capped(jnp.asarray(float(cap), X.dtype))
+        ref_q, ref_it, ref_res = run(None, max_iter=cap)
+        assert int(it) == int(ref_it) == cap and float(res) > 1e-12
+        # compiled against eager: the same iterations, values to rounding
+        assert float(q) == pytest.approx(float(ref_q), rel=1e-9)
+        assert float(res) == pytest.approx(float(ref_res), rel=1e-6)
+    assert len(traces) == 1 + 1 + 2  # one trace of the jitted function for both caps
+    # a cap above what CG needs changes nothing (compiled and eager may stop one iteration
+    # apart at this tolerance, near stagnation: see above)
+    q, it, _ = capped(jnp.asarray(1000.0, X.dtype))
+    assert abs(int(it) - int(free_it)) <= 1 and float(q) == pytest.approx(float(free_q), rel=1e-9)

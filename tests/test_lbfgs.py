@@ -516,3 +516,23 @@ def test_heldout_noise_replaces_a_floor_noise_on_noisy_data_and_keeps_it_on_clea
         var = total - np.einsum("ij,ji->i", Ks, np.linalg.solve(K, Ks.T))
         ref = np.mean(0.5 * np.log(2 * np.pi * var) + 0.5 * (y[hold] - mean) ** 2 / var)
         assert rec["fitted_nll"] == pytest.approx(ref, rel=1e-8)
+
+
+def test_a_trial_over_the_cg_bound_is_stopped_and_not_taken(data64, monkeypatch):
+    """The line search bounds each trial's CG by the accepted point's; a stopped one is unsolved,
+    and a search that found nothing under the bound runs once more without it."""
+    import gpadjoint.optimizers as opt
+
+    X, y = data64
+    free = _fit(X, y, epochs=2, seed=1).history
+    assert all(r["cg_capped"] == 0 for r in free)  # the default bound leaves these steps alone
+    # a bound of 1 iteration: every bounded trial stops unsolved (at tolerance 1e-10), and the
+    # unbounded search that follows takes the same steps as without a bound
+    monkeypatch.setattr(opt, "TRIAL_CG_FACTOR", 0)
+    monkeypatch.setattr(opt, "TRIAL_CG_SLACK", 1)
+    tight = _fit(X, y, epochs=2, seed=1).history
+    for a, b in zip(tight, free, strict=True):
+        assert a["cg_capped"] >= 1
+        assert a["evaluations"] == b["evaluations"] + a["cg_capped"]
+        assert a["new_loss"] == b["new_loss"] and a["step_size"] == b["step_size"]
+        assert a["cg_converged"] and a["cg_residual"] == b["cg_residual"]
