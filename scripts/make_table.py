@@ -169,18 +169,23 @@ def load_unfinished(folder: Path) -> list[dict]:
     return recs
 
 
-def unfinished_note(r: dict) -> str:
-    """One line: how far an unfinished run got and what bounded it (its evaluations' cost)."""
+def unfinished_note(r: dict, earlier: list[dict] = ()) -> str:
+    """One line: how far an unfinished run got and what bounded it (its evaluations' cost).
+
+    ``earlier``: unfinished runs of the same split before it (named, by backend, at the end).
+    """
     t = record_seconds(r)
     secs = t["total"] if t["total"] is not None else sum(
         sum(e.get("seconds", {}).values()) for e in r.get("session_seconds") or [])
     head = (f"- {r['dataset']} split {r['split']} ({r['backend']} backend): unfinished "
             f"({r['status']}"
             + (f", {secs:.0f} s so far" if secs else "") + ")")
+    before = "".join(f" An earlier run ({e['backend']} backend, {e['status']}) is "
+                     f"{e.get('_file', 'in results/uci')}." for e in earlier)
     full = r.get("evaluations_log") or {}
     log = full.get("by_n") or {}
     if not log and not full.get("unfinished"):
-        return head + "; no evaluation log (a record from before it existed)."
+        return head + "; no evaluation log (a record from before it existed)." + before
     parts = []
     for n, e in log.items():
         if e["estimator"] == "exact":  # Cholesky: no passes, no CG
@@ -197,7 +202,7 @@ def unfinished_note(r: dict) -> str:
                      f"(relative residual {u['residual']:.1e}"
                      + (f", after {u['seconds']:.0f} s" if u.get("seconds") else "") + ")")
     return (head + ": " + "; ".join(parts) + ". The same command resumes it from its last "
-            "checkpoint, where it wrote one.")
+            "checkpoint, where it wrote one." + before)
 
 
 def _mean_std(vals):
@@ -844,7 +849,12 @@ def headline(rows: list[dict], unfinished: list[dict] = ()) -> list[str]:
         if many:
             notes.append(f"- {h['dataset']}: total s summed over "
                          + ", ".join(f"{k} sessions (split {s})" for s, k in many) + ".")
-    notes += [unfinished_note(r) for r in unfinished if r.get("method") == DEFAULT]
+    # one line per split: its latest unfinished run, naming any earlier one
+    by: dict = defaultdict(list)
+    for r in sorted((r for r in unfinished if r.get("method") == DEFAULT),
+                    key=lambda r: r.get("started", "")):
+        by[(r["dataset"], r["split"])].append(r)
+    notes += [unfinished_note(rs[-1], earlier=rs[:-1]) for rs in by.values()]
     lines += [""] + notes if notes else []
     lines += ["", "The paper-settings races (`gpadjoint-paper` against GPyTorch at 10–120 "
               "epochs, paired splits only) are in `results/README.md`. The race per data set, "

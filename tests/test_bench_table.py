@@ -292,3 +292,15 @@ def test_kept_start_says_why_and_what_the_heldout_rows_did():
     hard = {"size": 8000, "interpolating": False, "cg_hard": True, "noise": 1e-2,
             "precond_ratio": 1.6e6}
     assert "CG ill-conditioned" in make_table.kept_start({**kept, "init_subset": hard})
+
+
+def test_an_unfinished_split_gets_one_line_naming_its_earlier_runs():
+    old = _rec("keggdirected", 0) | {"status": "timeout>3500s", "started": "2026-12-07T10:00",
+                                     "_file": "old.json", "evaluations_log": {"by_n": {}}}
+    new = old | {"backend": "stored", "started": "2026-12-07T20:00", "_file": "new.json"}
+    for k in ("test_rmse", "total_seconds", "fit_seconds", "predict_seconds"):
+        old.pop(k, None)
+        new.pop(k, None)
+    lines = [ln for ln in make_table.headline([], [new, old]) if "unfinished" in ln]
+    assert len(lines) == 1 and lines[0].startswith("- keggdirected split 0 (stored backend)")
+    assert lines[0].endswith("An earlier run (blocked backend, timeout>3500s) is old.json.")
