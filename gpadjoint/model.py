@@ -39,7 +39,7 @@ from .kernels import Params, constrain
 from .matvec import make_backend
 from .mll import MLLConfig
 from .persist import MODEL_FORMAT, load_model, save_model  # noqa: F401 (MODEL_FORMAT public)
-from .plan import Choice, backend_precision, make_plan
+from .plan import Choice, backend_precision, make_plan, recheck_prediction
 from .sharding import make_mesh, shard_rows
 
 try:  # scikit-learn >= 1.6
@@ -338,6 +338,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         if interrupted:
             self.alpha_, self.solve_info_ = None, None
         else:
+            self.plan_ = recheck_prediction(self.plan_, cfg)
             self._solve_alpha(backend)
         return self
 

@@ -29,8 +29,8 @@ from .optimizers import resolve_optimizer
 from .predict import choose_posterior, choose_variance
 from .sharding import describe_mesh, make_mesh, mesh_record
 
-__all__ = ["Choice", "Plan", "backend_precision", "make_plan", "resolve_backend",
-           "resolve_estimator"]
+__all__ = ["Choice", "Plan", "backend_precision", "make_plan", "recheck_prediction",
+           "resolve_backend", "resolve_estimator"]
 
 # the plan's choices, in the order they are printed and recorded
 CHOICES = ("backend", "mesh", "estimator", "optimizer", "posterior", "variance")
@@ -121,18 +121,39 @@ def make_plan(cfg, n: int, d: int, *, devices=None, optimizer=None) -> Plan:
         opt = Choice("given", "an optax transformation")
     else:
         opt = Choice(*resolve_optimizer(cfg.optim.optimizer, estimator.name))
-    posterior = Choice(*choose_posterior(n, cfg.predict.posterior))
-    if posterior.name == "exact":
-        variance = Choice("exact", "the exact posterior's")
-    elif cfg.predict.variance == "auto":
-        variance = _auto(choose_variance(n))
-    else:
-        variance = Choice(cfg.predict.variance, "requested")
+    posterior, variance = _prediction(cfg, n)
     mesh_reason = "requested" if devices is not None else "devices = None: no sharding"
     return Plan(n=int(n), d=int(d), dtype=dtype.name, backend=backend,
                 mesh=Choice(describe_mesh(mesh), mesh_reason), estimator=estimator,
                 optimizer=opt, posterior=posterior, variance=variance,
                 mesh_record=mesh_record(mesh))
+
+
+def _prediction(cfg, n: int) -> tuple[Choice, Choice]:
+    """The posterior and variance choices for n training points (memory as available now)."""
+    posterior = Choice(*choose_posterior(n, cfg.predict.posterior))
+    if posterior.name == "exact":
+        return posterior, Choice("exact", "the exact posterior's")
+    if cfg.predict.variance == "auto":
+        return posterior, _auto(choose_variance(n))
+    return posterior, Choice(cfg.predict.variance, "requested")
+
+
+def recheck_prediction(plan: Plan, cfg) -> Plan:
+    """Resolve ``posterior = "auto"`` again after training, when prediction starts.
+
+    The plan decides before training, by the memory available then; a long fit may have begun
+    beside another job that has since ended (or begun). The answer now is the one that holds;
+    a change says so in its reason.
+    """
+    if cfg.predict.posterior != "auto":
+        return plan
+    posterior, variance = _prediction(cfg, plan.n)
+    if posterior.name == plan.posterior.name:
+        return plan
+    note = f" (re-checked after training; before it: {plan.posterior.name})"
+    return dataclasses.replace(plan, posterior=Choice(posterior.name, posterior.reason + note),
+                               variance=variance)
 
 
 def backend_precision(backend: str, model) -> str:

@@ -272,3 +272,30 @@ def test_posterior_choice_is_automatic_reported_and_overridable(monkeypatch, cap
     assert default_config().predict.posterior == "auto"
     with pytest.raises(ValueError, match=r"\[predict\] posterior = 'lu'"):
         default_config().with_keywords(posterior="lu")
+
+
+def test_the_posterior_is_chosen_again_when_training_ends(monkeypatch):
+    """A fit planned with little memory free predicts exactly if the memory is free by then."""
+    import gpadjoint.matvec as mv
+    import gpadjoint.model as gm
+
+    free = {"bytes": 1000}  # at the plan: nothing fits
+    monkeypatch.setattr(mv, "available_memory_bytes", lambda: free["bytes"])
+    real = gm.recheck_prediction
+
+    def freed(plan, cfg):
+        assert plan.posterior.name == "cg"  # what the plan said before training
+        free["bytes"] = 10 * 2**30  # the other job has ended
+        return real(plan, cfg)
+
+    monkeypatch.setattr(gm, "recheck_prediction", freed)
+    m, X, y, Xt, _ = _fitted()
+    assert m.posterior_ == "exact" and m.solver_ == "cholesky" and m.variance_ == "exact"
+    assert "re-checked after training; before it: cg" in m.posterior_reason_
+    monkeypatch.setattr(gm, "recheck_prediction", real)
+    ref, *_ = _fitted(posterior="exact")
+    np.testing.assert_allclose(m.predict(Xt), ref.predict(Xt), rtol=1e-12)
+    # with the memory unchanged the plan's choice stands, its reason untouched
+    free["bytes"] = 1000
+    m2, *_ = _fitted()
+    assert m2.posterior_ == "cg" and "re-checked" not in m2.posterior_reason_
