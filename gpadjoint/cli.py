@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import signal
@@ -286,16 +285,15 @@ def _run_record(model, cfg, cfg_source, t_start, *, name, split, n_test, checkpo
 
 def _test_scores(model, X_test, y_test) -> dict:
     """Test RMSE and mean NLL of the noisy predictive, in the target's units, and the solve."""
-    import numpy as np
+    from .predict import scores
 
     t0 = time.time()
     mean, std = model.predict(X_test, return_std=True)
-    var = std**2
-    err = np.asarray(y_test, np.float64) - mean
+    rmse, nll = scores(y_test, mean, std**2)
     solve = model.solve_info_
     return dict(
-        test_rmse=float(np.sqrt(np.mean(err**2))),
-        test_nll=float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * err**2 / var)),
+        test_rmse=rmse,
+        test_nll=nll,
         predict_seconds=solve["seconds"] + time.time() - t0,
         predict_cg_iterations=solve["iterations"], predict_cg_residual=solve["residual"],
         variance_method=model.variance_, predict_solver=model.solver_,

@@ -378,8 +378,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
         """
         from .checkpoint import start_path
         from .optimizers import as_optimizer, drop_anchor_factors
-        from .start import (full_fit, heldout_noise, initial_params, precond_ratio, subset_metric,
-                            subset_start)
+        from .start import full_fit, initial_params, precond_ratio, subset_metric, subset_start
 
         cfg = self.config_
         mc, tc = cfg.model, cfg.train
@@ -421,13 +420,7 @@ class GPRegressor(RegressorMixin, BaseEstimator):
             drop_anchor_factors()
             say(f"full fit: skipped ({self.full_fit_['reason']})")
             if self.init_subset_ is not None and self.init_subset_["interpolating"]:
-                params0, held = heldout_noise(Xn, yn, params0, self.init_subset_,
-                                              kernel=mc.kernel, noise_floor=mc.noise_floor)
-                self.init_subset_["heldout_noise"] = held
-                say(f"held-out noise: {held['rows']} rows outside the subset score the fitted "
-                    f"noise {held['fitted_noise']:.2e} at NLL {held['fitted_nll']:.4f}; "
-                    + (f"noise {held['noise']:.2e} scores {min(held['shares'].values()):.4f} "
-                       "and replaces it" if held["replaced"] else "kept"))
+                params0 = self._heldout_noise(Xn, yn, params0, say)
             self.history_, self.fit_info_ = [], {}
             self.stopped_reason_ = f"kept the subset start: {self.full_fit_['reason']}"
             return params0, False
@@ -448,6 +441,20 @@ class GPRegressor(RegressorMixin, BaseEstimator):
                              resume=resume_fit or (resume and self.init_subset_ is None),
                              callback=callback, progress=progress,
                              settings={"config": run, **(settings or {})}, stop=stop)
+
+    def _heldout_noise(self, Xn, yn, params, say) -> Params:
+        """Kept interpolating start: its noise by held-out rows (:func:`start.heldout_noise`)."""
+        from .start import heldout_noise
+
+        mc = self.config_.model
+        params, held = heldout_noise(Xn, yn, params, self.init_subset_, kernel=mc.kernel,
+                                     noise_floor=mc.noise_floor)
+        self.init_subset_["heldout_noise"] = held
+        say(f"held-out noise: {held['rows']} rows outside the subset score the fitted noise "
+            f"{held['fitted_noise']:.2e} at NLL {held['fitted_nll']:.4f}; "
+            + (f"noise {held['noise']:.2e} scores {min(held['shares'].values()):.4f} and "
+               "replaces it" if held["replaced"] else "kept"))
+        return params
 
     def _fit_all(self, Xn, yn, params0, backend, optimizer, *, checkpoint, resume, callback,
                  progress, settings, stop):

@@ -563,9 +563,12 @@ class _Evaluator:
                        "precond_builds": 0, "cg_capped": 0}
 
     def trial_cap(self) -> int | None:
-        """The CG bound of a line search's trial point: :data:`TRIAL_CG_FACTOR` times the
-        accepted point's iterations plus :data:`TRIAL_CG_SLACK` (None, no bound, before any
-        point was accepted in this process, e.g. right after a resume)."""
+        """Return the CG bound of a line search's trial point.
+
+        :data:`TRIAL_CG_FACTOR` times the accepted point's iterations plus
+        :data:`TRIAL_CG_SLACK`; None (no bound) before any point was accepted in this
+        process, e.g. right after a resume.
+        """
         if self.accepted_its is None:
             return None
         return min(TRIAL_CG_FACTOR * self.accepted_its + TRIAL_CG_SLACK, self.cfg.cg_max_iter)
@@ -669,7 +672,8 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
         kept = LBFGSState(s.inner, jnp.asarray(value, dtype), grad, anchor, s.metric,
                            jnp.asarray(ev.depth, jnp.int32), jnp.asarray(change, dtype))
         return TrainState(state.params, kept, state.epoch, state.key, x0), metrics
-    t, (p_new, g_new, change_new, ev.accepted_its) = search.t, search.trial.payload
+    t, (p_new, g_new, change_new, its_new) = search.t, search.trial.payload
+    ev.accepted_its = its_new  # the next step's trials are bounded by it
     if not (search.wolfe or t * (search.trial.slope - slope) > 0):
         # no positive curvature pair: forget
         inner = host.init_memory(M.shape[0], lbfgs.memory_size)
@@ -688,7 +692,7 @@ def _lbfgs_step(state: TrainState, ev: _Evaluator, lbfgs: LBFGS, anchored: bool,
 
 def _search(ev: _Evaluator, lbfgs: LBFGS, u: Params, desc: Params, value: float, slope: float,
             key, x0, anchor, dtype, stop):
-    """The weak-Wolfe search along ``desc`` -> ``(x0_box, search)`` (see :func:`_line`).
+    """Run the weak-Wolfe search along ``desc`` -> ``(x0_box, search)`` (see :func:`_line`).
 
     Trial points run CG to :meth:`_Evaluator.trial_cap`; a search that found no point under
     that bound (even its shortest steps needed more) runs once more without it, as it would

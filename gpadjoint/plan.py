@@ -130,7 +130,7 @@ def make_plan(cfg, n: int, d: int, *, devices=None, optimizer=None) -> Plan:
 
 
 def _prediction(cfg, n: int) -> tuple[Choice, Choice]:
-    """The posterior and variance choices for n training points (memory as available now)."""
+    """Return the posterior and variance choices for n points (memory as available now)."""
     posterior = Choice(*choose_posterior(n, cfg.predict.posterior))
     if posterior.name == "exact":
         return posterior, Choice("exact", "the exact posterior's")

@@ -92,6 +92,14 @@ CROSS_COV_BUDGET = 2**24
 MAX_BATCH = 1024
 
 
+def scores(y, mean, var) -> tuple[float, float]:
+    """Return (RMSE, mean Gaussian NLL) of predictive means ``mean`` and variances ``var`` at y."""
+    err = np.asarray(y, np.float64) - np.asarray(mean, np.float64)
+    var = np.asarray(var, np.float64)
+    return (float(np.sqrt(np.mean(err**2))),
+            float(np.mean(0.5 * np.log(2 * np.pi * var) + 0.5 * err**2 / var)))
+
+
 def default_cg_tol(dtype) -> float:
     """Prediction CG tolerance for a dtype (see :data:`DEFAULT_CG_TOL`)."""
     return DEFAULT_CG_TOL[jnp.dtype(dtype).name]

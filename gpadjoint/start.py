@@ -401,14 +401,16 @@ def heldout_noise(X, y, params: Params, subset: dict, *, kernel: str,
     lengthscales and the total variance s2 + noise, this tries the noise shares
     :data:`HELDOUT_SHARES` above the fitted noise, upwards until the score rises, each scored
     by the mean exact predictive NLL, given the subset, of ``rows`` rows outside it (the tail
-    of the subset's permutation, disjoint from every rung). The best replaces the fit when it wins by more than
-    :data:`HELDOUT_MARGIN`; on nearly noise-free data the fitted noise wins and is kept.
+    of the subset's permutation, disjoint from every rung). The best replaces the fit when it
+    wins by more than :data:`HELDOUT_MARGIN`; on nearly noise-free data the fitted noise wins
+    and is kept.
 
     ``subset``: :func:`subset_start`'s info of the kept fit (its ``size`` and ``seed``).
     Returns ``(params, record)``, params in the dtype of X; the record has the rows, each
     share's NLL, the chosen noise and whether it replaced the fit.
     """
     from . import exact
+    from .predict import scores
 
     t0 = time.perf_counter()
     n, size, seed = X.shape[0], subset["size"], subset["seed"]
@@ -423,8 +425,7 @@ def heldout_noise(X, y, params: Params, subset: dict, *, kernel: str,
     def score(noise_i: float) -> float:
         hi = h._replace(outputscale=jnp.asarray(total - noise_i), noise=jnp.asarray(noise_i))
         f = exact.factor(Xs, ys, hi, float(params.mean), kernel=kernel)
-        mean, var = exact.posterior(f, Xh)
-        return float(np.mean(0.5 * np.log(2 * np.pi * var) + 0.5 * (yh - mean) ** 2 / var))
+        return scores(yh, *exact.posterior(f, Xh))[1]
 
     fitted = score(noise)
     tried, last = {}, fitted
@@ -439,7 +440,7 @@ def heldout_noise(X, y, params: Params, subset: dict, *, kernel: str,
     adopt = best is not None and fitted - tried[best] > HELDOUT_MARGIN
     record = {"rows": m, "fitted_noise": noise, "fitted_nll": fitted,
               "shares": {f"{k:g}": v for k, v in tried.items()}, "replaced": adopt,
-              "noise": best * total if adopt else noise, "seconds": 0.0}
+              "noise": best * total if adopt else noise}
     if adopt:
         q = unconstrain(h.lengthscale, total * (1 - best), total * best, float(params.mean),
                         noise_floor=noise_floor, dtype=jnp.float64)

@@ -194,11 +194,9 @@ def split_units(hp: dict, split) -> dict:
 
 def predictive_scores(y_test, mean, var) -> tuple[float, float]:
     """Return test RMSE and mean Gaussian NLL of predictions ``mean``, ``var``."""
-    err = np.asarray(y_test, np.float64) - np.asarray(mean, np.float64)
-    var = np.asarray(var, np.float64)
-    rmse = float(np.sqrt(np.mean(err**2)))
-    nll = float(np.mean(0.5 * np.log(2 * math.pi * var) + 0.5 * err**2 / var))
-    return rmse, nll
+    from gpadjoint.predict import scores
+
+    return scores(y_test, mean, var)
 
 
 def save_progress(spec: dict, res: dict) -> None:

@@ -54,11 +54,11 @@ jax.config.update("jax_enable_x64", True)
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import _benchutil as bu  # noqa: E402
+
 from gpadjoint import provenance  # noqa: E402
 from gpadjoint.kernels import Hypers, dense_cov  # noqa: E402
 from gpadjoint.matvec import make_backend, stored_cov, stored_need_bytes  # noqa: E402
-
-import _benchutil as bu  # noqa: E402
 
 KERNEL = "matern32"
 COLS = 11

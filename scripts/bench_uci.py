@@ -277,7 +277,7 @@ def common_predict(spec: dict, final: dict, variance: bool = True) -> dict:
     y = jnp.asarray(s.y_train, jnp.float32)
     p = unconstrain(final["lengthscale"], final["outputscale"], final["noise"], final["mean"],
                     noise_floor=NOISE_FLOOR, dtype=jnp.float32)
-    bname, why = choose_backend(X.shape[0], jnp.float32)
+    bname, why = choose_backend(X.shape[0], jnp.float32, d=X.shape[1], rank=15)
     be = make_backend(bname, KERNEL)
     t0 = time.perf_counter()
     alpha, info = gpred.mean_weights(X, y, p, backend=be, noise_floor=NOISE_FLOOR,
